@@ -1,0 +1,223 @@
+//! The small traits a driver implements; the core owns all CSI plumbing.
+
+use crate::csi;
+use crate::types::{Capability, CapacityRange, CreateVolume, PublishVolume, Secrets, StageVolume};
+use crate::{Error, Result};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub use csi::controller_service_capability::rpc::Type as ControllerRpc;
+pub use csi::node_service_capability::rpc::Type as NodeRpc;
+
+/// Name, version and plugin-level capabilities shared by every service.
+#[async_trait]
+pub trait Plugin: Send + Sync + 'static {
+    /// Driver name, e.g. `local.rcsi.io`.
+    fn name(&self) -> &str;
+    /// Whether volumes are only reachable from some nodes (topology).
+    fn has_topology(&self) -> bool {
+        false
+    }
+    /// Whether volumes can be expanded while published (online expansion).
+    fn online_expansion(&self) -> bool {
+        false
+    }
+    /// Readiness: Ok(true) when ready, Ok(false) while starting, Err when broken.
+    async fn probe(&self) -> Result<bool> {
+        Ok(true)
+    }
+}
+
+/// What GetCapacity reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Capacity {
+    /// Bytes available for new volumes.
+    pub available: u64,
+    /// Largest volume that can be created now, if known.
+    pub maximum_volume_size: Option<u64>,
+    /// Smallest volume that can be created, if there is a minimum.
+    pub minimum_volume_size: Option<u64>,
+}
+
+/// Filter for ListSnapshots.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotFilter {
+    /// Only this snapshot.
+    pub snapshot_id: Option<String>,
+    /// Only snapshots of this volume.
+    pub source_volume_id: Option<String>,
+}
+
+/// Status of a volume as ListVolumes and ControllerGetVolume report it.
+#[derive(Clone, Debug, Default)]
+pub struct VolumeStatus {
+    /// Nodes the volume is published to.
+    pub published_node_ids: Vec<String>,
+    /// Health, when the driver monitors it.
+    pub condition: Option<csi::VolumeCondition>,
+}
+
+/// Controller side of a driver: volume and snapshot lifecycle.
+#[async_trait]
+pub trait ControllerBackend: Plugin {
+    /// The controller RPCs this driver supports; the core advertises exactly these.
+    fn controller_capabilities(&self) -> Vec<ControllerRpc>;
+
+    /// Creates (or returns the existing) volume for `req.name`.
+    async fn create_volume(&self, req: CreateVolume) -> Result<csi::Volume>;
+
+    /// Deletes a volume; an unknown id is success.
+    async fn delete_volume(&self, volume_id: &str, secrets: &Secrets) -> Result<()>;
+
+    /// Looks up one volume (NotFound when unknown) with its status.
+    async fn get_volume(&self, volume_id: &str) -> Result<(csi::Volume, VolumeStatus)>;
+
+    /// Checks that the volume supports `caps` (InvalidArgument with a reason when not).
+    async fn validate_volume_capabilities(
+        &self,
+        volume_id: &str,
+        caps: &[Capability],
+        parameters: &HashMap<String, String>,
+    ) -> Result<()> {
+        let _ = (volume_id, caps, parameters);
+        Ok(())
+    }
+
+    /// All volumes, sorted by id (the core paginates).
+    async fn list_volumes(&self) -> Result<Vec<(csi::Volume, VolumeStatus)>> {
+        Err(Error::Unimplemented("ListVolumes is not supported".into()))
+    }
+
+    /// Space available for volumes with these parameters in this topology.
+    async fn get_capacity(
+        &self,
+        caps: &[Capability],
+        parameters: &HashMap<String, String>,
+        topology: Option<&csi::Topology>,
+    ) -> Result<Capacity> {
+        let _ = (caps, parameters, topology);
+        Err(Error::Unimplemented("GetCapacity is not supported".into()))
+    }
+
+    /// Creates (or returns the existing) snapshot `name` of a volume.
+    async fn create_snapshot(
+        &self,
+        source_volume_id: &str,
+        name: &str,
+        parameters: &BTreeMap<String, String>,
+        secrets: &Secrets,
+    ) -> Result<csi::Snapshot> {
+        let _ = (source_volume_id, name, parameters, secrets);
+        Err(Error::Unimplemented(
+            "CreateSnapshot is not supported".into(),
+        ))
+    }
+
+    /// Deletes a snapshot; an unknown id is success.
+    async fn delete_snapshot(&self, snapshot_id: &str, secrets: &Secrets) -> Result<()> {
+        let _ = (snapshot_id, secrets);
+        Err(Error::Unimplemented(
+            "DeleteSnapshot is not supported".into(),
+        ))
+    }
+
+    /// Snapshots matching the filter, sorted by id (the core paginates).
+    async fn list_snapshots(&self, filter: &SnapshotFilter) -> Result<Vec<csi::Snapshot>> {
+        let _ = filter;
+        Err(Error::Unimplemented(
+            "ListSnapshots is not supported".into(),
+        ))
+    }
+
+    /// Grows a volume; returns the new size and whether the node must act too.
+    async fn expand_volume(
+        &self,
+        volume_id: &str,
+        range: CapacityRange,
+        capability: Option<&Capability>,
+        secrets: &Secrets,
+    ) -> Result<(u64, bool)> {
+        let _ = (volume_id, range, capability, secrets);
+        Err(Error::Unimplemented(
+            "ControllerExpandVolume is not supported".into(),
+        ))
+    }
+}
+
+/// Usage and health of a published volume.
+#[derive(Clone, Debug, Default)]
+pub struct VolumeStats {
+    /// Bytes: total, used, available.
+    pub bytes: Option<(u64, u64, u64)>,
+    /// Inodes: total, used, available.
+    pub inodes: Option<(u64, u64, u64)>,
+    /// Abnormal condition message, None when healthy.
+    pub abnormal: Option<String>,
+}
+
+/// Node identity as NodeGetInfo reports it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    /// Node id given on the command line.
+    pub node_id: String,
+    /// Most volumes this node can hold (0: no limit).
+    pub max_volumes: u64,
+    /// Topology segments of this node.
+    pub topology: BTreeMap<String, String>,
+}
+
+/// Node side of a driver: making volumes usable on this host.
+#[async_trait]
+pub trait NodeBackend: Plugin {
+    /// The node RPCs this driver supports; the core advertises exactly these.
+    fn node_capabilities(&self) -> Vec<NodeRpc>;
+
+    /// This node's id, limits and topology.
+    fn node_info(&self) -> NodeInfo;
+
+    /// Prepares the volume at its staging path (idempotent).
+    async fn stage(&self, req: StageVolume) -> Result<()> {
+        let _ = req;
+        Err(Error::Unimplemented(
+            "NodeStageVolume is not supported".into(),
+        ))
+    }
+
+    /// Undoes `stage` (idempotent).
+    async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let _ = (volume_id, staging_path);
+        Err(Error::Unimplemented(
+            "NodeUnstageVolume is not supported".into(),
+        ))
+    }
+
+    /// Makes the volume visible at the target path (idempotent).
+    async fn publish(&self, req: PublishVolume) -> Result<()>;
+
+    /// Removes the volume from the target path (idempotent).
+    async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<()>;
+
+    /// Usage and condition of a volume mounted at `path`.
+    async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
+        let _ = (volume_id, path);
+        Err(Error::Unimplemented(
+            "NodeGetVolumeStats is not supported".into(),
+        ))
+    }
+
+    /// Grows the filesystem of a volume at `path`; returns the new size.
+    async fn expand(
+        &self,
+        volume_id: &str,
+        path: &Path,
+        staging_path: Option<&Path>,
+        range: CapacityRange,
+        capability: Option<&Capability>,
+    ) -> Result<u64> {
+        let _ = (volume_id, path, staging_path, range, capability);
+        Err(Error::Unimplemented(
+            "NodeExpandVolume is not supported".into(),
+        ))
+    }
+}

@@ -1,0 +1,198 @@
+//! Loop devices and filesystems on block devices, behind a narrow trait.
+
+use crate::exec::{Command, Exec};
+use crate::{Error, Result};
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Block-device operations a driver may perform on the node.
+#[async_trait]
+pub trait BlockDevices: Send + Sync {
+    /// Attaches `file` to a loop device, reusing an existing attachment.
+    async fn attach_loop(&self, file: &Path) -> Result<PathBuf>;
+    /// The loop device backed by `file`, if any.
+    async fn find_loop(&self, file: &Path) -> Result<Option<PathBuf>>;
+    /// Detaches a loop device; success when it is already gone.
+    async fn detach_loop(&self, dev: &Path) -> Result<()>;
+    /// Makes a loop device pick up its backing file's new size.
+    async fn refresh_loop(&self, dev: &Path) -> Result<()>;
+    /// Filesystem type found on `dev` by blkid, None when blank.
+    async fn fs_type(&self, dev: &Path) -> Result<Option<String>>;
+    /// Creates `fs_type` on `dev` unless blkid finds a filesystem; returns the type in use.
+    async fn mkfs_if_blank(&self, dev: &Path, fs_type: &str) -> Result<String>;
+    /// Grows the filesystem on `dev` (mounted at `mount_point` when given) to fill it.
+    async fn grow_fs(&self, dev: &Path, fs_type: &str, mount_point: Option<&Path>) -> Result<()>;
+    /// Size of a block device in bytes.
+    async fn size(&self, dev: &Path) -> Result<u64>;
+}
+
+/// Filesystems rcsi can create.
+pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs", "ext3", "btrfs"];
+
+/// Real implementation using losetup, blkid, mkfs and the grow tools.
+pub struct SystemBlockDevices {
+    exec: Arc<dyn Exec>,
+}
+
+impl SystemBlockDevices {
+    /// Runs tools through `exec`.
+    pub fn new(exec: Arc<dyn Exec>) -> Self {
+        Self { exec }
+    }
+}
+
+fn loop_backing_files() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter_map(|e| {
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            Some((
+                Path::new("/dev").join(e.file_name()),
+                PathBuf::from(backing.trim_end_matches('\n')),
+            ))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl BlockDevices for SystemBlockDevices {
+    async fn attach_loop(&self, file: &Path) -> Result<PathBuf> {
+        if let Some(dev) = self.find_loop(file).await? {
+            return Ok(dev);
+        }
+        let out = self
+            .exec
+            .run(&Command::new(
+                "losetup",
+                [
+                    "--find".as_ref(),
+                    "--show".as_ref(),
+                    "--nooverlap".as_ref(),
+                    file.as_os_str(),
+                ],
+            ))
+            .await?;
+        let dev = out.stdout.trim();
+        if !dev.starts_with("/dev/") {
+            return Err(Error::Internal(format!(
+                "losetup printed {dev:?}, not a device"
+            )));
+        }
+        Ok(PathBuf::from(dev))
+    }
+
+    async fn find_loop(&self, file: &Path) -> Result<Option<PathBuf>> {
+        let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+        Ok(tokio::task::spawn_blocking(loop_backing_files)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .into_iter()
+            .find(|(_, b)| *b == file)
+            .map(|(d, _)| d))
+    }
+
+    async fn detach_loop(&self, dev: &Path) -> Result<()> {
+        let name = dev.file_name().unwrap_or_default();
+        let sys = Path::new("/sys/block").join(name).join("loop");
+        if !sys.exists() {
+            return Ok(());
+        }
+        self.exec
+            .run(&Command::new("losetup", ["-d".as_ref(), dev.as_os_str()]))
+            .await
+            .map(drop)
+    }
+
+    async fn refresh_loop(&self, dev: &Path) -> Result<()> {
+        self.exec
+            .run(&Command::new("losetup", ["-c".as_ref(), dev.as_os_str()]))
+            .await
+            .map(drop)
+    }
+
+    async fn fs_type(&self, dev: &Path) -> Result<Option<String>> {
+        let out = self
+            .exec
+            .output(&Command::new(
+                "blkid",
+                [
+                    "-p".as_ref(),
+                    "-o".as_ref(),
+                    "value".as_ref(),
+                    "-s".as_ref(),
+                    "TYPE".as_ref(),
+                    dev.as_os_str(),
+                ],
+            ))
+            .await?;
+        match out.code {
+            0 => Ok(Some(out.stdout.trim().to_owned()).filter(|t| !t.is_empty())),
+            2 => Ok(None),
+            c => Err(Error::Internal(format!(
+                "blkid {} failed (exit {c}): {}",
+                dev.display(),
+                out.stderr.trim()
+            ))),
+        }
+    }
+
+    async fn mkfs_if_blank(&self, dev: &Path, fs_type: &str) -> Result<String> {
+        if let Some(existing) = self.fs_type(dev).await? {
+            return Ok(existing);
+        }
+        if !SUPPORTED_FS.contains(&fs_type) {
+            return Err(Error::InvalidArgument(format!(
+                "fsType {fs_type:?} is not supported; use one of {SUPPORTED_FS:?}"
+            )));
+        }
+        let mut args: Vec<std::ffi::OsString> = match fs_type {
+            "ext4" | "ext3" => vec!["-F".into(), "-q".into(), "-m".into(), "0".into()],
+            "xfs" => vec!["-q".into()],
+            _ => vec![],
+        };
+        args.push(dev.into());
+        self.exec
+            .run(&Command::new(&format!("mkfs.{fs_type}"), args))
+            .await?;
+        Ok(fs_type.to_owned())
+    }
+
+    async fn grow_fs(&self, dev: &Path, fs_type: &str, mount_point: Option<&Path>) -> Result<()> {
+        let cmd = match (fs_type, mount_point) {
+            ("ext4" | "ext3" | "ext2", _) => Command::new("resize2fs", [dev.as_os_str()]),
+            ("xfs", Some(mp)) => Command::new("xfs_growfs", [mp.as_os_str()]),
+            ("btrfs", Some(mp)) => Command::new(
+                "btrfs",
+                [
+                    "filesystem".as_ref(),
+                    "resize".as_ref(),
+                    "max".as_ref(),
+                    mp.as_os_str(),
+                ],
+            ),
+            (fs, None) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{fs} can only grow while mounted"
+                )));
+            }
+            (fs, _) => return Err(Error::InvalidArgument(format!("cannot grow {fs}"))),
+        };
+        self.exec.run(&cmd).await.map(drop)
+    }
+
+    async fn size(&self, dev: &Path) -> Result<u64> {
+        let name = dev.file_name().unwrap_or_default();
+        let p = Path::new("/sys/class/block").join(name).join("size");
+        let s = std::fs::read_to_string(&p)
+            .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+        s.trim()
+            .parse::<u64>()
+            .map(|sectors| sectors * 512)
+            .map_err(|e| Error::Internal(format!("{}: {e}", p.display())))
+    }
+}

@@ -1,0 +1,186 @@
+//! Running external programs with a timeout, behind a trait tests can record.
+
+use crate::{Error, Result};
+use async_trait::async_trait;
+use std::ffi::OsString;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A program invocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    /// Program name or path.
+    pub program: String,
+    /// Arguments.
+    pub args: Vec<OsString>,
+    /// Killed after this long.
+    pub timeout: Duration,
+}
+
+impl Command {
+    /// A command with the default 2-minute timeout.
+    pub fn new(program: &str, args: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
+        Self {
+            program: program.to_owned(),
+            args: args.into_iter().map(Into::into).collect(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Sets the timeout.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// The command line, for messages.
+    pub fn display(&self) -> String {
+        let mut s = self.program.clone();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(&a.to_string_lossy());
+        }
+        s
+    }
+}
+
+/// What a finished program produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs programs.
+#[async_trait]
+pub trait Exec: Send + Sync {
+    /// Runs `cmd`; a non-zero exit is returned, not an error.
+    async fn output(&self, cmd: &Command) -> Result<Output>;
+
+    /// Runs `cmd` and fails with its stderr when it exits non-zero.
+    async fn run(&self, cmd: &Command) -> Result<Output> {
+        let out = self.output(cmd).await?;
+        if out.code != 0 {
+            let msg = out.stderr.trim();
+            let msg = if msg.is_empty() {
+                out.stdout.trim()
+            } else {
+                msg
+            };
+            return Err(Error::Internal(format!(
+                "`{}` failed (exit {}): {}",
+                cmd.display(),
+                out.code,
+                tail(msg, 600)
+            )));
+        }
+        Ok(out)
+    }
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// Runs real programs with tokio, killing them on timeout.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemExec;
+
+#[async_trait]
+impl Exec for SystemExec {
+    async fn output(&self, cmd: &Command) -> Result<Output> {
+        let child = tokio::process::Command::new(&cmd.program)
+            .args(&cmd.args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(cmd.timeout, child).await {
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "`{}` did not finish within {:?}",
+                cmd.display(),
+                cmd.timeout
+            ))),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Err(
+                Error::FailedPrecondition(format!("{} is not installed on this node", cmd.program)),
+            ),
+            Ok(Err(e)) => Err(Error::io(format!("running {}", cmd.display()), e)),
+            Ok(Ok(o)) => Ok(Output {
+                code: o.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            }),
+        }
+    }
+}
+
+/// Records every command and answers from a script; for unit tests.
+#[derive(Default)]
+pub struct RecordingExec {
+    /// Commands run so far.
+    pub calls: Mutex<Vec<Command>>,
+    /// Answers, matched by program name; unmatched programs succeed silently.
+    pub answers: Mutex<Vec<(String, Output)>>,
+}
+
+#[async_trait]
+impl Exec for RecordingExec {
+    async fn output(&self, cmd: &Command) -> Result<Output> {
+        self.calls.lock().unwrap().push(cmd.clone());
+        let answers = self.answers.lock().unwrap();
+        Ok(answers
+            .iter()
+            .find(|(p, _)| *p == cmd.program)
+            .map(|(_, o)| o.clone())
+            .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn real_exec_reports_failures_and_timeouts() {
+        let e = SystemExec;
+        let ok = e.run(&Command::new("sh", ["-c", "echo hi"])).await.unwrap();
+        assert_eq!(ok.stdout, "hi\n");
+        let err = e
+            .run(&Command::new("sh", ["-c", "echo bad >&2; exit 3"]))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("exit 3") && err.to_string().contains("bad"),
+            "{err}"
+        );
+        let slow = Command::new("sleep", ["5"]).timeout(Duration::from_millis(100));
+        assert!(matches!(
+            e.run(&slow).await,
+            Err(Error::DeadlineExceeded(_))
+        ));
+        let missing = Command::new("no-such-program-rcsi", Vec::<String>::new());
+        assert!(matches!(
+            e.run(&missing).await,
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn recording_exec_records_argv() {
+        let r = RecordingExec::default();
+        r.run(&Command::new("mkfs.ext4", ["/dev/loop0"]))
+            .await
+            .unwrap();
+        assert_eq!(r.calls.lock().unwrap()[0].display(), "mkfs.ext4 /dev/loop0");
+    }
+}

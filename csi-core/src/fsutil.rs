@@ -1,0 +1,144 @@
+//! Filesystem helpers: atomic state files and space accounting.
+
+use crate::{Error, IoContext, Result};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Writes `data` to `path` atomically: temp file, fsync, rename, fsync dir.
+pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
+    write_unsynced_then_rename(path, data, true)
+}
+
+/// Like [`atomic_write`] but leaves durability to a later `syncfs`/dir fsync
+/// (the caller batches them); the rename is still atomic.
+pub fn atomic_write_nosync(path: &Path, data: &[u8]) -> Result<()> {
+    write_unsynced_then_rename(path, data, false)
+}
+
+fn write_unsynced_then_rename(path: &Path, data: &[u8], sync: bool) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no parent", path.display())))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Internal(format!("{} has no file name", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        if sync {
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if sync {
+            fsync_dir(dir)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.ctx(|| format!("writing {}", path.display()))
+}
+
+/// Fsyncs a directory so renames and unlinks in it are durable.
+pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Flushes every dirty inode of the filesystem holding `path` (one call
+/// makes a whole batch of writes durable).
+pub fn syncfs(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    nix::unistd::syncfs(&f).map_err(|e| Error::io(format!("syncfs {}", path.display()), e.into()))
+}
+
+/// Space and inode figures of the filesystem holding a path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsStats {
+    /// Total bytes.
+    pub total_bytes: u64,
+    /// Bytes free for unprivileged users.
+    pub available_bytes: u64,
+    /// Bytes used.
+    pub used_bytes: u64,
+    /// Total inodes (0 when the filesystem has no fixed count).
+    pub total_inodes: u64,
+    /// Free inodes.
+    pub free_inodes: u64,
+}
+
+/// statvfs(2) of `path`.
+pub fn statvfs(path: &Path) -> Result<FsStats> {
+    let s = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
+    let frag = s.fragment_size();
+    Ok(FsStats {
+        total_bytes: s.blocks() * frag,
+        available_bytes: s.blocks_available() * frag,
+        used_bytes: (s.blocks() - s.blocks_free()) * frag,
+        total_inodes: s.files(),
+        free_inodes: s.files_free(),
+    })
+}
+
+/// Bytes and inodes used by a directory tree (for filesystems without quotas).
+pub fn tree_usage(root: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut bytes = 0u64;
+    let mut inodes = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    let dev = std::fs::symlink_metadata(root)
+        .ctx(|| format!("stat {}", root.display()))?
+        .dev();
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+        };
+        for entry in entries {
+            let entry = entry.ctx(|| format!("reading {}", dir.display()))?;
+            let Ok(meta) = entry.metadata() else { continue };
+            inodes += 1;
+            bytes += meta.blocks() * 512;
+            if meta.is_dir() && meta.dev() == dev {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok((bytes, inodes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.json");
+        atomic_write(&p, b"one").unwrap();
+        atomic_write(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn usage_counts_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/f"), vec![1u8; 10000]).unwrap();
+        let (bytes, inodes) = tree_usage(d.path()).unwrap();
+        assert_eq!(inodes, 2);
+        assert!(bytes >= 10000, "{bytes}");
+        assert!(statvfs(d.path()).unwrap().total_bytes > 0);
+    }
+}

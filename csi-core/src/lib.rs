@@ -1,0 +1,30 @@
+//! csi-core: the shared CSI gRPC core of rcsi. Drivers implement the traits
+//! in [`backend`]; this crate validates requests, serializes operations,
+//! observes every call and serves the gRPC endpoints.
+
+/// Generated CSI v1.12 types, clients and servers.
+#[allow(missing_docs, clippy::all)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+    include!(concat!(env!("OUT_DIR"), "/csi_redact.rs"));
+}
+
+pub mod backend;
+pub mod blockdev;
+pub mod client;
+pub mod codec;
+pub mod controller;
+mod error;
+pub mod exec;
+pub mod fsutil;
+pub mod identity;
+pub mod locks;
+pub mod mount;
+pub mod node;
+pub mod observe;
+pub mod paging;
+pub mod redact;
+pub mod server;
+pub mod types;
+
+pub use error::{Error, IoContext, Result};

@@ -1,0 +1,634 @@
+//! Controller side of local-path: volumes, snapshots, capacity, expansion.
+
+use crate::meta::{Backing, SnapshotMeta, SourceMeta, VolumeMeta};
+use crate::store::Change;
+use crate::{
+    DEFAULT_SIZE, LocalPath, LocalPathError, TOPOLOGY_KEY, is_our_id, new_id, now, remove_any,
+};
+use csi_core::backend::{Capacity, ControllerBackend, ControllerRpc, SnapshotFilter, VolumeStatus};
+use csi_core::csi;
+use csi_core::types::{
+    AccessType, Capability, CapacityRange, ContentSource, CreateVolume, Secrets,
+};
+use csi_core::{Error, IoContext, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+
+/// Smallest image that mkfs accepts, per filesystem.
+fn min_size(backing: &Backing) -> u64 {
+    match backing {
+        Backing::Directory => 0,
+        Backing::Block => 4096,
+        Backing::Filesystem { fs_type } if fs_type == "xfs" => 300 << 20,
+        Backing::Filesystem { fs_type } if fs_type == "btrfs" => 128 << 20,
+        Backing::Filesystem { .. } => 16 << 20,
+    }
+}
+
+/// Parsed StorageClass parameters.
+struct Params {
+    file: bool,
+    mode: u32,
+}
+
+fn parse_params(p: &BTreeMap<String, String>) -> Result<Params> {
+    let mut out = Params {
+        file: false,
+        mode: 0o777,
+    };
+    for (k, v) in p {
+        match k.as_str() {
+            "backing" => {
+                out.file = match v.as_str() {
+                    "directory" | "" => false,
+                    "file" => true,
+                    _ => {
+                        return Err(LocalPathError::BadParameter {
+                            key: k.clone(),
+                            value: v.clone(),
+                            why: "expected directory or file".into(),
+                        }
+                        .into());
+                    }
+                }
+            }
+            "mode" => {
+                out.mode = u32::from_str_radix(v, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| LocalPathError::BadParameter {
+                        key: k.clone(),
+                        value: v.clone(),
+                        why: "expected octal permissions such as 0770".into(),
+                    })?;
+            }
+            _ => return Err(LocalPathError::UnknownParameter(k.clone()).into()),
+        }
+    }
+    Ok(out)
+}
+
+impl LocalPath {
+    fn backing_for(&self, caps: &[Capability], params: &Params) -> Result<Backing> {
+        for c in caps {
+            if c.mode.is_multi_node() {
+                return Err(LocalPathError::MultiNode(c.mode).into());
+            }
+        }
+        let block = caps.iter().filter(|c| c.is_block()).count();
+        if block == caps.len() {
+            return Ok(Backing::Block);
+        }
+        if block > 0 {
+            return Err(LocalPathError::MixedAccess.into());
+        }
+        let fs_types: Vec<&str> = caps
+            .iter()
+            .filter_map(|c| match &c.access {
+                AccessType::Mount { fs_type, .. } if !fs_type.is_empty() => Some(fs_type.as_str()),
+                _ => None,
+            })
+            .collect();
+        let requested = fs_types.first().copied();
+        if fs_types.iter().any(|f| Some(*f) != requested) {
+            return Err(Error::InvalidArgument(
+                "capabilities ask for different fsTypes".into(),
+            ));
+        }
+        if params.file {
+            let fs_type = requested.unwrap_or("ext4").to_owned();
+            if !csi_core::blockdev::SUPPORTED_FS.contains(&fs_type.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "fsType {fs_type:?} is not supported; use one of {:?}",
+                    csi_core::blockdev::SUPPORTED_FS
+                )));
+            }
+            return Ok(Backing::Filesystem { fs_type });
+        }
+        match requested {
+            Some(f) if f != self.base_fs => Err(LocalPathError::FsMismatch {
+                requested: f.to_owned(),
+                base: self.base_fs.clone(),
+            }
+            .into()),
+            _ => Ok(Backing::Directory),
+        }
+    }
+
+    fn check_topology(&self, req: &Option<csi::TopologyRequirement>) -> Result<()> {
+        let Some(t) = req else { return Ok(()) };
+        if t.requisite.is_empty() {
+            return Ok(());
+        }
+        let ours = |top: &csi::Topology| {
+            top.segments
+                .iter()
+                .all(|(k, v)| k == TOPOLOGY_KEY && *v == self.cfg.node_id)
+        };
+        if t.requisite.iter().any(ours) {
+            Ok(())
+        } else {
+            Err(LocalPathError::WrongNode(self.cfg.node_id.clone()).into())
+        }
+    }
+
+    fn topology(&self) -> csi::Topology {
+        csi::Topology {
+            segments: [(TOPOLOGY_KEY.to_owned(), self.cfg.node_id.clone())].into(),
+        }
+    }
+
+    fn to_proto(&self, v: &VolumeMeta) -> csi::Volume {
+        csi::Volume {
+            capacity_bytes: v.capacity as i64,
+            volume_id: v.id.clone(),
+            volume_context: [("backing".to_owned(), v.backing.describe())].into(),
+            content_source: v.source.as_ref().map(|s| ContentSource::from(s).to_proto()),
+            accessible_topology: vec![self.topology()],
+        }
+    }
+
+    fn snapshot_proto(s: &SnapshotMeta) -> csi::Snapshot {
+        csi::Snapshot {
+            size_bytes: s.size as i64,
+            snapshot_id: s.id.clone(),
+            source_volume_id: s.source_volume_id.clone(),
+            creation_time: Some(prost_timestamp(s.created_unix, s.created_nanos)),
+            ready_to_use: true,
+            group_snapshot_id: String::new(),
+        }
+    }
+
+    /// Bytes still free for new volumes: statvfs minus the reserve minus the
+    /// unwritten part of every image file (images are promised in full).
+    fn available(&self) -> Result<u64> {
+        let st = csi_core::fsutil::statvfs(&self.cfg.base_path)?;
+        let images: Vec<(std::path::PathBuf, u64)> = self
+            .index()
+            .state
+            .volumes
+            .values()
+            .filter(|v| v.backing.is_image())
+            .map(|v| (self.volume_path(&v.id, &v.backing), v.capacity))
+            .collect();
+        let promised: u64 = images
+            .iter()
+            .map(|(p, cap)| {
+                use std::os::unix::fs::MetadataExt;
+                let used = std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+                cap.saturating_sub(used)
+            })
+            .sum();
+        Ok(st
+            .available_bytes
+            .saturating_sub(self.cfg.reserved_bytes)
+            .saturating_sub(promised))
+    }
+
+    fn compatible(existing: &VolumeMeta, req: &CreateVolume, backing: &Backing) -> Result<()> {
+        let mut why = Vec::new();
+        if !req.capacity.admits(existing.capacity) {
+            why.push(format!("it has {} bytes", existing.capacity));
+        }
+        if existing.backing != *backing {
+            why.push(format!("it is {}", existing.backing.describe()));
+        }
+        if existing.parameters != req.parameters {
+            why.push("it has different parameters".into());
+        }
+        if existing.source != req.source.as_ref().map(SourceMeta::from) {
+            why.push("it has a different content source".into());
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::AlreadyExists(format!(
+                "volume {:?} already exists as {} and {}",
+                req.name,
+                existing.id,
+                why.join(", ")
+            )))
+        }
+    }
+
+    async fn populate(
+        &self,
+        tmp: &std::path::Path,
+        backing: &Backing,
+        size: u64,
+        mode: u32,
+        source: Option<(std::path::PathBuf, Backing)>,
+    ) -> Result<()> {
+        match source {
+            Some((from, src_backing)) => {
+                if src_backing != *backing {
+                    return Err(Error::InvalidArgument(format!(
+                        "the source is {} but the new volume would be {}",
+                        src_backing.describe(),
+                        backing.describe()
+                    )));
+                }
+                self.copy_data(&from, tmp, backing.is_image()).await?;
+                if backing.is_image() {
+                    grow_file(tmp, size)?;
+                }
+            }
+            None if backing.is_image() => {
+                let f = std::fs::File::create(tmp).ctx(|| format!("creating {}", tmp.display()))?;
+                f.set_len(size)
+                    .ctx(|| format!("sizing {}", tmp.display()))?;
+            }
+            None => {
+                std::fs::create_dir(tmp).ctx(|| format!("creating {}", tmp.display()))?;
+            }
+        }
+        if !backing.is_image() {
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
+                .ctx(|| format!("chmod {}", tmp.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn grow_file(p: &std::path::Path, size: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .ctx(|| format!("opening {}", p.display()))?;
+    let cur = f.metadata().ctx(|| format!("stat {}", p.display()))?.len();
+    if size > cur {
+        f.set_len(size).ctx(|| format!("growing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn prost_timestamp(secs: u64, nanos: u32) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: secs as i64,
+        nanos: nanos as i32,
+    }
+}
+
+#[async_trait::async_trait]
+impl ControllerBackend for LocalPath {
+    fn controller_capabilities(&self) -> Vec<ControllerRpc> {
+        vec![
+            ControllerRpc::CreateDeleteVolume,
+            ControllerRpc::ListVolumes,
+            ControllerRpc::GetCapacity,
+            ControllerRpc::CreateDeleteSnapshot,
+            ControllerRpc::ListSnapshots,
+            ControllerRpc::CloneVolume,
+            ControllerRpc::ExpandVolume,
+            ControllerRpc::GetVolume,
+            ControllerRpc::SingleNodeMultiWriter,
+            ControllerRpc::GetSnapshot,
+        ]
+    }
+
+    async fn create_volume(&self, req: CreateVolume) -> Result<csi::Volume> {
+        let params = parse_params(&req.parameters)?;
+        let backing = self.backing_for(&req.capabilities, &params)?;
+        self.check_topology(&req.accessibility)?;
+
+        if let Some(id) = self.index().volume_by_name.get(&req.name).cloned() {
+            let existing = self.volume(&id)?;
+            Self::compatible(&existing, &req, &backing)?;
+            return Ok(self.to_proto(&existing));
+        }
+
+        let source = match &req.source {
+            None => None,
+            Some(ContentSource::Snapshot(id)) => {
+                let s = self
+                    .index()
+                    .state
+                    .snapshots
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| LocalPathError::NoSuchSnapshot(id.clone()))?;
+                Some((self.snapshot_path(&s), s.backing.clone(), s.size))
+            }
+            Some(ContentSource::Volume(id)) => {
+                let v = self.volume(id)?;
+                Some((
+                    self.volume_path(&v.id, &v.backing),
+                    v.backing.clone(),
+                    v.capacity,
+                ))
+            }
+        };
+        let min = min_size(&backing).max(source.as_ref().map_or(0, |s| s.2));
+        let default = DEFAULT_SIZE.max(min);
+        let size = req.capacity.choose(default, min, 4096)?;
+
+        if self.cfg.max_volumes > 0
+            && self.index().state.volumes.len() as u64 >= self.cfg.max_volumes
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "node {} already holds its maximum of {} volumes",
+                self.cfg.node_id, self.cfg.max_volumes
+            )));
+        }
+        let available = self.available()?;
+        if size > available {
+            return Err(Error::ResourceExhausted(format!(
+                "{size} bytes requested but only {available} bytes are available on node {}",
+                self.cfg.node_id
+            )));
+        }
+
+        let id = new_id("lv-");
+        let final_path = self.volume_path(&id, &backing);
+        let tmp = final_path.with_file_name(format!(
+            ".tmp-{}",
+            final_path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let created = async {
+            self.populate(
+                &tmp,
+                &backing,
+                size,
+                params.mode,
+                source.map(|s| (s.0, s.1)),
+            )
+            .await?;
+            std::fs::rename(&tmp, &final_path).ctx(|| format!("renaming {}", tmp.display()))?;
+            let (secs, _) = now();
+            let meta = VolumeMeta {
+                id: id.clone(),
+                name: req.name.clone(),
+                capacity: size,
+                backing: backing.clone(),
+                parameters: req.parameters.clone(),
+                source: req.source.as_ref().map(SourceMeta::from),
+                created_unix: secs,
+                project_id: None,
+            };
+            self.commit(Change::PutVolume(meta.clone())).await?;
+            Ok::<_, Error>(meta)
+        }
+        .await;
+        match created {
+            Ok(meta) => Ok(self.to_proto(&meta)),
+            Err(e) => {
+                let _ = remove_any(&tmp);
+                let _ = remove_any(&final_path);
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete_volume(&self, volume_id: &str, _secrets: &Secrets) -> Result<()> {
+        if !is_our_id(volume_id, "lv-") {
+            return Ok(());
+        }
+        let Ok(v) = self.volume(volume_id) else {
+            return Ok(());
+        };
+        let path = self.volume_path(&v.id, &v.backing);
+        if v.backing.is_image() && self.host.blockdev.find_loop(&path).await?.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is still staged on node {} (its loop device is attached); unstage it first",
+                self.cfg.node_id
+            )));
+        }
+        let trash = path.with_file_name(format!(
+            ".trash-{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        match std::fs::rename(&path, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("moving {} to trash", path.display()), e)),
+        }
+        self.commit(Change::DeleteVolume { id: v.id.clone() })
+            .await?;
+        let t = trash.clone();
+        tokio::task::spawn_blocking(move || remove_any(&t))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<(csi::Volume, VolumeStatus)> {
+        let v = self.volume(volume_id)?;
+        Ok((self.to_proto(&v), VolumeStatus::default()))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        volume_id: &str,
+        caps: &[Capability],
+        parameters: &HashMap<String, String>,
+    ) -> Result<()> {
+        let v = self.volume(volume_id)?;
+        let params: BTreeMap<String, String> = parameters
+            .iter()
+            .filter(|(k, _)| !k.starts_with(csi_core::types::K8S_PARAM_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        parse_params(&params)?;
+        for c in caps {
+            if c.mode.is_multi_node() {
+                return Err(LocalPathError::MultiNode(c.mode).into());
+            }
+            let fits = match (&c.access, &v.backing) {
+                (AccessType::Block, Backing::Block) => true,
+                (AccessType::Block, _) | (_, Backing::Block) => false,
+                (AccessType::Mount { fs_type, .. }, Backing::Directory) => {
+                    fs_type.is_empty() || *fs_type == self.base_fs
+                }
+                (AccessType::Mount { fs_type, .. }, Backing::Filesystem { fs_type: have }) => {
+                    fs_type.is_empty() || fs_type == have
+                }
+            };
+            if !fits {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {volume_id} is {} and cannot serve {:?}",
+                    v.backing.describe(),
+                    c.access
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<(csi::Volume, VolumeStatus)>> {
+        let vols: Vec<VolumeMeta> = self.index().state.volumes.values().cloned().collect();
+        Ok(vols
+            .iter()
+            .map(|v| (self.to_proto(v), VolumeStatus::default()))
+            .collect())
+    }
+
+    async fn get_capacity(
+        &self,
+        _caps: &[Capability],
+        parameters: &HashMap<String, String>,
+        topology: Option<&csi::Topology>,
+    ) -> Result<Capacity> {
+        if let Some(t) = topology {
+            if t.segments
+                .iter()
+                .any(|(k, v)| k != TOPOLOGY_KEY || *v != self.cfg.node_id)
+            {
+                return Ok(Capacity::default());
+            }
+        }
+        let params: BTreeMap<String, String> = parameters
+            .iter()
+            .filter(|(k, _)| !k.starts_with(csi_core::types::K8S_PARAM_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        parse_params(&params)?;
+        let available = self.available()?;
+        Ok(Capacity {
+            available,
+            maximum_volume_size: Some(available),
+            minimum_volume_size: None,
+        })
+    }
+
+    async fn create_snapshot(
+        &self,
+        source_volume_id: &str,
+        name: &str,
+        parameters: &BTreeMap<String, String>,
+        _secrets: &Secrets,
+    ) -> Result<csi::Snapshot> {
+        if let Some(k) = parameters
+            .keys()
+            .find(|k| !k.starts_with(csi_core::types::K8S_PARAM_PREFIX))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "unknown snapshot parameter {k:?}; local.rcsi.io snapshots take no parameters"
+            )));
+        }
+        if let Some(id) = self.index().snapshot_by_name.get(name).cloned() {
+            let s = self.index().state.snapshots.get(&id).cloned();
+            if let Some(s) = s {
+                if s.source_volume_id != source_volume_id {
+                    return Err(Error::AlreadyExists(format!(
+                        "snapshot {name:?} already exists for volume {}",
+                        s.source_volume_id
+                    )));
+                }
+                return Ok(Self::snapshot_proto(&s));
+            }
+        }
+        let v = self.volume(source_volume_id)?;
+        let (secs, nanos) = now();
+        let s = SnapshotMeta {
+            id: new_id("ls-"),
+            name: name.to_owned(),
+            source_volume_id: v.id.clone(),
+            size: v.capacity,
+            backing: v.backing.clone(),
+            created_unix: secs,
+            created_nanos: nanos,
+        };
+        let dst = self.snapshot_path(&s);
+        let tmp = dst.with_file_name(format!(
+            ".tmp-{}",
+            dst.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let result = async {
+            self.copy_data(
+                &self.volume_path(&v.id, &v.backing),
+                &tmp,
+                v.backing.is_image(),
+            )
+            .await?;
+            std::fs::rename(&tmp, &dst).ctx(|| format!("renaming {}", tmp.display()))?;
+            self.commit(Change::PutSnapshot(s.clone())).await
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = remove_any(&tmp);
+            let _ = remove_any(&dst);
+            return Err(e);
+        }
+        Ok(Self::snapshot_proto(&s))
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str, _secrets: &Secrets) -> Result<()> {
+        let s = self.index().state.snapshots.get(snapshot_id).cloned();
+        let Some(s) = s else { return Ok(()) };
+        let path = self.snapshot_path(&s);
+        self.commit(Change::DeleteSnapshot { id: s.id.clone() })
+            .await?;
+        tokio::task::spawn_blocking(move || remove_any(&path))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    async fn list_snapshots(&self, filter: &SnapshotFilter) -> Result<Vec<csi::Snapshot>> {
+        Ok(self
+            .index()
+            .state
+            .snapshots
+            .values()
+            .filter(|s| filter.snapshot_id.as_ref().is_none_or(|id| *id == s.id))
+            .filter(|s| {
+                filter
+                    .source_volume_id
+                    .as_ref()
+                    .is_none_or(|id| *id == s.source_volume_id)
+            })
+            .map(Self::snapshot_proto)
+            .collect())
+    }
+
+    async fn expand_volume(
+        &self,
+        volume_id: &str,
+        range: CapacityRange,
+        _capability: Option<&Capability>,
+        _secrets: &Secrets,
+    ) -> Result<(u64, bool)> {
+        let v = self.volume(volume_id)?;
+        let size = range.choose(v.capacity, v.capacity, 4096)?;
+        if size <= v.capacity {
+            return Ok((v.capacity, v.backing.is_image()));
+        }
+        let grow = size - v.capacity;
+        let available = self.available()?;
+        if grow > available {
+            return Err(Error::ResourceExhausted(format!(
+                "growing by {grow} bytes needs more than the {available} bytes available"
+            )));
+        }
+        if v.backing.is_image() {
+            grow_file(&self.volume_path(&v.id, &v.backing), size)?;
+        }
+        let meta = VolumeMeta {
+            capacity: size,
+            ..v.clone()
+        };
+        self.commit(Change::PutVolume(meta)).await?;
+        Ok((size, v.backing.is_image()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_strict() {
+        assert!(parse_params(&BTreeMap::new()).is_ok_and(|p| !p.file && p.mode == 0o777));
+        let p = [
+            ("backing".to_owned(), "file".to_owned()),
+            ("mode".to_owned(), "0770".to_owned()),
+        ]
+        .into();
+        assert!(parse_params(&p).is_ok_and(|p| p.file && p.mode == 0o770));
+        for (k, v) in [("backing", "lvm"), ("mode", "999"), ("size", "1")] {
+            let p = [(k.to_owned(), v.to_owned())].into();
+            assert!(
+                matches!(parse_params(&p), Err(Error::InvalidArgument(_))),
+                "{k}={v}"
+            );
+        }
+    }
+}

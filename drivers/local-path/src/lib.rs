@@ -1,0 +1,333 @@
+//! `local.rcsi.io`: node-local volumes as directories (bind-mounted) or as
+//! sparse image files on loop devices (raw block, or a dedicated ext4/xfs).
+
+mod controller;
+mod error;
+pub mod meta;
+mod node;
+pub mod store;
+
+pub use error::LocalPathError;
+
+use crate::meta::{Backing, SnapshotMeta, VolumeMeta};
+use crate::store::{Change, State, Store};
+use csi_core::backend::Plugin;
+use csi_core::blockdev::BlockDevices;
+use csi_core::exec::{Command, Exec};
+use csi_core::mount::Mounter;
+use csi_core::{Error, IoContext, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tracing::{info, warn};
+
+/// CSI driver name.
+pub const DRIVER_NAME: &str = "local.rcsi.io";
+/// Topology key whose value is the node id.
+pub const TOPOLOGY_KEY: &str = "topology.local.rcsi.io/node";
+/// Size given to volumes created without a capacity.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
+/// Start-up settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's id.
+    pub node_id: String,
+    /// Directory holding all volumes, snapshots and metadata.
+    pub base_path: PathBuf,
+    /// Most volumes this node accepts (0: unlimited).
+    pub max_volumes: u64,
+    /// Bytes of the base filesystem never handed out.
+    pub reserved_bytes: u64,
+}
+
+/// Privileged helpers the driver uses.
+#[derive(Clone)]
+pub struct Host {
+    /// Mount operations.
+    pub mounter: Arc<dyn Mounter>,
+    /// Loop devices and filesystems.
+    pub blockdev: Arc<dyn BlockDevices>,
+    /// External programs (cp).
+    pub exec: Arc<dyn Exec>,
+}
+
+/// The local-path driver: controller and node in one process.
+pub struct LocalPath {
+    cfg: Config,
+    host: Host,
+    store: Store,
+    state: Mutex<Index>,
+    base_fs: String,
+}
+
+#[derive(Default)]
+struct Index {
+    state: State,
+    volume_by_name: HashMap<String, String>,
+    snapshot_by_name: HashMap<String, String>,
+}
+
+impl Index {
+    fn from_state(state: State) -> Self {
+        let volume_by_name = state
+            .volumes
+            .values()
+            .map(|v| (v.name.clone(), v.id.clone()))
+            .collect();
+        let snapshot_by_name = state
+            .snapshots
+            .values()
+            .map(|s| (s.name.clone(), s.id.clone()))
+            .collect();
+        Self {
+            state,
+            volume_by_name,
+            snapshot_by_name,
+        }
+    }
+}
+
+impl LocalPath {
+    /// Opens (or initializes) the base path and recovers from any crash.
+    pub fn open(cfg: Config, host: Host) -> Result<Self> {
+        for d in ["volumes", "snapshots"] {
+            let p = cfg.base_path.join(d);
+            std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
+        }
+        let base_path = std::fs::canonicalize(&cfg.base_path)
+            .ctx(|| format!("resolving {}", cfg.base_path.display()))?;
+        let cfg = Config { base_path, ..cfg };
+        let (store, state) = Store::open(&cfg.base_path.join(".rcsi"))?;
+        let base_fs = fs_type_of(&cfg.base_path).unwrap_or_else(|| "unknown".into());
+        let driver = Self {
+            cfg,
+            host,
+            store,
+            state: Mutex::new(Index::from_state(state)),
+            base_fs,
+        };
+        driver.recover()?;
+        info!(
+            base = %driver.cfg.base_path.display(),
+            fs = %driver.base_fs,
+            volumes = driver.index().state.volumes.len(),
+            "local-path ready; directory volume sizes are NOT enforced on this base path (use backing=file for hard limits)"
+        );
+        Ok(driver)
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn volumes_dir(&self) -> PathBuf {
+        self.cfg.base_path.join("volumes")
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.cfg.base_path.join("snapshots")
+    }
+
+    /// Where a volume's data lives.
+    fn volume_path(&self, id: &str, backing: &Backing) -> PathBuf {
+        data_path(&self.volumes_dir(), id, backing)
+    }
+
+    fn snapshot_path(&self, s: &SnapshotMeta) -> PathBuf {
+        data_path(&self.snapshots_dir(), &s.id, &s.backing)
+    }
+
+    fn volume(&self, id: &str) -> Result<VolumeMeta> {
+        self.index()
+            .state
+            .volumes
+            .get(id)
+            .cloned()
+            .ok_or_else(|| LocalPathError::NoSuchVolume(id.to_owned()).into())
+    }
+
+    async fn commit(&self, change: Change) -> Result<()> {
+        self.store.commit(change.clone()).await?;
+        let mut idx = self.index();
+        match change {
+            Change::PutVolume(v) => {
+                idx.volume_by_name.insert(v.name.clone(), v.id.clone());
+                idx.state.volumes.insert(v.id.clone(), v);
+            }
+            Change::DeleteVolume { id } => {
+                if let Some(v) = idx.state.volumes.remove(&id) {
+                    idx.volume_by_name.remove(&v.name);
+                }
+            }
+            Change::PutSnapshot(s) => {
+                idx.snapshot_by_name.insert(s.name.clone(), s.id.clone());
+                idx.state.snapshots.insert(s.id.clone(), s);
+            }
+            Change::DeleteSnapshot { id } => {
+                if let Some(s) = idx.state.snapshots.remove(&id) {
+                    idx.snapshot_by_name.remove(&s.name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cleans up after a crash: unfinished creations are removed, deletions
+    /// that did not commit are rolled back, finished ones are completed.
+    fn recover(&self) -> Result<()> {
+        let idx = self.index();
+        for (dir, known) in [
+            (
+                self.volumes_dir(),
+                &idx.state.volumes.keys().cloned().collect::<Vec<_>>(),
+            ),
+            (
+                self.snapshots_dir(),
+                &idx.state.snapshots.keys().cloned().collect::<Vec<_>>(),
+            ),
+        ] {
+            let entries = std::fs::read_dir(&dir).ctx(|| format!("reading {}", dir.display()))?;
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let path = e.path();
+                if name.starts_with(".tmp-") {
+                    warn!(path = %path.display(), "removing unfinished creation");
+                    remove_any(&path)?;
+                } else if let Some(rest) = name.strip_prefix(".trash-") {
+                    let id = rest.trim_end_matches(".img");
+                    if known.iter().any(|k| k == id) {
+                        let back = dir.join(rest);
+                        warn!(path = %path.display(), "rolling back uncommitted deletion");
+                        std::fs::rename(&path, &back)
+                            .ctx(|| format!("restoring {}", back.display()))?;
+                    } else {
+                        remove_any(&path)?;
+                    }
+                } else {
+                    let id = name.trim_end_matches(".img");
+                    if !known.iter().any(|k| k == id) {
+                        warn!(path = %path.display(), "data without metadata; leaving it for the operator");
+                    }
+                }
+            }
+        }
+        for v in idx.state.volumes.values() {
+            let p = self.volume_path(&v.id, &v.backing);
+            if !p.exists() {
+                warn!(volume = %v.id, path = %p.display(), "volume data is missing");
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a directory tree or an image file, with reflinks when the filesystem has them.
+    async fn copy_data(&self, from: &Path, to: &Path, is_image: bool) -> Result<()> {
+        let cmd = if is_image {
+            Command::new(
+                "cp",
+                [
+                    "--reflink=auto".as_ref(),
+                    "--sparse=always".as_ref(),
+                    from.as_os_str(),
+                    to.as_os_str(),
+                ],
+            )
+        } else {
+            std::fs::create_dir(to).ctx(|| format!("creating {}", to.display()))?;
+            let mut src = from.as_os_str().to_owned();
+            src.push("/.");
+            Command::new(
+                "cp",
+                [
+                    "-a".as_ref(),
+                    "--reflink=auto".as_ref(),
+                    src.as_os_str(),
+                    to.as_os_str(),
+                ],
+            )
+        };
+        self.host
+            .exec
+            .run(&cmd.timeout(std::time::Duration::from_secs(3600)))
+            .await
+            .map(drop)
+    }
+}
+
+/// Data location of an id with a given layout.
+fn data_path(dir: &Path, id: &str, backing: &Backing) -> PathBuf {
+    if backing.is_image() {
+        dir.join(format!("{id}.img"))
+    } else {
+        dir.join(id)
+    }
+}
+
+fn remove_any(p: &Path) -> Result<()> {
+    let r = if p.is_dir() && !p.is_symlink() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    };
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("removing {}", p.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Filesystem type of the mount holding `path`.
+fn fs_type_of(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    csi_core::mount::parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .map(|m| m.fs_type)
+}
+
+/// New random id with a prefix (`lv-` volumes, `ls-` snapshots).
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// True when `id` has the shape of an id this driver issues.
+fn is_our_id(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|h| {
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    })
+}
+
+fn now() -> (u64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
+#[async_trait::async_trait]
+impl Plugin for LocalPath {
+    fn name(&self) -> &str {
+        DRIVER_NAME
+    }
+
+    fn has_topology(&self) -> bool {
+        true
+    }
+
+    fn online_expansion(&self) -> bool {
+        true
+    }
+
+    async fn probe(&self) -> Result<bool> {
+        let base = self.cfg.base_path.clone();
+        tokio::task::spawn_blocking(move || csi_core::fsutil::statvfs(&base))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(true)
+    }
+}

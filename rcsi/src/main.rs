@@ -1,0 +1,147 @@
+//! `rcsi`: one binary for every rcsi CSI driver.
+
+mod demo;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use csi_core::server::{Endpoint, ServeOptions, Services, serve, shutdown_signal};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "rcsi",
+    version,
+    about = "Rust CSI drivers for Kubernetes: one small binary for every backend"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the node plugin (Identity + Node; local-path also serves Controller here).
+    Node(NodeArgs),
+    /// Serve the controller plugin (Identity + Controller).
+    Controller(CommonArgs),
+    /// Walk one local-path volume through its whole life on a temporary base path, printing each step (needs root).
+    Demo {
+        /// Base path to use instead of a fresh temporary directory.
+        #[arg(long)]
+        base_path: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Driver {
+    /// local.rcsi.io: node-local directories and loop-device volumes.
+    LocalPath,
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Storage backend to serve.
+    #[arg(long, value_enum)]
+    driver: Driver,
+    /// gRPC endpoint: unix:///path/csi.sock or tcp://host:port.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: Endpoint,
+    /// Serve Prometheus /metrics and /healthz on this address (e.g. 0.0.0.0:9808).
+    #[arg(long)]
+    metrics_address: Option<SocketAddr>,
+    /// Log a warning for calls slower than this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    slow_call_ms: u64,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// This node's name (Kubernetes node name).
+    #[arg(long, env = "NODE_ID")]
+    node_id: String,
+    /// local-path: directory that holds the volumes of this node.
+    #[arg(long, default_value = "/var/lib/rcsi/local")]
+    base_path: PathBuf,
+    /// local-path: most volumes on this node (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_volumes: u64,
+    /// local-path: bytes of the base filesystem never handed out to volumes.
+    #[arg(long, default_value_t = 0)]
+    reserved_bytes: u64,
+}
+
+fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn local_path(args: &NodeArgs) -> anyhow::Result<Arc<rcsi_local_path::LocalPath>> {
+    let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
+    let host = rcsi_local_path::Host {
+        mounter: Arc::new(csi_core::mount::SystemMounter::new(
+            exec.clone(),
+            Duration::from_secs(120),
+        )),
+        blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec.clone())),
+        exec,
+    };
+    let cfg = rcsi_local_path::Config {
+        node_id: args.node_id.clone(),
+        base_path: args.base_path.clone(),
+        max_volumes: args.max_volumes,
+        reserved_bytes: args.reserved_bytes,
+    };
+    Ok(Arc::new(
+        rcsi_local_path::LocalPath::open(cfg, host).context("opening the local-path base path")?,
+    ))
+}
+
+fn options(c: &CommonArgs) -> ServeOptions {
+    ServeOptions {
+        endpoint: c.endpoint.clone(),
+        metrics_address: c.metrics_address,
+        slow_call: Duration::from_millis(c.slow_call_ms),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(if matches!(cli.command, Cmd::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    });
+    match cli.command {
+        Cmd::Node(args) => {
+            let services = match args.common.driver {
+                Driver::LocalPath => {
+                    let d = local_path(&args)?;
+                    Services {
+                        plugin: d.clone(),
+                        controller: Some(d.clone()),
+                        node: Some(d),
+                    }
+                }
+            };
+            serve(services, options(&args.common), shutdown_signal()).await?;
+        }
+        Cmd::Controller(args) => match args.driver {
+            Driver::LocalPath => bail!(
+                "local-path keeps its data on each node, so its controller runs inside `rcsi node`; no separate controller is needed"
+            ),
+        },
+        Cmd::Demo { base_path } => demo::run(base_path).await?,
+    }
+    Ok(())
+}

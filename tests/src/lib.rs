@@ -1,0 +1,1 @@
+//! CSI conformance suite and csi-bench for rcsi drivers.
