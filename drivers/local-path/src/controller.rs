@@ -291,7 +291,8 @@ impl ControllerBackend for LocalPath {
         let backing = self.backing_for(&req.capabilities, &params)?;
         self.check_topology(&req.accessibility)?;
 
-        if let Some(id) = self.index().volume_by_name.get(&req.name).cloned() {
+        let existing = self.index().volume_by_name.get(&req.name).cloned();
+        if let Some(id) = existing {
             let existing = self.volume(&id)?;
             Self::compatible(&existing, &req, &backing)?;
             return Ok(self.to_proto(&existing));
@@ -467,13 +468,12 @@ impl ControllerBackend for LocalPath {
         parameters: &HashMap<String, String>,
         topology: Option<&csi::Topology>,
     ) -> Result<Capacity> {
-        if let Some(t) = topology {
-            if t.segments
+        if let Some(t) = topology
+            && t.segments
                 .iter()
                 .any(|(k, v)| k != TOPOLOGY_KEY || *v != self.cfg.node_id)
-            {
-                return Ok(Capacity::default());
-            }
+        {
+            return Ok(Capacity::default());
         }
         let params: BTreeMap<String, String> = parameters
             .iter()
@@ -504,9 +504,14 @@ impl ControllerBackend for LocalPath {
                 "unknown snapshot parameter {k:?}; local.rcsi.io snapshots take no parameters"
             )));
         }
-        if let Some(id) = self.index().snapshot_by_name.get(name).cloned() {
-            let s = self.index().state.snapshots.get(&id).cloned();
-            if let Some(s) = s {
+        let existing = {
+            let idx = self.index();
+            idx.snapshot_by_name
+                .get(name)
+                .and_then(|id| idx.state.snapshots.get(id).cloned())
+        };
+        {
+            if let Some(s) = existing {
                 if s.source_volume_id != source_volume_id {
                     return Err(Error::AlreadyExists(format!(
                         "snapshot {name:?} already exists for volume {}",

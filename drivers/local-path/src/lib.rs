@@ -221,8 +221,40 @@ impl LocalPath {
         Ok(())
     }
 
-    /// Copies a directory tree or an image file, with reflinks when the filesystem has them.
+    /// Copies a directory tree or an image file, with reflinks when the
+    /// filesystem has them. A mounted image is frozen during the copy so the
+    /// copy is consistent.
     async fn copy_data(&self, from: &Path, to: &Path, is_image: bool) -> Result<()> {
+        let frozen = if is_image {
+            self.freeze(from).await?
+        } else {
+            None
+        };
+        let result = self.copy_raw(from, to, is_image).await;
+        if let Some(mp) = frozen {
+            let thaw = Command::new("fsfreeze", ["-u".as_ref(), mp.as_os_str()]);
+            if let Err(e) = self.host.exec.run(&thaw).await {
+                warn!(mount = %mp.display(), error = %e, "thawing after copy failed");
+            }
+        }
+        result
+    }
+
+    /// Freezes the filesystem of an image if it is mounted on this node.
+    async fn freeze(&self, image: &Path) -> Result<Option<PathBuf>> {
+        let Some(dev) = self.host.blockdev.find_loop(image).await? else {
+            return Ok(None);
+        };
+        let mounts = self.host.mounter.mounts().await?;
+        let Some(m) = mounts.into_iter().find(|m| Path::new(&m.source) == dev) else {
+            return Ok(None);
+        };
+        let cmd = Command::new("fsfreeze", ["-f".as_ref(), m.mount_point.as_os_str()]);
+        self.host.exec.run(&cmd).await?;
+        Ok(Some(m.mount_point))
+    }
+
+    async fn copy_raw(&self, from: &Path, to: &Path, is_image: bool) -> Result<()> {
         let cmd = if is_image {
             Command::new(
                 "cp",

@@ -61,9 +61,8 @@ impl LocalPath {
             .unwrap_or(0o777)
     }
 
-    /// Grows an unmounted ext filesystem to fill its device (online growth
-    /// of ext4 needs CAP_SYS_RESOURCE, which some nodes withhold).
-    async fn grow_ext_offline(&self, dev: &Path) -> Result<()> {
+    /// True when the ext filesystem on `dev` is smaller than the device.
+    async fn ext_needs_growth(&self, dev: &Path) -> Result<bool> {
         let out = self
             .host
             .exec
@@ -81,7 +80,13 @@ impl LocalPath {
                 dev.display()
             )));
         };
-        if blocks * bs >= self.host.blockdev.size(dev).await? {
+        Ok(blocks * bs < self.host.blockdev.size(dev).await?)
+    }
+
+    /// Grows an unmounted ext filesystem to fill its device, so volumes
+    /// expanded while unstaged are full size at the next stage.
+    async fn grow_ext_offline(&self, dev: &Path) -> Result<()> {
+        if !self.ext_needs_growth(dev).await? {
             return Ok(());
         }
         let fsck = self
@@ -134,14 +139,14 @@ impl LocalPath {
         if fs_type.starts_with("ext") && !fresh {
             self.grow_ext_offline(&dev).await?;
         }
+        let mut options = mount_flags(&req.capability).to_vec();
+        if fs_type == "xfs" && !options.iter().any(|o| o.split(',').any(|o| o == "nouuid")) {
+            // Snapshots and clones share the source's UUID, which xfs refuses twice.
+            options.push("nouuid".into());
+        }
         self.host
             .mounter
-            .mount(
-                &dev.to_string_lossy(),
-                &req.staging_path,
-                fs_type,
-                mount_flags(&req.capability),
-            )
+            .mount(&dev.to_string_lossy(), &req.staging_path, fs_type, &options)
             .await?;
         if fresh {
             std::fs::set_permissions(
@@ -244,12 +249,12 @@ impl NodeBackend for LocalPath {
 
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         self.host.mounter.unmount(staging_path).await?;
-        if let Ok(v) = self.volume(volume_id) {
-            if v.backing.is_image() {
-                let img = self.volume_path(&v.id, &v.backing);
-                if let Some(dev) = self.host.blockdev.find_loop(&img).await? {
-                    self.host.blockdev.detach_loop(&dev).await?;
-                }
+        if let Ok(v) = self.volume(volume_id)
+            && v.backing.is_image()
+        {
+            let img = self.volume_path(&v.id, &v.backing);
+            if let Some(dev) = self.host.blockdev.find_loop(&img).await? {
+                self.host.blockdev.detach_loop(&dev).await?;
             }
         }
         Ok(())
@@ -334,10 +339,9 @@ impl NodeBackend for LocalPath {
             mount_group: Some(g),
             ..
         } = &req.capability.access
+            && !req.readonly
         {
-            if !req.readonly {
-                self.apply_mount_group(&staging, g)?;
-            }
+            self.apply_mount_group(&staging, g)?;
         }
         self.host
             .mounter
@@ -454,8 +458,17 @@ impl NodeBackend for LocalPath {
         })?;
         self.host.blockdev.refresh_loop(&dev).await?;
         if let Backing::Filesystem { fs_type } = &v.backing {
+            if fs_type.starts_with("ext") && !self.ext_needs_growth(&dev).await? {
+                return Ok(v.capacity);
+            }
             let mp = staging_path.unwrap_or(path);
-            self.host.blockdev.grow_fs(&dev, fs_type, Some(mp)).await?;
+            self.host.blockdev.grow_fs(&dev, fs_type, Some(mp)).await.map_err(|e| match e {
+                Error::Internal(m) if m.contains("Permission denied") => Error::FailedPrecondition(format!(
+                    "growing {fs_type} while mounted needs CAP_SYS_RESOURCE, which this node plugin lacks; \
+                     the filesystem grows at the next NodeStageVolume instead ({m})"
+                )),
+                other => other,
+            })?;
         }
         Ok(v.capacity)
     }

@@ -1,0 +1,1427 @@
+//! The conformance cases. Each starts from a fresh driver instance.
+
+use crate::harness::{Case, Ctx, Needs, expect_code, expect_one_of};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use csi_core::backend::{ControllerRpc as C, NodeRpc as N};
+use csi_core::csi::{self, volume_capability as vc};
+use std::collections::HashSet;
+use std::path::Path;
+use tonic::Code;
+
+macro_rules! case {
+    ($name:ident, $needs:expr) => {
+        Case {
+            name: stringify!($name),
+            needs: $needs,
+            run: |c| Box::pin($name(c)),
+        }
+    };
+}
+
+/// Every case, in a stable order.
+pub fn all() -> Vec<Case> {
+    use Needs::*;
+    vec![
+        case!(identity_plugin_info, Nothing),
+        case!(identity_probe_and_capabilities, Nothing),
+        case!(node_get_info, Nothing),
+        case!(
+            create_volume_required_fields,
+            Controller(C::CreateDeleteVolume)
+        ),
+        case!(
+            create_volume_rejects_names_that_escape,
+            Controller(C::CreateDeleteVolume)
+        ),
+        case!(create_volume_idempotent, Controller(C::CreateDeleteVolume)),
+        case!(
+            create_volume_capacity_ranges,
+            Controller(C::CreateDeleteVolume)
+        ),
+        case!(delete_volume_semantics, Controller(C::CreateDeleteVolume)),
+        case!(
+            validate_volume_capabilities,
+            Controller(C::CreateDeleteVolume)
+        ),
+        case!(list_volumes_pagination, Controller(C::ListVolumes)),
+        case!(get_capacity, Controller(C::GetCapacity)),
+        case!(
+            concurrent_create_same_name,
+            Controller(C::CreateDeleteVolume)
+        ),
+        case!(
+            snapshot_required_fields,
+            Controller(C::CreateDeleteSnapshot)
+        ),
+        case!(snapshot_idempotent_and_listed, Controller(C::ListSnapshots)),
+        case!(list_snapshots_pagination, Controller(C::ListSnapshots)),
+        case!(
+            restore_snapshot_keeps_data,
+            Controller(C::CreateDeleteSnapshot)
+        ),
+        case!(clone_volume_keeps_data, Controller(C::CloneVolume)),
+        case!(expand_volume, Controller(C::ExpandVolume)),
+        case!(node_stage_required_fields, Node(N::StageUnstageVolume)),
+        case!(
+            node_publish_required_fields,
+            Controller(C::CreateDeleteVolume)
+        ),
+        case!(full_lifecycle_idempotent, Controller(C::CreateDeleteVolume)),
+        case!(readonly_publish, Controller(C::CreateDeleteVolume)),
+        case!(two_targets_share_data, Controller(C::CreateDeleteVolume)),
+        case!(block_volume_lifecycle, Block),
+        case!(volume_stats, Node(N::GetVolumeStats)),
+        case!(volume_condition_abnormal, Breakable),
+        case!(restart_mid_lifecycle, Controller(C::CreateDeleteVolume)),
+    ]
+}
+
+const REPEAT: usize = 10;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_data(dir: &str, seed: u64) -> Result<()> {
+    let p = Path::new(dir).join("data.bin");
+    std::fs::write(&p, pattern(seed, 256 * 1024))
+        .with_context(|| format!("writing {}", p.display()))?;
+    let f = std::fs::File::open(&p)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn check_data(dir: &str, seed: u64) -> Result<()> {
+    let p = Path::new(dir).join("data.bin");
+    let got = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+    ensure!(
+        got == pattern(seed, 256 * 1024),
+        "{} does not hold the data written (seed {seed})",
+        p.display()
+    );
+    Ok(())
+}
+
+fn is_mounted(path: &str) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    csi_core::mount::parse_mountinfo(&text)
+        .iter()
+        .any(|m| m.mount_point == Path::new(path))
+}
+
+async fn identity_plugin_info(c: &mut Ctx) -> Result<()> {
+    let info = c
+        .ident
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await?
+        .into_inner();
+    ensure!(
+        !info.name.is_empty() && info.name.len() <= 63,
+        "bad name {:?}",
+        info.name
+    );
+    ensure!(
+        info.name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.')
+            && info.name.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+            && info.name.ends_with(|ch: char| ch.is_ascii_alphanumeric()),
+        "name {:?} is not in domain-name form",
+        info.name
+    );
+    ensure!(
+        !info.vendor_version.is_empty(),
+        "vendor_version is required"
+    );
+    Ok(())
+}
+
+async fn identity_probe_and_capabilities(c: &mut Ctx) -> Result<()> {
+    for _ in 0..REPEAT {
+        let p = c.ident.probe(csi::ProbeRequest {}).await?.into_inner();
+        ensure!(p.ready != Some(false), "plugin reports not ready");
+    }
+    ensure!(
+        !c.ctl_caps.contains(&C::Unknown),
+        "controller advertises UNKNOWN"
+    );
+    ensure!(
+        !c.node_caps.contains(&N::Unknown),
+        "node advertises UNKNOWN"
+    );
+    let unique: HashSet<_> = c.ctl_caps.iter().collect();
+    ensure!(
+        unique.len() == c.ctl_caps.len(),
+        "controller capabilities repeat"
+    );
+    if !c.has_controller {
+        expect_code(
+            c.ctl.create_volume(c.create_req("x", c.mount_cap())).await,
+            Code::Unimplemented,
+            "CreateVolume on a node-only plugin",
+        )?;
+    }
+    Ok(())
+}
+
+async fn node_get_info(c: &mut Ctx) -> Result<()> {
+    use csi::plugin_capability::{Type as PT, service::Type as ST};
+    let info = c
+        .node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await?
+        .into_inner();
+    ensure!(!info.node_id.is_empty(), "node_id is required");
+    ensure!(
+        info.max_volumes_per_node >= 0,
+        "negative max_volumes_per_node"
+    );
+    let plugin = c
+        .ident
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await?
+        .into_inner();
+    let topo = plugin.capabilities.iter().any(|p| {
+        matches!(&p.r#type, Some(PT::Service(s)) if s.r#type == ST::VolumeAccessibilityConstraints as i32)
+    });
+    if topo {
+        let t = info
+            .accessible_topology
+            .ok_or_else(|| anyhow!("topology advertised but NodeGetInfo has none"))?;
+        ensure!(!t.segments.is_empty(), "empty topology");
+    }
+    Ok(())
+}
+
+async fn create_volume_required_fields(c: &mut Ctx) -> Result<()> {
+    let good = c.create_req("required-fields", c.mount_cap());
+    let mut r = good.clone();
+    r.name.clear();
+    expect_code(
+        c.ctl.create_volume(r).await,
+        Code::InvalidArgument,
+        "no name",
+    )?;
+    let mut r = good.clone();
+    r.volume_capabilities.clear();
+    expect_code(
+        c.ctl.create_volume(r).await,
+        Code::InvalidArgument,
+        "no capabilities",
+    )?;
+    let mut r = good.clone();
+    r.volume_capabilities[0].access_mode = None;
+    expect_code(
+        c.ctl.create_volume(r).await,
+        Code::InvalidArgument,
+        "no access mode",
+    )?;
+    let mut r = good.clone();
+    r.volume_capabilities[0].access_type = None;
+    expect_code(
+        c.ctl.create_volume(r).await,
+        Code::InvalidArgument,
+        "no access type",
+    )?;
+    let mut r = good.clone();
+    r.volume_capabilities[0].access_mode = Some(vc::AccessMode { mode: 0 });
+    expect_code(
+        c.ctl.create_volume(r).await,
+        Code::InvalidArgument,
+        "UNKNOWN access mode",
+    )?;
+    let mut r = good;
+    r.volume_content_source = Some(csi::VolumeContentSource { r#type: None });
+    expect_code(
+        c.ctl.create_volume(r).await,
+        Code::InvalidArgument,
+        "empty content source",
+    )?;
+    Ok(())
+}
+
+async fn create_volume_rejects_names_that_escape(c: &mut Ctx) -> Result<()> {
+    let before = if c.can(C::ListVolumes) {
+        c.list_ids().await?
+    } else {
+        vec![]
+    };
+    let long = "n".repeat(300);
+    for bad in [
+        "..",
+        ".",
+        "../escape",
+        "a/b",
+        "/abs",
+        "nul\0byte",
+        "ctl\u{1}char",
+        long.as_str(),
+    ] {
+        let r = c.ctl.create_volume(c.create_req(bad, c.mount_cap())).await;
+        expect_code(r, Code::InvalidArgument, &format!("name {bad:?}"))?;
+    }
+    let raw = crate::raw::create_volume_raw(
+        c.channel.clone(),
+        vec![b'v', 0xff, 0xfe, b'x'],
+        vec![c.mount_cap()],
+    )
+    .await;
+    match raw {
+        Err(s) if s.code() == Code::InvalidArgument => {}
+        other => bail!("non-UTF-8 name: expected InvalidArgument, got {other:?}"),
+    }
+    if c.can(C::ListVolumes) {
+        ensure!(
+            c.list_ids().await? == before,
+            "a rejected request created a volume"
+        );
+    }
+    for bad in ["", "../x", "a/b", "x\0"] {
+        let r = c
+            .ctl
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: bad.into(),
+                ..Default::default()
+            })
+            .await;
+        expect_code(r, Code::InvalidArgument, &format!("delete id {bad:?}"))?;
+    }
+    Ok(())
+}
+
+async fn create_volume_idempotent(c: &mut Ctx) -> Result<()> {
+    let first = c.create("idem").await?;
+    ensure!(!first.volume_id.is_empty(), "empty volume_id");
+    ensure!(
+        first.capacity_bytes == 0 || first.capacity_bytes >= c.profile.volume_size,
+        "capacity {} below the {} requested",
+        first.capacity_bytes,
+        c.profile.volume_size
+    );
+    for _ in 1..REPEAT {
+        let again = c.create("idem").await?;
+        ensure!(
+            again.volume_id == first.volume_id,
+            "same name gave a second volume"
+        );
+        ensure!(
+            again.capacity_bytes == first.capacity_bytes,
+            "capacity changed"
+        );
+    }
+    let mut other = c.create_req("idem", c.mount_cap());
+    let bigger = first.capacity_bytes.max(c.profile.volume_size) * 2 + (1 << 20);
+    other.capacity_range = Some(csi::CapacityRange {
+        required_bytes: bigger,
+        limit_bytes: bigger,
+    });
+    expect_code(
+        c.ctl.create_volume(other).await,
+        Code::AlreadyExists,
+        "same name, other size",
+    )?;
+    c.delete(&first.volume_id).await
+}
+
+async fn create_volume_capacity_ranges(c: &mut Ctx) -> Result<()> {
+    let mut r = c.create_req("neg", c.mount_cap());
+    r.capacity_range = Some(csi::CapacityRange {
+        required_bytes: -1,
+        limit_bytes: 0,
+    });
+    expect_code(
+        c.ctl.create_volume(r).await,
+        Code::InvalidArgument,
+        "negative size",
+    )?;
+    let mut r = c.create_req("inverted", c.mount_cap());
+    r.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 2 << 30,
+        limit_bytes: 1 << 30,
+    });
+    expect_one_of(
+        c.ctl.create_volume(r).await,
+        &[Code::OutOfRange, Code::InvalidArgument],
+        "limit < required",
+    )?;
+    let mut r = c.create_req("huge", c.mount_cap());
+    r.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 1 << 60,
+        limit_bytes: 0,
+    });
+    expect_one_of(
+        c.ctl.create_volume(r).await,
+        &[Code::OutOfRange, Code::ResourceExhausted],
+        "1 EiB",
+    )?;
+    let size = c.profile.volume_size;
+    let mut r = c.create_req("bounded", c.mount_cap());
+    r.capacity_range = Some(csi::CapacityRange {
+        required_bytes: size,
+        limit_bytes: size * 2,
+    });
+    let v = c.create_with(r).await?;
+    ensure!(
+        v.capacity_bytes == 0 || (v.capacity_bytes >= size && v.capacity_bytes <= size * 2),
+        "capacity {} outside [{size}, {}]",
+        v.capacity_bytes,
+        size * 2
+    );
+    c.delete(&v.volume_id).await
+}
+
+async fn delete_volume_semantics(c: &mut Ctx) -> Result<()> {
+    expect_code(
+        c.ctl
+            .delete_volume(csi::DeleteVolumeRequest::default())
+            .await,
+        Code::InvalidArgument,
+        "no volume_id",
+    )?;
+    c.delete("unknown-volume-0123456789").await?;
+    let v = c.create("to-delete").await?;
+    for _ in 0..REPEAT {
+        c.delete(&v.volume_id).await?;
+    }
+    if c.can(C::ListVolumes) {
+        ensure!(
+            !c.list_ids().await?.contains(&v.volume_id),
+            "deleted volume still listed"
+        );
+    }
+    let r = c
+        .ctl
+        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: v.volume_id.clone(),
+            volume_capabilities: vec![c.mount_cap()],
+            ..Default::default()
+        })
+        .await;
+    expect_code(r, Code::NotFound, "validate a deleted volume")?;
+    let again = c.create("to-delete").await?;
+    c.delete(&again.volume_id).await
+}
+
+async fn validate_volume_capabilities(c: &mut Ctx) -> Result<()> {
+    let v = c.create("validate").await?;
+    let req = |id: &str, caps: Vec<csi::VolumeCapability>| csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: id.to_owned(),
+        volume_context: v.volume_context.clone(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    let r = c
+        .ctl
+        .validate_volume_capabilities(req("", vec![c.mount_cap()]))
+        .await;
+    expect_code(r, Code::InvalidArgument, "no id")?;
+    let r = c
+        .ctl
+        .validate_volume_capabilities(req(&v.volume_id, vec![]))
+        .await;
+    expect_code(r, Code::InvalidArgument, "no capabilities")?;
+    let r = c
+        .ctl
+        .validate_volume_capabilities(req("unknown-volume-0123456789", vec![c.mount_cap()]))
+        .await;
+    expect_code(r, Code::NotFound, "unknown volume")?;
+    let ok = c
+        .ctl
+        .validate_volume_capabilities(req(&v.volume_id, vec![c.mount_cap()]))
+        .await?
+        .into_inner();
+    ensure!(
+        ok.confirmed.is_some(),
+        "the capability it was created with is not confirmed: {}",
+        ok.message
+    );
+    c.delete(&v.volume_id).await
+}
+
+async fn list_volumes_pagination(c: &mut Ctx) -> Result<()> {
+    let before: HashSet<String> = c.list_ids().await?.into_iter().collect();
+    let mut made = HashSet::new();
+    for i in 0..5 {
+        made.insert(c.create(&format!("page-{i}")).await?.volume_id);
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let r = c
+            .ctl
+            .list_volumes(csi::ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token,
+            })
+            .await?
+            .into_inner();
+        ensure!(
+            r.entries.len() <= 2,
+            "page of {} entries with max_entries 2",
+            r.entries.len()
+        );
+        seen.extend(
+            r.entries
+                .into_iter()
+                .filter_map(|e| e.volume)
+                .map(|v| v.volume_id),
+        );
+        pages += 1;
+        ensure!(pages < 100, "pagination does not end");
+        if r.next_token.is_empty() {
+            break;
+        }
+        token = r.next_token;
+    }
+    let seen_set: HashSet<String> = seen.iter().cloned().collect();
+    ensure!(
+        seen_set.len() == seen.len(),
+        "a volume appeared on two pages"
+    );
+    let expected: HashSet<String> = before.union(&made).cloned().collect();
+    ensure!(
+        seen_set == expected,
+        "pages did not cover exactly the volumes"
+    );
+    let r = c
+        .ctl
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "garbage-token".into(),
+        })
+        .await;
+    expect_code(r, Code::Aborted, "garbage starting_token")?;
+    let r = c
+        .ctl
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: -1,
+            starting_token: String::new(),
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "negative max_entries")?;
+    for id in made {
+        c.delete(&id).await?;
+    }
+    Ok(())
+}
+
+async fn get_capacity(c: &mut Ctx) -> Result<()> {
+    let r = c
+        .ctl
+        .get_capacity(csi::GetCapacityRequest {
+            volume_capabilities: vec![c.mount_cap()],
+            parameters: c.profile.parameters.clone(),
+            accessible_topology: None,
+        })
+        .await?
+        .into_inner();
+    ensure!(r.available_capacity >= 0, "negative capacity");
+    if let Some(max) = r.maximum_volume_size {
+        ensure!(max >= 0, "negative maximum_volume_size");
+    }
+    let bare = c
+        .ctl
+        .get_capacity(csi::GetCapacityRequest::default())
+        .await?
+        .into_inner();
+    ensure!(
+        bare.available_capacity >= 0,
+        "negative capacity without arguments"
+    );
+    Ok(())
+}
+
+async fn concurrent_create_same_name(c: &mut Ctx) -> Result<()> {
+    let before = if c.can(C::ListVolumes) {
+        c.list_ids().await?.len()
+    } else {
+        0
+    };
+    let req = c.create_req("racing", c.mount_cap());
+    let calls = (0..16).map(|_| {
+        let mut ctl = c.ctl.clone();
+        let req = req.clone();
+        async move { ctl.create_volume(req).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let mut ids = HashSet::new();
+    for r in results {
+        match r {
+            Ok(v) => {
+                ids.insert(
+                    v.into_inner()
+                        .volume
+                        .map(|v| v.volume_id)
+                        .unwrap_or_default(),
+                );
+            }
+            Err(s) if s.code() == Code::Aborted => {}
+            Err(s) => bail!(
+                "concurrent CreateVolume failed with {:?}: {}",
+                s.code(),
+                s.message()
+            ),
+        }
+    }
+    ensure!(
+        ids.len() == 1,
+        "concurrent creates of one name produced {} volumes",
+        ids.len()
+    );
+    let id = ids.into_iter().next().unwrap_or_default();
+    let again = c.create("racing").await?;
+    ensure!(
+        again.volume_id == id,
+        "retry after the race gave another volume"
+    );
+    if c.can(C::ListVolumes) {
+        ensure!(
+            c.list_ids().await?.len() == before + 1,
+            "exactly one volume must exist"
+        );
+    }
+    c.delete(&id).await
+}
+
+fn snap_req(c: &Ctx, source: &str, name: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        source_volume_id: source.to_owned(),
+        name: name.to_owned(),
+        secrets: c.profile.secrets("CreateSnapshotSecret"),
+        parameters: Default::default(),
+    }
+}
+
+async fn create_snapshot(c: &mut Ctx, source: &str, name: &str) -> Result<csi::Snapshot> {
+    let r = snap_req(c, source, name);
+    let s = c
+        .ctl
+        .create_snapshot(r)
+        .await
+        .with_context(|| format!("CreateSnapshot {name}"))?
+        .into_inner()
+        .snapshot
+        .ok_or_else(|| anyhow!("no snapshot returned"))?;
+    ensure!(
+        s.source_volume_id == source,
+        "snapshot names the wrong source volume"
+    );
+    ensure!(!s.snapshot_id.is_empty(), "empty snapshot_id");
+    ensure!(s.creation_time.is_some(), "creation_time is required");
+    Ok(s)
+}
+
+async fn delete_snapshot(c: &mut Ctx, id: &str) -> Result<()> {
+    c.ctl
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id.to_owned(),
+            secrets: c.profile.secrets("DeleteSnapshotSecret"),
+        })
+        .await
+        .with_context(|| format!("DeleteSnapshot {id}"))?;
+    Ok(())
+}
+
+async fn snapshot_required_fields(c: &mut Ctx) -> Result<()> {
+    let v = c.create("snap-src").await?;
+    let r = c.ctl.create_snapshot(snap_req(c, &v.volume_id, "")).await;
+    expect_code(r, Code::InvalidArgument, "no snapshot name")?;
+    let r = c.ctl.create_snapshot(snap_req(c, "", "snap")).await;
+    expect_code(r, Code::InvalidArgument, "no source volume")?;
+    let r = c
+        .ctl
+        .create_snapshot(snap_req(c, "unknown-volume-0123456789", "snap"))
+        .await;
+    expect_code(r, Code::NotFound, "unknown source volume")?;
+    let r = c
+        .ctl
+        .create_snapshot(snap_req(c, &v.volume_id, "../snap"))
+        .await;
+    expect_code(r, Code::InvalidArgument, "snapshot name with '/'")?;
+    let r = c
+        .ctl
+        .delete_snapshot(csi::DeleteSnapshotRequest::default())
+        .await;
+    expect_code(r, Code::InvalidArgument, "no snapshot id")?;
+    delete_snapshot(c, "unknown-snapshot-0123456789").await?;
+    let mut from = c.create_req("from-missing", c.mount_cap());
+    from.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: "unknown-snapshot-0123456789".into(),
+            },
+        )),
+    });
+    expect_code(
+        c.ctl.create_volume(from).await,
+        Code::NotFound,
+        "restore from unknown snapshot",
+    )?;
+    c.delete(&v.volume_id).await
+}
+
+async fn list_snaps(c: &mut Ctx, snapshot_id: &str, source: &str) -> Result<Vec<csi::Snapshot>> {
+    Ok(c.ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: snapshot_id.to_owned(),
+            source_volume_id: source.to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter_map(|e| e.snapshot)
+        .collect())
+}
+
+async fn snapshot_idempotent_and_listed(c: &mut Ctx) -> Result<()> {
+    let a = c.create("snap-a").await?;
+    let b = c.create("snap-b").await?;
+    let first = create_snapshot(c, &a.volume_id, "snap-1").await?;
+    for _ in 1..REPEAT {
+        let again = create_snapshot(c, &a.volume_id, "snap-1").await?;
+        ensure!(
+            again.snapshot_id == first.snapshot_id,
+            "same name gave a second snapshot"
+        );
+    }
+    let r = c
+        .ctl
+        .create_snapshot(snap_req(c, &b.volume_id, "snap-1"))
+        .await;
+    expect_code(r, Code::AlreadyExists, "same snapshot name, other volume")?;
+    let by_id = list_snaps(c, &first.snapshot_id, "").await?;
+    ensure!(
+        by_id.len() == 1 && by_id[0].snapshot_id == first.snapshot_id,
+        "list by id: {by_id:?}"
+    );
+    let by_src = list_snaps(c, "", &a.volume_id).await?;
+    ensure!(by_src.len() == 1, "list by source: {by_src:?}");
+    ensure!(
+        list_snaps(c, "", &b.volume_id).await?.is_empty(),
+        "volume b has no snapshots"
+    );
+    ensure!(
+        list_snaps(c, "unknown-snapshot-0123456789", "")
+            .await?
+            .is_empty(),
+        "unknown id must list nothing"
+    );
+    for _ in 0..REPEAT {
+        delete_snapshot(c, &first.snapshot_id).await?;
+    }
+    ensure!(
+        list_snaps(c, &first.snapshot_id, "").await?.is_empty(),
+        "deleted snapshot still listed"
+    );
+    c.delete(&a.volume_id).await?;
+    c.delete(&b.volume_id).await
+}
+
+async fn list_snapshots_pagination(c: &mut Ctx) -> Result<()> {
+    let v = c.create("snap-pages").await?;
+    let mut made = HashSet::new();
+    for i in 0..3 {
+        made.insert(
+            create_snapshot(c, &v.volume_id, &format!("page-snap-{i}"))
+                .await?
+                .snapshot_id,
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let r = c
+            .ctl
+            .list_snapshots(csi::ListSnapshotsRequest {
+                max_entries: 1,
+                starting_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(r.entries.len() <= 1, "page too long");
+        for e in r.entries.into_iter().filter_map(|e| e.snapshot) {
+            ensure!(seen.insert(e.snapshot_id), "snapshot listed twice");
+        }
+        token = r.next_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    ensure!(seen == made, "pages did not cover exactly the snapshots");
+    let r = c
+        .ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            starting_token: "garbage-token".into(),
+            ..Default::default()
+        })
+        .await;
+    expect_code(r, Code::Aborted, "garbage starting_token")?;
+    for id in made {
+        delete_snapshot(c, &id).await?;
+    }
+    c.delete(&v.volume_id).await
+}
+
+async fn restore_snapshot_keeps_data(c: &mut Ctx) -> Result<()> {
+    let v = c.create("restore-src").await?;
+    let (st, tg) = c.mount(&v, "src").await?;
+    write_data(&tg, 1)?;
+    let s = create_snapshot(c, &v.volume_id, "restore-snap").await?;
+    ensure!(s.ready_to_use, "snapshot not ready");
+    write_data(&tg, 2)?;
+    let mut req = c.create_req("restored", c.mount_cap());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: s.snapshot_id.clone(),
+            },
+        )),
+    });
+    let r = c.create_with(req).await?;
+    ensure!(
+        r.content_source.is_some(),
+        "restored volume does not report its content source"
+    );
+    let (rst, rtg) = c.mount(&r, "restored").await?;
+    check_data(&rtg, 1)?;
+    check_data(&tg, 2)?;
+    c.unmount(&r, &rst, &rtg).await?;
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&r.volume_id).await?;
+    delete_snapshot(c, &s.snapshot_id).await?;
+    c.delete(&v.volume_id).await
+}
+
+async fn clone_volume_keeps_data(c: &mut Ctx) -> Result<()> {
+    let v = c.create("clone-src").await?;
+    let (st, tg) = c.mount(&v, "src").await?;
+    write_data(&tg, 3)?;
+    c.unmount(&v, &st, &tg).await?;
+    let mut req = c.create_req("clone", c.mount_cap());
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: v.volume_id.clone(),
+            },
+        )),
+    });
+    let mut missing = req.clone();
+    missing.name = "clone-of-missing".into();
+    missing.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: "unknown-volume-0123456789".into(),
+            },
+        )),
+    });
+    expect_code(
+        c.ctl.create_volume(missing).await,
+        Code::NotFound,
+        "clone of unknown volume",
+    )?;
+    let k = c.create_with(req).await?;
+    let (kst, ktg) = c.mount(&k, "clone").await?;
+    check_data(&ktg, 3)?;
+    write_data(&ktg, 4)?;
+    c.unmount(&k, &kst, &ktg).await?;
+    let (st, tg) = c.mount(&v, "src2").await?;
+    check_data(&tg, 3)?;
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&k.volume_id).await?;
+    c.delete(&v.volume_id).await
+}
+
+fn expand_req(id: &str, bytes: Option<i64>) -> csi::ControllerExpandVolumeRequest {
+    csi::ControllerExpandVolumeRequest {
+        volume_id: id.to_owned(),
+        capacity_range: bytes.map(|b| csi::CapacityRange {
+            required_bytes: b,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// ControllerExpandVolume to `want`, then NodeExpandVolume when the node must act.
+async fn grow(c: &mut Ctx, v: &csi::Volume, want: i64, staging: &str, target: &str) -> Result<i64> {
+    let r = c
+        .ctl
+        .controller_expand_volume(expand_req(&v.volume_id, Some(want)))
+        .await?
+        .into_inner();
+    ensure!(
+        r.capacity_bytes >= want,
+        "expanded to {} < {want}",
+        r.capacity_bytes
+    );
+    if r.node_expansion_required && c.node_caps.contains(&N::ExpandVolume) && !target.is_empty() {
+        node_grow(c, v, want, staging, target).await?;
+    }
+    Ok(r.capacity_bytes)
+}
+
+async fn node_grow(
+    c: &mut Ctx,
+    v: &csi::Volume,
+    want: i64,
+    staging: &str,
+    target: &str,
+) -> Result<()> {
+    let n = c
+        .node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.to_owned(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: want,
+                limit_bytes: 0,
+            }),
+            staging_target_path: if c.stages() {
+                staging.to_owned()
+            } else {
+                String::new()
+            },
+            volume_capability: Some(c.mount_cap()),
+            secrets: Default::default(),
+        })
+        .await
+        .context("NodeExpandVolume")?
+        .into_inner();
+    ensure!(
+        n.capacity_bytes == 0 || n.capacity_bytes >= want,
+        "node reports {}",
+        n.capacity_bytes
+    );
+    Ok(())
+}
+
+/// Total bytes NodeGetVolumeStats reports for a published volume.
+async fn stats_total(c: &mut Ctx, v: &csi::Volume, target: &str) -> Result<i64> {
+    let stats = c
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.to_owned(),
+            staging_target_path: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(stats
+        .usage
+        .iter()
+        .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+        .map(|u| u.total)
+        .unwrap_or(0))
+}
+
+async fn expand_volume(c: &mut Ctx) -> Result<()> {
+    let r = c
+        .ctl
+        .controller_expand_volume(expand_req("", Some(1 << 30)))
+        .await;
+    expect_code(r, Code::InvalidArgument, "no id")?;
+    let v = c.create("expand").await?;
+    let r = c
+        .ctl
+        .controller_expand_volume(expand_req(&v.volume_id, None))
+        .await;
+    expect_code(r, Code::InvalidArgument, "no capacity range")?;
+    let r = c
+        .ctl
+        .controller_expand_volume(expand_req("unknown-volume-0123456789", Some(1 << 30)))
+        .await;
+    expect_code(r, Code::NotFound, "unknown volume")?;
+    let stats = c.node_caps.contains(&N::GetVolumeStats);
+    let base = v.capacity_bytes.max(c.profile.volume_size);
+
+    let (st, tg) = c.mount(&v, "expand").await?;
+    write_data(&tg, 5)?;
+    // Filesystems keep part of the space for their own metadata, so stats
+    // totals are checked against 3/4 of the size and against the old total.
+    let mut size = base;
+    let before = if stats {
+        stats_total(c, &v, &tg).await?
+    } else {
+        0
+    };
+    if c.profile.online_expansion {
+        // Online: grow while published, repeated to prove idempotency.
+        for _ in 0..3 {
+            size = grow(c, &v, base * 2, &st, &tg).await?;
+        }
+        if stats {
+            let total = stats_total(c, &v, &tg).await?;
+            ensure!(
+                total > before && total >= size * 3 / 4,
+                "stats total {total} after growing online to {size}"
+            );
+        }
+    }
+    c.unmount(&v, &st, &tg).await?;
+
+    // Offline: grow while unpublished; the node finishes at the next mount.
+    let offline = grow(c, &v, size * 2, "", "").await?;
+    let (st, tg) = c.mount(&v, "expand2").await?;
+    node_grow(c, &v, offline, &st, &tg).await?;
+    if stats {
+        let total = stats_total(c, &v, &tg).await?;
+        ensure!(
+            total > before && total >= offline * 3 / 4,
+            "stats total {total} after growing offline to {offline}"
+        );
+    }
+    check_data(&tg, 5)?;
+    c.unmount(&v, &st, &tg).await?;
+    let back = c
+        .ctl
+        .controller_expand_volume(expand_req(&v.volume_id, Some(c.profile.volume_size)))
+        .await?
+        .into_inner();
+    ensure!(
+        back.capacity_bytes >= offline,
+        "a smaller request shrank the volume"
+    );
+    c.delete(&v.volume_id).await
+}
+
+async fn node_stage_required_fields(c: &mut Ctx) -> Result<()> {
+    let v = c.create("stage-fields").await?;
+    let staging = c.path("staging");
+    std::fs::create_dir_all(&staging)?;
+    let good = c.stage_req(&v, c.mount_cap(), &staging);
+    let mut r = good.clone();
+    r.volume_id.clear();
+    expect_code(
+        c.node.node_stage_volume(r).await,
+        Code::InvalidArgument,
+        "no volume_id",
+    )?;
+    let mut r = good.clone();
+    r.staging_target_path.clear();
+    expect_code(
+        c.node.node_stage_volume(r).await,
+        Code::InvalidArgument,
+        "no staging path",
+    )?;
+    let mut r = good.clone();
+    r.volume_capability = None;
+    expect_code(
+        c.node.node_stage_volume(r).await,
+        Code::InvalidArgument,
+        "no capability",
+    )?;
+    for bad in ["relative/path", "/tmp/../etc", "/tmp/x\0y"] {
+        let mut r = good.clone();
+        r.staging_target_path = bad.into();
+        expect_code(
+            c.node.node_stage_volume(r).await,
+            Code::InvalidArgument,
+            &format!("staging {bad:?}"),
+        )?;
+    }
+    let mut r = good.clone();
+    r.volume_id = "unknown-volume-0123456789".into();
+    expect_code(
+        c.node.node_stage_volume(r).await,
+        Code::NotFound,
+        "unknown volume",
+    )?;
+    let r = c
+        .node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: String::new(),
+            staging_target_path: staging.clone(),
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "unstage without id")?;
+    let r = c
+        .node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: String::new(),
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "unstage without path")?;
+    let publish = c.publish_req(&v, c.mount_cap(), &staging, &c.path("pod/mount"), false);
+    std::fs::create_dir_all(c.path("pod"))?;
+    expect_code(
+        c.node.node_publish_volume(publish).await,
+        Code::FailedPrecondition,
+        "publish before stage",
+    )?;
+    c.delete(&v.volume_id).await
+}
+
+async fn node_publish_required_fields(c: &mut Ctx) -> Result<()> {
+    let v = c.create("publish-fields").await?;
+    let (st, tg) = c.mount(&v, "pf").await?;
+    let good = c.publish_req(&v, c.mount_cap(), &st, &c.path("pf2/mount"), false);
+    let mut r = good.clone();
+    r.volume_id.clear();
+    expect_code(
+        c.node.node_publish_volume(r).await,
+        Code::InvalidArgument,
+        "no volume_id",
+    )?;
+    let mut r = good.clone();
+    r.target_path.clear();
+    expect_code(
+        c.node.node_publish_volume(r).await,
+        Code::InvalidArgument,
+        "no target path",
+    )?;
+    let mut r = good.clone();
+    r.volume_capability = None;
+    expect_code(
+        c.node.node_publish_volume(r).await,
+        Code::InvalidArgument,
+        "no capability",
+    )?;
+    let mut r = good.clone();
+    r.target_path = "../escape".into();
+    expect_code(
+        c.node.node_publish_volume(r).await,
+        Code::InvalidArgument,
+        "relative target",
+    )?;
+    let mut r = good.clone();
+    r.volume_id = "unknown-volume-0123456789".into();
+    expect_code(
+        c.node.node_publish_volume(r).await,
+        Code::NotFound,
+        "unknown volume",
+    )?;
+    let r = c
+        .node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: String::new(),
+            target_path: tg.clone(),
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "unpublish without id")?;
+    let r = c
+        .node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            target_path: String::new(),
+        })
+        .await;
+    expect_code(r, Code::InvalidArgument, "unpublish without target")?;
+    c.unpublish(&v.volume_id, &c.path("never-published"))
+        .await
+        .context("unpublish of a target that was never published must succeed")?;
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await
+}
+
+async fn full_lifecycle_idempotent(c: &mut Ctx) -> Result<()> {
+    let v = c.create("lifecycle").await?;
+    let staging = c.path("lc-staging");
+    let target = c.path("lc-pod/mount");
+    std::fs::create_dir_all(&staging)?;
+    std::fs::create_dir_all(c.path("lc-pod"))?;
+    let cap = c.mount_cap();
+    if c.stages() {
+        for _ in 0..REPEAT {
+            c.node
+                .node_stage_volume(c.stage_req(&v, cap.clone(), &staging))
+                .await
+                .context("stage")?;
+        }
+    }
+    for _ in 0..REPEAT {
+        let r = c.publish_req(&v, cap.clone(), &staging, &target, false);
+        c.node.node_publish_volume(r).await.context("publish")?;
+    }
+    ensure!(is_mounted(&target), "target is not a mount point");
+    write_data(&target, 6)?;
+    check_data(&target, 6)?;
+    if c.node_caps.contains(&N::GetVolumeStats) {
+        let s = c
+            .node
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: target.clone(),
+                staging_target_path: staging.clone(),
+            })
+            .await?
+            .into_inner();
+        let bytes = s
+            .usage
+            .iter()
+            .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+            .ok_or_else(|| anyhow!("no byte usage"))?;
+        ensure!(
+            bytes.used >= 256 * 1024,
+            "{} bytes used after writing 256 KiB",
+            bytes.used
+        );
+        ensure!(bytes.total >= bytes.used, "used exceeds total");
+    }
+    for _ in 0..REPEAT {
+        c.unpublish(&v.volume_id, &target)
+            .await
+            .context("unpublish")?;
+    }
+    ensure!(!is_mounted(&target), "target still mounted");
+    ensure!(!Path::new(&target).exists(), "target path not removed");
+    if c.stages() {
+        for _ in 0..REPEAT {
+            c.unstage(&v.volume_id, &staging).await.context("unstage")?;
+        }
+        ensure!(!is_mounted(&staging), "staging still mounted");
+    }
+    c.delete(&v.volume_id).await
+}
+
+async fn readonly_publish(c: &mut Ctx) -> Result<()> {
+    let v = c.create("readonly").await?;
+    let (st, tg) = c.mount(&v, "rw").await?;
+    write_data(&tg, 7)?;
+    let ro = c.path("ro-pod/mount");
+    std::fs::create_dir_all(c.path("ro-pod"))?;
+    c.node
+        .node_publish_volume(c.publish_req(&v, c.mount_cap(), &st, &ro, true))
+        .await
+        .context("read-only publish")?;
+    check_data(&ro, 7)?;
+    match std::fs::write(Path::new(&ro).join("nope"), b"x") {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        other => bail!("write through a read-only publish: {other:?}"),
+    }
+    let r = c
+        .node
+        .node_publish_volume(c.publish_req(&v, c.mount_cap(), &st, &ro, false))
+        .await;
+    expect_code(
+        r,
+        Code::AlreadyExists,
+        "re-publish the read-only target read-write",
+    )?;
+    c.unpublish(&v.volume_id, &ro).await?;
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await
+}
+
+async fn two_targets_share_data(c: &mut Ctx) -> Result<()> {
+    let v = c.create("shared").await?;
+    let (st, tg) = c.mount(&v, "one").await?;
+    let second = c.path("two-pod/mount");
+    std::fs::create_dir_all(c.path("two-pod"))?;
+    c.node
+        .node_publish_volume(c.publish_req(&v, c.mount_cap(), &st, &second, false))
+        .await?;
+    write_data(&tg, 8)?;
+    check_data(&second, 8)?;
+    c.unpublish(&v.volume_id, &second).await?;
+    check_data(&tg, 8)?;
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await
+}
+
+async fn block_volume_lifecycle(c: &mut Ctx) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileTypeExt;
+    let bcap = c.block_cap();
+    let v = c.create_with(c.create_req("block", bcap.clone())).await?;
+    let staging = c.path("blk-staging");
+    std::fs::create_dir_all(&staging)?;
+    std::fs::create_dir_all(c.path("blk-pod"))?;
+    let target = c.path("blk-pod/dev");
+    if c.stages() {
+        for _ in 0..3 {
+            c.node
+                .node_stage_volume(c.stage_req(&v, bcap.clone(), &staging))
+                .await?;
+        }
+    }
+    for _ in 0..3 {
+        c.node
+            .node_publish_volume(c.publish_req(&v, bcap.clone(), &staging, &target, false))
+            .await
+            .context("publish block")?;
+    }
+    let meta = std::fs::metadata(&target)?;
+    ensure!(
+        meta.file_type().is_block_device(),
+        "{target} is not a block device"
+    );
+    let data = pattern(9, 1 << 20);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&target)?;
+        let size = f.seek(SeekFrom::End(0))?;
+        ensure!(
+            size as i64 >= c.profile.volume_size,
+            "device is {size} bytes"
+        );
+        f.seek(SeekFrom::Start(4096))?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        let mut back = vec![0u8; data.len()];
+        f.seek(SeekFrom::Start(4096))?;
+        f.read_exact(&mut back)?;
+        ensure!(back == data, "block data did not read back");
+    }
+    let mount_cap = c.mount_cap();
+    let r = c
+        .node
+        .node_publish_volume(c.publish_req(&v, mount_cap, &staging, &c.path("blk-pod/fs"), false))
+        .await;
+    expect_code(
+        r,
+        Code::InvalidArgument,
+        "mount a block volume as a filesystem",
+    )?;
+    c.unpublish(&v.volume_id, &target).await?;
+    ensure!(!Path::new(&target).exists(), "block target not removed");
+    if c.stages() {
+        c.unstage(&v.volume_id, &staging).await?;
+    }
+    c.delete(&v.volume_id).await
+}
+
+async fn volume_stats(c: &mut Ctx) -> Result<()> {
+    let req = |id: &str, path: &str| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.to_owned(),
+        volume_path: path.to_owned(),
+        staging_target_path: String::new(),
+    };
+    let v = c.create("stats").await?;
+    let (st, tg) = c.mount(&v, "stats").await?;
+    expect_code(
+        c.node.node_get_volume_stats(req("", &tg)).await,
+        Code::InvalidArgument,
+        "no id",
+    )?;
+    expect_code(
+        c.node.node_get_volume_stats(req(&v.volume_id, "")).await,
+        Code::InvalidArgument,
+        "no path",
+    )?;
+    let missing = c.path("does-not-exist");
+    expect_code(
+        c.node
+            .node_get_volume_stats(req(&v.volume_id, &missing))
+            .await,
+        Code::NotFound,
+        "missing path",
+    )?;
+    expect_code(
+        c.node
+            .node_get_volume_stats(req("unknown-volume-0123456789", &tg))
+            .await,
+        Code::NotFound,
+        "unknown volume",
+    )?;
+    let s = c
+        .node
+        .node_get_volume_stats(req(&v.volume_id, &tg))
+        .await?
+        .into_inner();
+    ensure!(!s.usage.is_empty(), "no usage reported");
+    for u in &s.usage {
+        ensure!(
+            u.total > 0 && u.used >= 0 && u.available >= 0,
+            "bad usage {u:?}"
+        );
+        ensure!(
+            u.used <= u.total && u.available <= u.total,
+            "inconsistent usage {u:?}"
+        );
+    }
+    if c.node_caps.contains(&N::VolumeCondition) {
+        let cond = s
+            .volume_condition
+            .ok_or_else(|| anyhow!("VOLUME_CONDITION advertised but absent"))?;
+        ensure!(
+            !cond.abnormal,
+            "healthy volume reported abnormal: {}",
+            cond.message
+        );
+    }
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await
+}
+
+async fn volume_condition_abnormal(c: &mut Ctx) -> Result<()> {
+    ensure!(
+        c.node_caps.contains(&N::VolumeCondition),
+        "breakable backends must report volume condition"
+    );
+    let v = c.create("condition").await?;
+    let (st, tg) = c.mount(&v, "cond").await?;
+    c.inst.break_volume(&v.volume_id).await?;
+    let s = c
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: tg.clone(),
+            staging_target_path: String::new(),
+        })
+        .await?
+        .into_inner();
+    let cond = s
+        .volume_condition
+        .ok_or_else(|| anyhow!("no volume condition"))?;
+    ensure!(cond.abnormal, "broken volume reported healthy");
+    ensure!(
+        !cond.message.is_empty(),
+        "abnormal condition needs a message"
+    );
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await
+}
+
+async fn restart_mid_lifecycle(c: &mut Ctx) -> Result<()> {
+    let v = c.create("survivor").await?;
+    let (st, tg) = c.mount(&v, "survivor").await?;
+    write_data(&tg, 10)?;
+    c.restart().await?;
+    check_data(&tg, 10)?;
+    let again = c.create("survivor").await?;
+    ensure!(
+        again.volume_id == v.volume_id,
+        "after a restart the name maps to another volume"
+    );
+    if c.can(C::ListVolumes) {
+        ensure!(
+            c.list_ids().await?.contains(&v.volume_id),
+            "volume lost across restart"
+        );
+    }
+    if c.stages() {
+        c.node
+            .node_stage_volume(c.stage_req(&v, c.mount_cap(), &st))
+            .await
+            .context("re-stage after restart")?;
+    }
+    c.node
+        .node_publish_volume(c.publish_req(&v, c.mount_cap(), &st, &tg, false))
+        .await
+        .context("re-publish after restart")?;
+    c.unmount(&v, &st, &tg).await?;
+    c.restart().await?;
+    c.delete(&v.volume_id).await?;
+    if c.can(C::ListVolumes) {
+        ensure!(
+            !c.list_ids().await?.contains(&v.volume_id),
+            "deleted volume came back"
+        );
+    }
+    Ok(())
+}
