@@ -104,8 +104,20 @@ impl BlockDevices for SystemBlockDevices {
         }
         self.exec
             .run(&Command::new("losetup", ["-d".as_ref(), dev.as_os_str()]))
-            .await
-            .map(drop)
+            .await?;
+        // A device still open elsewhere (a probe, a late close) is detached
+        // only at its last close: wait for that so "detached" means detached.
+        let backing = sys.join("backing_file");
+        for _ in 0..500 {
+            if !backing.exists() {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Err(Error::Unavailable(format!(
+            "{} is still in use 5 s after detaching; retry later",
+            dev.display()
+        )))
     }
 
     async fn refresh_loop(&self, dev: &Path) -> Result<()> {
