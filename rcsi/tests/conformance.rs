@@ -45,6 +45,9 @@ fn main() {
         // Growing a mounted ext4 needs CAP_SYS_RESOURCE; CI machines lack it,
         // so ext4 image volumes are grown offline (at NodeStageVolume) here.
         online_expansion: fs_type != "ext4",
+        // Image files bound the size; directories need project quotas, which
+        // this host kernel lacks (CONFIG_QUOTA off).
+        enforces_size: params.iter().any(|(k, v)| *k == "backing" && *v == "file"),
         parameters: params
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -72,6 +72,7 @@ pub fn all() -> Vec<Case> {
         case!(block_volume_lifecycle, Block),
         case!(volume_stats, Node(N::GetVolumeStats)),
         case!(volume_condition_abnormal, Breakable),
+        case!(size_is_enforced, SizeEnforced),
         case!(restart_mid_lifecycle, Controller(C::CreateDeleteVolume)),
     ]
 }
@@ -1424,4 +1425,48 @@ async fn restart_mid_lifecycle(c: &mut Ctx) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Writes `bytes` to a new file in `dir`; returns the OS error that stopped it.
+fn fill(dir: &str, name: &str, bytes: usize) -> Option<std::io::Error> {
+    use std::io::Write;
+    let mut f = match std::fs::File::create(Path::new(dir).join(name)) {
+        Ok(f) => f,
+        Err(e) => return Some(e),
+    };
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        if let Err(e) = f.write_all(&chunk[..n]) {
+            return Some(e);
+        }
+        left -= n;
+    }
+    f.sync_all().err()
+}
+
+async fn size_is_enforced(c: &mut Ctx) -> Result<()> {
+    let v = c.create("enforced").await?;
+    let size = v.capacity_bytes.max(c.profile.volume_size) as usize;
+    let (st, tg) = c.mount(&v, "enforced").await?;
+    match fill(&tg, "too-big", size + (8 << 20)) {
+        Some(e) if matches!(e.raw_os_error(), Some(libc::EDQUOT | libc::ENOSPC)) => {}
+        other => {
+            bail!("writing past the {size}-byte size: expected EDQUOT or ENOSPC, got {other:?}")
+        }
+    }
+    std::fs::remove_file(Path::new(&tg).join("too-big"))?;
+    if c.can(C::ExpandVolume) && c.profile.online_expansion {
+        let bigger = (size as i64) * 2;
+        grow(c, &v, bigger, &st, &tg).await?;
+        if let Some(e) = fill(&tg, "fits-now", size + (8 << 20)) {
+            bail!(
+                "after growing to {bigger} bytes, writing {} bytes failed: {e}",
+                size + (8 << 20)
+            );
+        }
+    }
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await
 }

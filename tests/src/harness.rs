@@ -34,6 +34,8 @@ pub struct Profile {
     pub fs_type: String,
     /// Whether published volumes can grow here (ext4 cannot without CAP_SYS_RESOURCE).
     pub online_expansion: bool,
+    /// Whether writes beyond a volume's size must fail.
+    pub enforces_size: bool,
 }
 
 impl Profile {
@@ -630,6 +632,8 @@ pub enum Needs {
     Block,
     /// A way to break a volume's storage.
     Breakable,
+    /// Volume sizes that the storage enforces.
+    SizeEnforced,
 }
 
 /// A named case.
@@ -685,10 +689,13 @@ pub fn run_suite(suites: Vec<(Arc<dyn Driver>, Profile)>, cases: Vec<Case>) -> !
                 Needs::Breakable => {
                     breakable && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
                 }
+                Needs::SizeEnforced => {
+                    profile.enforces_size && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
+                }
             };
             if !supported {
                 eprintln!(
-                    "{}::{} not run: the driver does not advertise {:?}",
+                    "{}::{} not run: needs {:?}, which this driver and profile do not offer",
                     profile.name, case.name, case.needs
                 );
                 continue;

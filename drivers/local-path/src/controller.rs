@@ -142,7 +142,14 @@ impl LocalPath {
         csi::Volume {
             capacity_bytes: v.capacity as i64,
             volume_id: v.id.clone(),
-            volume_context: [("backing".to_owned(), v.backing.describe())].into(),
+            volume_context: [
+                ("backing".to_owned(), v.backing.describe()),
+                (
+                    "sizeEnforced".to_owned(),
+                    (v.backing.is_image() || v.project_id.is_some()).to_string(),
+                ),
+            ]
+            .into(),
             content_source: v.source.as_ref().map(|s| ContentSource::from(s).to_proto()),
             accessible_topology: vec![self.topology()],
         }
@@ -159,30 +166,47 @@ impl LocalPath {
         }
     }
 
+    /// Bytes a volume occupies, when it can be known cheaply (image files,
+    /// quota-tracked directories).
+    pub(crate) fn used_bytes(&self, v: &VolumeMeta) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        if v.backing.is_image() {
+            let p = self.volume_path(&v.id, &v.backing);
+            return std::fs::metadata(p).ok().map(|m| m.blocks() * 512);
+        }
+        let (q, p) = (self.quotas.as_ref()?, v.project_id?);
+        q.usage(p).ok().map(|(bytes, _)| bytes)
+    }
+
     /// Bytes still free for new volumes: statvfs minus the reserve minus the
-    /// unwritten part of every image file (images are promised in full).
+    /// unwritten part of every size-enforced volume (those are promised in full).
     fn available(&self) -> Result<u64> {
         let st = csi_core::fsutil::statvfs(&self.cfg.base_path)?;
-        let images: Vec<(std::path::PathBuf, u64)> = self
+        let enforced: Vec<VolumeMeta> = self
             .index()
             .state
             .volumes
             .values()
-            .filter(|v| v.backing.is_image())
-            .map(|v| (self.volume_path(&v.id, &v.backing), v.capacity))
+            .filter(|v| v.backing.is_image() || v.project_id.is_some())
+            .cloned()
             .collect();
-        let promised: u64 = images
+        let promised: u64 = enforced
             .iter()
-            .map(|(p, cap)| {
-                use std::os::unix::fs::MetadataExt;
-                let used = std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
-                cap.saturating_sub(used)
-            })
+            .map(|v| v.capacity.saturating_sub(self.used_bytes(v).unwrap_or(0)))
             .sum();
         Ok(st
             .available_bytes
             .saturating_sub(self.cfg.reserved_bytes)
             .saturating_sub(promised))
+    }
+
+    /// Drops the quota limit of a project that no longer has a volume.
+    fn release_project(&self, project: Option<u32>) {
+        if let (Some(q), Some(p)) = (&self.quotas, project)
+            && let Err(e) = q.set_limit(p, 0)
+        {
+            tracing::warn!(project = p, error = %e, "could not clear a project quota");
+        }
     }
 
     fn compatible(existing: &VolumeMeta, req: &CreateVolume, backing: &Backing) -> Result<()> {
@@ -211,42 +235,51 @@ impl LocalPath {
         }
     }
 
+    /// Fills `tmp` with a new volume's data: an empty directory (under its own
+    /// project quota when enforced) or a sparse image, copied from `source`
+    /// when given.
     async fn populate(
         &self,
         tmp: &std::path::Path,
         backing: &Backing,
         size: u64,
         mode: u32,
+        project: Option<u32>,
         source: Option<(std::path::PathBuf, Backing)>,
     ) -> Result<()> {
-        match source {
-            Some((from, src_backing)) => {
-                if src_backing != *backing {
-                    return Err(Error::InvalidArgument(format!(
-                        "the source is {} but the new volume would be {}",
-                        src_backing.describe(),
-                        backing.describe()
-                    )));
-                }
-                self.copy_data(&from, tmp, backing.is_image()).await?;
-                if backing.is_image() {
-                    grow_file(tmp, size)?;
-                }
-            }
-            None if backing.is_image() => {
-                let f = std::fs::File::create(tmp).ctx(|| format!("creating {}", tmp.display()))?;
-                f.set_len(size)
-                    .ctx(|| format!("sizing {}", tmp.display()))?;
-            }
-            None => {
-                std::fs::create_dir(tmp).ctx(|| format!("creating {}", tmp.display()))?;
-            }
+        if let Some((_, src_backing)) = &source
+            && src_backing != backing
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the source is {} but the new volume would be {}",
+                src_backing.describe(),
+                backing.describe()
+            )));
         }
-        if !backing.is_image() {
+        if backing.is_image() {
+            match source {
+                Some((from, _)) => {
+                    self.copy_data(&from, tmp, true).await?;
+                    grow_file(tmp, size)
+                }
+                None => {
+                    let f =
+                        std::fs::File::create(tmp).ctx(|| format!("creating {}", tmp.display()))?;
+                    f.set_len(size).ctx(|| format!("sizing {}", tmp.display()))
+                }
+            }
+        } else {
+            std::fs::create_dir(tmp).ctx(|| format!("creating {}", tmp.display()))?;
             std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
                 .ctx(|| format!("chmod {}", tmp.display()))?;
+            if let (Some(q), Some(p)) = (&self.quotas, project) {
+                q.assign(tmp, p, size)?;
+            }
+            match source {
+                Some((from, _)) => self.copy_data(&from, tmp, false).await,
+                None => Ok(()),
+            }
         }
-        Ok(())
     }
 }
 
@@ -345,12 +378,17 @@ impl ControllerBackend for LocalPath {
             ".tmp-{}",
             final_path.file_name().unwrap_or_default().to_string_lossy()
         ));
+        let project = (backing == Backing::Directory && self.quotas.is_some()).then(|| {
+            self.next_project
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        });
         let created = async {
             self.populate(
                 &tmp,
                 &backing,
                 size,
                 params.mode,
+                project,
                 source.map(|s| (s.0, s.1)),
             )
             .await?;
@@ -364,7 +402,7 @@ impl ControllerBackend for LocalPath {
                 parameters: req.parameters.clone(),
                 source: req.source.as_ref().map(SourceMeta::from),
                 created_unix: secs,
-                project_id: None,
+                project_id: project,
             };
             self.commit(Change::PutVolume(meta.clone())).await?;
             Ok::<_, Error>(meta)
@@ -375,6 +413,7 @@ impl ControllerBackend for LocalPath {
             Err(e) => {
                 let _ = remove_any(&tmp);
                 let _ = remove_any(&final_path);
+                self.release_project(project);
                 Err(e)
             }
         }
@@ -408,7 +447,9 @@ impl ControllerBackend for LocalPath {
         let t = trash.clone();
         tokio::task::spawn_blocking(move || remove_any(&t))
             .await
-            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        self.release_project(v.project_id);
+        Ok(())
     }
 
     async fn get_volume(&self, volume_id: &str) -> Result<(csi::Volume, VolumeStatus)> {
@@ -538,6 +579,9 @@ impl ControllerBackend for LocalPath {
             dst.file_name().unwrap_or_default().to_string_lossy()
         ));
         let result = async {
+            if !v.backing.is_image() {
+                std::fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+            }
             self.copy_data(
                 &self.volume_path(&v.id, &v.backing),
                 &tmp,
@@ -605,6 +649,8 @@ impl ControllerBackend for LocalPath {
         }
         if v.backing.is_image() {
             grow_file(&self.volume_path(&v.id, &v.backing), size)?;
+        } else if let (Some(q), Some(p)) = (&self.quotas, v.project_id) {
+            q.set_limit(p, size)?;
         }
         let meta = VolumeMeta {
             capacity: size,

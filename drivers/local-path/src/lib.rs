@@ -5,6 +5,7 @@ mod controller;
 mod error;
 pub mod meta;
 mod node;
+mod quota;
 pub mod store;
 
 pub use error::LocalPathError;
@@ -59,7 +60,13 @@ pub struct LocalPath {
     store: Store,
     state: Mutex<Index>,
     base_fs: String,
+    /// Project quotas, when the base filesystem enforces them.
+    quotas: Option<quota::Quotas>,
+    next_project: std::sync::atomic::AtomicU32,
 }
+
+/// First project id handed to a volume; lower ids are left to the operator.
+const FIRST_PROJECT: u32 = 1 << 20;
 
 #[derive(Default)]
 struct Index {
@@ -100,20 +107,41 @@ impl LocalPath {
         let cfg = Config { base_path, ..cfg };
         let (store, state) = Store::open(&cfg.base_path.join(".rcsi"))?;
         let base_fs = fs_type_of(&cfg.base_path).unwrap_or_else(|| "unknown".into());
+        let (quotas, unenforced) = match quota::Quotas::probe(&cfg.base_path) {
+            Ok(q) => (Some(q), None),
+            Err(why) => (None, Some(why)),
+        };
+        let next_project = state
+            .volumes
+            .values()
+            .filter_map(|v| v.project_id)
+            .max()
+            .map_or(FIRST_PROJECT, |p| p + 1);
         let driver = Self {
             cfg,
             host,
             store,
             state: Mutex::new(Index::from_state(state)),
             base_fs,
+            quotas,
+            next_project: std::sync::atomic::AtomicU32::new(next_project),
         };
         driver.recover()?;
-        info!(
-            base = %driver.cfg.base_path.display(),
-            fs = %driver.base_fs,
-            volumes = driver.index().state.volumes.len(),
-            "local-path ready; directory volume sizes are NOT enforced on this base path (use backing=file for hard limits)"
-        );
+        let volumes = driver.index().state.volumes.len();
+        match unenforced {
+            None => info!(
+                base = %driver.cfg.base_path.display(),
+                fs = %driver.base_fs,
+                volumes,
+                "local-path ready; directory volume sizes are enforced with project quotas"
+            ),
+            Some(why) => warn!(
+                base = %driver.cfg.base_path.display(),
+                fs = %driver.base_fs,
+                volumes,
+                "local-path ready; directory volume sizes are NOT enforced: {why}; use backing=file for hard limits"
+            ),
+        }
         Ok(driver)
     }
 
@@ -221,8 +249,8 @@ impl LocalPath {
         Ok(())
     }
 
-    /// Copies a directory tree or an image file, with reflinks when the
-    /// filesystem has them. A mounted image is frozen during the copy so the
+    /// Copies a directory tree (into the existing directory `to`) or an image
+    /// file, with reflinks when the filesystem has them. A mounted image is frozen during the copy so the
     /// copy is consistent.
     async fn copy_data(&self, from: &Path, to: &Path, is_image: bool) -> Result<()> {
         let frozen = if is_image {
@@ -266,7 +294,6 @@ impl LocalPath {
                 ],
             )
         } else {
-            std::fs::create_dir(to).ctx(|| format!("creating {}", to.display()))?;
             let mut src = from.as_os_str().to_owned();
             src.push("/.");
             Command::new(

@@ -401,8 +401,16 @@ impl NodeBackend for LocalPath {
         match &v.backing {
             Backing::Directory => {
                 let (d, base) = (data.clone(), self.cfg.base_path.clone());
+                let quota = match (&self.quotas, v.project_id) {
+                    (Some(q), Some(p)) => Some(q.usage(p)?),
+                    _ => None,
+                };
                 let (used, inodes, fs) = tokio::task::spawn_blocking(move || {
-                    let (used, inodes) = csi_core::fsutil::tree_usage(&d)?;
+                    // Without a project quota the only measure is a walk of the tree.
+                    let (used, inodes) = match quota {
+                        Some(u) => u,
+                        None => csi_core::fsutil::tree_usage(&d)?,
+                    };
                     Ok::<_, Error>((used, inodes, csi_core::fsutil::statvfs(&base)?))
                 })
                 .await
