@@ -1,0 +1,203 @@
+//! The gRPC server end to end with an in-memory backend: metrics, health,
+//! capability advertising and graceful shutdown with a call in flight.
+
+use async_trait::async_trait;
+use csi_core::backend::{
+    ControllerBackend, ControllerRpc, NodeBackend, NodeInfo, NodeRpc, Plugin, VolumeStatus,
+};
+use csi_core::csi::{
+    self, controller_client::ControllerClient, identity_client::IdentityClient,
+    volume_capability as vc,
+};
+use csi_core::server::{Endpoint, ServeOptions, Services, serve};
+use csi_core::types::{CreateVolume, PublishVolume, Secrets};
+use csi_core::{Error, Result};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Volumes whose name starts with "slow" take 500 ms to create.
+struct Fake;
+
+#[async_trait]
+impl Plugin for Fake {
+    fn name(&self) -> &str {
+        "fake.rcsi.io"
+    }
+}
+
+#[async_trait]
+impl ControllerBackend for Fake {
+    fn controller_capabilities(&self) -> Vec<ControllerRpc> {
+        vec![ControllerRpc::CreateDeleteVolume]
+    }
+    async fn create_volume(&self, req: CreateVolume) -> Result<csi::Volume> {
+        if req.name.starts_with("slow") {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(csi::Volume {
+            volume_id: format!("id-{}", req.name),
+            capacity_bytes: req.capacity.required as i64,
+            ..Default::default()
+        })
+    }
+    async fn delete_volume(&self, _: &str, _: &Secrets) -> Result<()> {
+        Ok(())
+    }
+    async fn get_volume(&self, id: &str) -> Result<(csi::Volume, VolumeStatus)> {
+        Err(Error::NotFound(format!("{id} does not exist")))
+    }
+}
+
+#[async_trait]
+impl NodeBackend for Fake {
+    fn node_capabilities(&self) -> Vec<NodeRpc> {
+        vec![]
+    }
+    fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            node_id: "n1".into(),
+            ..Default::default()
+        }
+    }
+    async fn publish(&self, _: PublishVolume) -> Result<()> {
+        Ok(())
+    }
+    async fn unpublish(&self, _: &str, _: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn mount_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(vc::AccessType::Mount(vc::MountVolume::default())),
+        access_mode: Some(vc::AccessMode {
+            mode: vc::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_metrics_health_and_drains_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/csi.sock");
+    let port = free_port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let fake = Arc::new(Fake);
+    let server = tokio::spawn(serve(
+        Services {
+            plugin: fake.clone(),
+            controller: Some(fake.clone()),
+            node: Some(fake),
+        },
+        ServeOptions {
+            endpoint: Endpoint::Unix(sock.clone()),
+            metrics_address: Some(([127, 0, 0, 1], port).into()),
+            slow_call: Duration::from_millis(100),
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let endpoint = Endpoint::Unix(sock.clone());
+    let channel = loop {
+        if let Ok(c) = csi_core::client::connect(&endpoint).await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let mut ident = IdentityClient::new(channel.clone());
+    let mut ctl = ControllerClient::new(channel);
+    ident.probe(csi::ProbeRequest {}).await.unwrap();
+    let caps = ctl
+        .controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        caps.capabilities.len(),
+        1,
+        "exactly the declared capabilities"
+    );
+    let e = ctl
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+
+    let health = http_get(port, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains(r#"csi_rpc_requests_total{method="Probe",code="Ok"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"csi_rpc_requests_total{method="ListVolumes",code="Unimplemented"} 1"#)
+    );
+
+    // A call in flight when shutdown starts still completes.
+    let mut slow = ctl.clone();
+    let inflight = tokio::spawn(async move {
+        slow.create_volume(csi::CreateVolumeRequest {
+            name: "slow-1".into(),
+            volume_capabilities: vec![mount_cap()],
+            ..Default::default()
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop_tx.send(()).unwrap();
+    let v = inflight.await.unwrap().expect("in-flight call must finish");
+    assert_eq!(v.into_inner().volume.unwrap().volume_id, "id-slow-1");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server stops after draining")
+        .unwrap()
+        .unwrap();
+    assert!(!sock.exists(), "socket removed on exit");
+}
+
+#[test]
+fn secrets_never_reach_debug_output() {
+    let req = csi::NodeStageVolumeRequest {
+        volume_id: "v1".into(),
+        secrets: [("password".to_owned(), "hunter2".to_owned())].into(),
+        ..Default::default()
+    };
+    let text = format!("{req:?}");
+    assert!(
+        text.contains("password") && !text.contains("hunter2"),
+        "{text}"
+    );
+    let create = csi::CreateVolumeRequest {
+        name: "n".into(),
+        secrets: [("key".to_owned(), "s3cr3t".to_owned())].into(),
+        ..Default::default()
+    };
+    let text = format!("{create:#?}");
+    assert!(!text.contains("s3cr3t"), "{text}");
+    let secrets = Secrets([("token".to_owned(), "abc".to_owned())].into());
+    assert!(!format!("{secrets:?}").contains("abc"));
+}
