@@ -1,11 +1,12 @@
-//! The CSI conformance suite against `rcsi node --driver local-path`, once
-//! per storage layout: directories, ext4 image files and xfs image files.
+//! The CSI conformance suite against `rcsi node --driver local-path`: with
+//! directory volumes on the root disk (ext4) and on loop-mounted xfs and
+//! btrfs (reflink copies), and with ext4 and xfs image-file volumes.
 
-use rcsi_tests::{CommandDriver, Profile, run_suite};
-use std::path::Path;
+use rcsi_tests::{CommandDriver, LoopFs, Profile, run_suite};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn local_path() -> Arc<CommandDriver> {
+fn local_path(state_root: Option<PathBuf>) -> Arc<CommandDriver> {
     Arc::new(CommandDriver {
         program: env!("CARGO_BIN_EXE_rcsi").into(),
         args: [
@@ -22,6 +23,7 @@ fn local_path() -> Arc<CommandDriver> {
         .map(String::from)
         .to_vec(),
         break_volume: Some(break_local_volume),
+        state_root,
     })
 }
 
@@ -39,15 +41,9 @@ fn break_local_volume(state: &Path, volume_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() {
-    let profile = |name: &str, params: &[(&str, &str)], fs_type: &str, size: i64| Profile {
+fn profile(name: &str, params: &[(&str, &str)], fs_type: &str, size: i64) -> Profile {
+    Profile {
         name: name.into(),
-        // Growing a mounted ext4 needs CAP_SYS_RESOURCE; CI machines lack it,
-        // so ext4 image volumes are grown offline (at NodeStageVolume) here.
-        online_expansion: fs_type != "ext4",
-        // Image files bound the size; directories need project quotas, which
-        // this host kernel lacks (CONFIG_QUOTA off).
-        enforces_size: params.iter().any(|(k, v)| *k == "backing" && *v == "file"),
         parameters: params
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -55,13 +51,35 @@ fn main() {
         block: true,
         volume_size: size,
         fs_type: fs_type.into(),
+        // Growing a mounted ext4 needs CAP_SYS_RESOURCE; CI machines lack it,
+        // so ext4 image volumes are grown offline (at NodeStageVolume) here.
+        online_expansion: fs_type != "ext4",
+        // Image files bound the size; directories need project quotas, which
+        // this host kernel lacks (CONFIG_QUOTA off).
+        enforces_size: params.iter().any(|(k, v)| *k == "backing" && *v == "file"),
         ..Default::default()
-    };
-    run_suite(
+    }
+}
+
+fn main() {
+    let xfs = LoopFs::new("xfs", 2 << 30, &["-q"], "").expect("loop-mounted xfs");
+    let btrfs = LoopFs::new("btrfs", 2 << 30, &["-q"], "").expect("loop-mounted btrfs");
+    let conclusion = run_suite(
         vec![
-            (local_path(), profile("local-path/dir", &[], "", 32 << 20)),
             (
-                local_path(),
+                local_path(None),
+                profile("local-path/dir", &[], "", 32 << 20),
+            ),
+            (
+                local_path(Some(xfs.path())),
+                profile("local-path/dir-on-xfs", &[], "", 32 << 20),
+            ),
+            (
+                local_path(Some(btrfs.path())),
+                profile("local-path/dir-on-btrfs", &[], "", 32 << 20),
+            ),
+            (
+                local_path(None),
                 profile(
                     "local-path/file-ext4",
                     &[("backing", "file")],
@@ -70,7 +88,7 @@ fn main() {
                 ),
             ),
             (
-                local_path(),
+                local_path(None),
                 profile(
                     "local-path/file-xfs",
                     &[("backing", "file")],
@@ -80,5 +98,7 @@ fn main() {
             ),
         ],
         rcsi_tests::cases::all(),
-    )
+    );
+    drop((xfs, btrfs));
+    conclusion.exit()
 }

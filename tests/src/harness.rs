@@ -80,6 +80,8 @@ pub struct CommandDriver {
     pub args: Vec<String>,
     /// How to break a volume's storage, if possible.
     pub break_volume: Option<BreakFn>,
+    /// Directory in which instance state directories are created (default: the system temp dir).
+    pub state_root: Option<PathBuf>,
 }
 
 struct CommandInstance {
@@ -196,7 +198,12 @@ impl Driver for CommandDriver {
         let mut inst = CommandInstance {
             program: self.program.clone(),
             args: self.args.clone(),
-            dir: tempfile::Builder::new().prefix("rcsi-conf-").tempdir()?,
+            dir: match &self.state_root {
+                Some(root) => tempfile::Builder::new()
+                    .prefix("rcsi-conf-")
+                    .tempdir_in(root)?,
+                None => tempfile::Builder::new().prefix("rcsi-conf-").tempdir()?,
+            },
             child: None,
             break_volume: self.break_volume,
         };
@@ -648,7 +655,10 @@ pub struct Case {
 
 /// Runs `cases` against fresh instances of `driver` as libtest trials named
 /// `<profile>::<case>`, in a harness=false test binary.
-pub fn run_suite(suites: Vec<(Arc<dyn Driver>, Profile)>, cases: Vec<Case>) -> ! {
+pub fn run_suite(
+    suites: Vec<(Arc<dyn Driver>, Profile)>,
+    cases: Vec<Case>,
+) -> libtest_mimic::Conclusion {
     let args = libtest_mimic::Arguments::from_args();
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
@@ -717,7 +727,57 @@ pub fn run_suite(suites: Vec<(Arc<dyn Driver>, Profile)>, cases: Vec<Case>) -> !
             }));
         }
     }
-    libtest_mimic::run(&args, trials).exit()
+    libtest_mimic::run(&args, trials)
+}
+
+/// A filesystem on a loop-attached sparse image, mounted until dropped.
+pub struct LoopFs {
+    dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    /// Creates a `size`-byte image, runs `mkfs.<fs_type> <mkfs_args>` and
+    /// mounts it with `options`.
+    pub fn new(fs_type: &str, size: u64, mkfs_args: &[&str], options: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("rcsi-loopfs-").tempdir()?;
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img)?.set_len(size)?;
+        let run = |cmd: &mut std::process::Command| -> Result<()> {
+            let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+            if !out.status.success() {
+                bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        run(std::process::Command::new(format!("mkfs.{fs_type}"))
+            .args(mkfs_args)
+            .arg(&img))?;
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt)?;
+        let mut opts = String::from("loop");
+        if !options.is_empty() {
+            opts.push(',');
+            opts.push_str(options);
+        }
+        run(std::process::Command::new("mount")
+            .args(["-t", fs_type, "-o", &opts])
+            .arg(&img)
+            .arg(&mnt))?;
+        Ok(Self { dir })
+    }
+
+    /// Where the filesystem is mounted.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = release_under(&self.path());
+        let _ = nix::mount::umount2(&self.path(), nix::mount::MntFlags::MNT_DETACH);
+        let _ = release_under(self.dir.path());
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -417,12 +417,14 @@ impl NodeBackend for LocalPath {
                 .map_err(|e| Error::Internal(e.to_string()))??;
                 let avail = v.capacity.saturating_sub(used).min(fs.available_bytes);
                 stats.bytes = Some((v.capacity, used, avail));
-                stats.inodes = Some((fs.total_inodes, inodes, fs.free_inodes));
+                // Filesystems without a fixed inode table (btrfs) report 0: omit inodes.
+                stats.inodes =
+                    (fs.total_inodes > 0).then_some((fs.total_inodes, inodes, fs.free_inodes));
             }
             Backing::Filesystem { .. } => {
                 let fs = csi_core::fsutil::statvfs(path)?;
                 stats.bytes = Some((fs.total_bytes, fs.used_bytes, fs.available_bytes));
-                stats.inodes = Some((
+                stats.inodes = (fs.total_inodes > 0).then_some((
                     fs.total_inodes,
                     fs.total_inodes.saturating_sub(fs.free_inodes),
                     fs.free_inodes,
