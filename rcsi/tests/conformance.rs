@@ -2,7 +2,7 @@
 //! directory volumes on the root disk (ext4) and on loop-mounted xfs and
 //! btrfs (reflink copies), and with ext4 and xfs image-file volumes.
 
-use rcsi_tests::{CommandDriver, LoopFs, Profile, run_suite};
+use rcsi_tests::{CommandDriver, LoopFs, Profile, node_vm_trial, run_suite};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,7 +61,44 @@ fn profile(name: &str, params: &[(&str, &str)], fs_type: &str, size: i64) -> Pro
     }
 }
 
-fn main() {
+/// Directory volumes on loop-mounted xfs and ext4 with project quotas
+/// enforced. The host kernel has no quota support, so these profiles run
+/// inside the node VM (Debian's kernel).
+fn quota_profiles() -> std::process::ExitCode {
+    let xfs = LoopFs::new("xfs", 1 << 30, &["-q"], "prjquota").expect("xfs with prjquota");
+    let ext4 = LoopFs::new(
+        "ext4",
+        1 << 30,
+        &["-q", "-F", "-O", "quota,project"],
+        "prjquota",
+    )
+    .expect("ext4 with project quotas");
+    let quota = |name: &str| Profile {
+        enforces_size: true,
+        ..profile(name, &[], "", 32 << 20)
+    };
+    let conclusion = run_suite(
+        vec![
+            (
+                local_path(Some(xfs.path())),
+                quota("local-path/dir-xfs-prjquota"),
+            ),
+            (
+                local_path(Some(ext4.path())),
+                quota("local-path/dir-ext4-prjquota"),
+            ),
+        ],
+        rcsi_tests::cases::all(),
+        vec![],
+    );
+    drop((xfs, ext4));
+    conclusion.exit_code()
+}
+
+fn main() -> std::process::ExitCode {
+    if std::env::var_os("RCSI_VM_PROFILES").is_some() {
+        return quota_profiles();
+    }
     let xfs = LoopFs::new("xfs", 2 << 30, &["-q"], "").expect("loop-mounted xfs");
     let btrfs = LoopFs::new("btrfs", 2 << 30, &["-q"], "").expect("loop-mounted btrfs");
     let conclusion = run_suite(
@@ -98,7 +135,11 @@ fn main() {
             ),
         ],
         rcsi_tests::cases::all(),
+        vec![node_vm_trial(
+            "local-path/prjquota::in-node-vm",
+            &[("RCSI_VM_PROFILES", "quota")],
+        )],
     );
     drop((xfs, btrfs));
-    conclusion.exit()
+    conclusion.exit_code()
 }

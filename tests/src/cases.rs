@@ -1427,43 +1427,41 @@ async fn restart_mid_lifecycle(c: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to a new file in `dir`; returns the OS error that stopped it.
-fn fill(dir: &str, name: &str, bytes: usize) -> Option<std::io::Error> {
-    use std::io::Write;
-    let mut f = match std::fs::File::create(Path::new(dir).join(name)) {
-        Ok(f) => f,
-        Err(e) => return Some(e),
-    };
-    let chunk = vec![0x5au8; 1 << 20];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        if let Err(e) = f.write_all(&chunk[..n]) {
-            return Some(e);
-        }
-        left -= n;
-    }
-    f.sync_all().err()
+/// Writes `mib` MiB to a new file in `dir` as an unprivileged user (as a pod
+/// would: root with CAP_SYS_RESOURCE may bypass quotas); returns dd's error
+/// text when the write fails.
+fn fill(dir: &str, name: &str, mib: usize) -> Result<Option<String>> {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", Path::new(dir).join(name).display()))
+        .args(["bs=1M", &format!("count={mib}"), "conv=fsync"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .context("running dd")?;
+    Ok((!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned()))
 }
 
 async fn size_is_enforced(c: &mut Ctx) -> Result<()> {
     let v = c.create("enforced").await?;
-    let size = v.capacity_bytes.max(c.profile.volume_size) as usize;
+    let mib = (v.capacity_bytes.max(c.profile.volume_size) >> 20) as usize;
     let (st, tg) = c.mount(&v, "enforced").await?;
-    match fill(&tg, "too-big", size + (8 << 20)) {
-        Some(e) if matches!(e.raw_os_error(), Some(libc::EDQUOT | libc::ENOSPC)) => {}
-        other => {
-            bail!("writing past the {size}-byte size: expected EDQUOT or ENOSPC, got {other:?}")
-        }
+    match fill(&tg, "too-big", mib + 8)? {
+        Some(e) if e.contains("quota") || e.contains("No space") => {}
+        other => bail!(
+            "writing {} MiB into a {mib} MiB volume: expected EDQUOT or ENOSPC, got {other:?}",
+            mib + 8
+        ),
     }
     std::fs::remove_file(Path::new(&tg).join("too-big"))?;
     if c.can(C::ExpandVolume) && c.profile.online_expansion {
-        let bigger = (size as i64) * 2;
+        let bigger = (mib as i64) << 21;
         grow(c, &v, bigger, &st, &tg).await?;
-        if let Some(e) = fill(&tg, "fits-now", size + (8 << 20)) {
+        if let Some(e) = fill(&tg, "fits-now", mib + 8)? {
             bail!(
-                "after growing to {bigger} bytes, writing {} bytes failed: {e}",
-                size + (8 << 20)
+                "after growing to {bigger} bytes, writing {} MiB failed: {e}",
+                mib + 8
             );
         }
     }

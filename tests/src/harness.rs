@@ -653,11 +653,12 @@ pub struct Case {
     pub run: CaseFn,
 }
 
-/// Runs `cases` against fresh instances of `driver` as libtest trials named
-/// `<profile>::<case>`, in a harness=false test binary.
+/// Runs `cases` against fresh instances of each driver as libtest trials
+/// named `<profile>::<case>`, plus `extra` trials, in a harness=false test binary.
 pub fn run_suite(
     suites: Vec<(Arc<dyn Driver>, Profile)>,
     cases: Vec<Case>,
+    extra: Vec<libtest_mimic::Trial>,
 ) -> libtest_mimic::Conclusion {
     let args = libtest_mimic::Arguments::from_args();
     if !nix::unistd::geteuid().is_root() {
@@ -667,7 +668,7 @@ pub fn run_suite(
         std::process::exit(1);
     }
     let cases = Arc::new(cases);
-    let mut trials = Vec::new();
+    let mut trials = extra;
     for (driver, profile) in suites {
         let profile = Arc::new(profile);
         let probe = runtime().block_on(async {
@@ -786,4 +787,44 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// A trial that runs this same test binary inside the node VM
+/// (`tests/vm/node-vm.sh`) with `env` set, for kernel features the host lacks.
+pub fn node_vm_trial(name: &str, env: &[(&str, &str)]) -> libtest_mimic::Trial {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let label = name.to_owned();
+    libtest_mimic::Trial::test(name, move || {
+        let run = || -> Result<()> {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/node-vm.sh");
+            let work = tempfile::Builder::new().prefix("rcsi-vm-").tempdir()?;
+            let exe = std::env::current_exe()?;
+            let out = std::process::Command::new(&script)
+                .arg("run")
+                .arg(work.path())
+                .arg(&exe)
+                .args(["--test-threads", "1"])
+                .envs(env.iter().cloned())
+                .output()
+                .with_context(|| format!("running {}", script.display()))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                bail!(
+                    "inside the node VM:\n{text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let summary = text
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("test result:"))
+                .unwrap_or("no summary");
+            eprintln!("{label}: {summary}");
+            Ok(())
+        };
+        run().map_err(|e| format!("{e:#}").into())
+    })
 }

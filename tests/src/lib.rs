@@ -8,4 +8,6 @@ pub mod cases;
 pub mod harness;
 pub mod raw;
 
-pub use harness::{CommandDriver, Ctx, Driver, Instance, LoopFs, Profile, run_suite};
+pub use harness::{
+    CommandDriver, Ctx, Driver, Instance, LoopFs, Profile, node_vm_trial, run_suite,
+};
