@@ -74,6 +74,8 @@ pub fn all() -> Vec<Case> {
         case!(volume_condition_abnormal, Breakable),
         case!(size_is_enforced, SizeEnforced),
         case!(restart_mid_lifecycle, Controller(C::CreateDeleteVolume)),
+        case!(crash_during_creates, Controller(C::CreateDeleteVolume)),
+        case!(mount_group_applied, Node(N::VolumeMountGroup)),
     ]
 }
 
@@ -1466,5 +1468,126 @@ async fn size_is_enforced(c: &mut Ctx) -> Result<()> {
         }
     }
     c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await
+}
+
+async fn crash_during_creates(c: &mut Ctx) -> Result<()> {
+    // 8 clients create volumes back to back until SIGKILL cuts them off.
+    let req = c.create_req("crash", c.mount_cap());
+    let clients: Vec<_> = (0..8)
+        .map(|k| {
+            let mut ctl = c.ctl.clone();
+            let req = req.clone();
+            tokio::spawn(async move {
+                let mut tried = Vec::new();
+                for i in 0.. {
+                    let mut r = req.clone();
+                    r.name = format!("crash-{k}-{i}");
+                    let res = ctl.create_volume(r.clone()).await;
+                    let acked = res
+                        .ok()
+                        .and_then(|v| v.into_inner().volume)
+                        .map(|v| v.volume_id);
+                    let done = acked.is_none();
+                    tried.push((r.name, acked));
+                    if done {
+                        break;
+                    }
+                }
+                tried
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    c.crash().await?;
+    let mut tried = Vec::new();
+    for client in clients {
+        tried.extend(client.await?);
+    }
+    let acked = tried.iter().filter(|(_, id)| id.is_some()).count();
+    ensure!(
+        acked > 0,
+        "no create finished before the crash; the case proves nothing"
+    );
+    // Every acknowledged volume survived under its id; every name maps to
+    // exactly one volume; nothing else exists.
+    let mut ids = HashSet::new();
+    for (name, id) in &tried {
+        let v = c.create(name).await?;
+        if let Some(id) = id {
+            ensure!(
+                *id == v.volume_id,
+                "acknowledged volume {name} changed id after a crash"
+            );
+        }
+        ensure!(
+            ids.insert(v.volume_id),
+            "two names share a volume after the crash"
+        );
+    }
+    if c.can(C::ListVolumes) {
+        let listed: HashSet<String> = c.list_ids().await?.into_iter().collect();
+        ensure!(
+            listed == ids,
+            "after a crash the volumes are not exactly those created ({} listed, {} expected)",
+            listed.len(),
+            ids.len()
+        );
+    }
+    for id in ids {
+        c.delete(&id).await?;
+    }
+    Ok(())
+}
+
+async fn mount_group_applied(c: &mut Ctx) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let v = c.create("fsgroup").await?;
+    let mut cap = c.mount_cap();
+    if let Some(vc::AccessType::Mount(m)) = cap.access_type.as_mut() {
+        m.volume_mount_group = "4321".into();
+    }
+    let staging = c.path("fsg-staging");
+    let target = c.path("fsg-pod/mount");
+    std::fs::create_dir_all(&staging)?;
+    std::fs::create_dir_all(c.path("fsg-pod"))?;
+    if c.stages() {
+        c.node
+            .node_stage_volume(c.stage_req(&v, cap.clone(), &staging))
+            .await?;
+    }
+    c.node
+        .node_publish_volume(c.publish_req(&v, cap, &staging, &target, false))
+        .await
+        .context("publish with volume_mount_group")?;
+    let meta = std::fs::metadata(&target)?;
+    ensure!(
+        meta.gid() == 4321,
+        "volume root group is {} instead of 4321",
+        meta.gid()
+    );
+    ensure!(
+        meta.mode() & 0o2070 == 0o2070,
+        "volume root mode {:o} lacks g+rwxs",
+        meta.mode() & 0o7777
+    );
+    // A pod user whose only link to the volume is the group can write.
+    let out = std::process::Command::new("sh")
+        .args(["-c", "echo ok > \"$0/by-group\"", &target])
+        .uid(5555)
+        .gid(4321)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "group member cannot write: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created = std::fs::metadata(Path::new(&target).join("by-group"))?;
+    ensure!(
+        created.gid() == 4321,
+        "new files do not inherit the group (setgid)"
+    );
+    c.unmount(&v, &staging, &target).await?;
     c.delete(&v.volume_id).await
 }

@@ -59,6 +59,8 @@ pub trait Instance: Send + Sync {
     fn endpoint(&self) -> Endpoint;
     /// Stops it with SIGTERM and starts it again on the same state.
     async fn restart(&mut self) -> Result<()>;
+    /// Kills it with SIGKILL (no chance to clean up) and starts it again.
+    async fn crash(&mut self) -> Result<()>;
     /// Whether [`Instance::break_volume`] is possible with this backend.
     fn can_break_volumes(&self) -> bool;
     /// Makes a volume's storage vanish behind the driver's back (for
@@ -224,6 +226,13 @@ impl Instance for CommandInstance {
         self.spawn().await
     }
 
+    async fn crash(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        self.spawn().await
+    }
+
     fn can_break_volumes(&self) -> bool {
         self.break_volume.is_some()
     }
@@ -316,6 +325,16 @@ impl Ctx {
     /// Restarts the driver and reconnects.
     pub async fn restart(&mut self) -> Result<()> {
         self.inst.restart().await?;
+        self.reconnect().await
+    }
+
+    /// Kills the driver with SIGKILL, starts it again and reconnects.
+    pub async fn crash(&mut self) -> Result<()> {
+        self.inst.crash().await?;
+        self.reconnect().await
+    }
+
+    async fn reconnect(&mut self) -> Result<()> {
         self.channel = csi_core::client::connect(&self.inst.endpoint()).await?;
         self.ctl = ControllerClient::new(self.channel.clone());
         self.node = NodeClient::new(self.channel.clone());

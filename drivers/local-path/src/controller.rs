@@ -328,6 +328,7 @@ impl ControllerBackend for LocalPath {
         if let Some(id) = existing {
             let existing = self.volume(&id)?;
             Self::compatible(&existing, &req, &backing)?;
+            self.settle(&existing.id, &existing.backing)?;
             return Ok(self.to_proto(&existing));
         }
 
@@ -392,7 +393,6 @@ impl ControllerBackend for LocalPath {
                 source.map(|s| (s.0, s.1)),
             )
             .await?;
-            std::fs::rename(&tmp, &final_path).ctx(|| format!("renaming {}", tmp.display()))?;
             let (secs, _) = now();
             let meta = VolumeMeta {
                 id: id.clone(),
@@ -409,10 +409,14 @@ impl ControllerBackend for LocalPath {
         }
         .await;
         match created {
-            Ok(meta) => Ok(self.to_proto(&meta)),
+            Ok(meta) => {
+                // The commit is the point of no return: from here a failed
+                // rename is finished by a retry or by start-up recovery.
+                self.settle(&meta.id, &meta.backing)?;
+                Ok(self.to_proto(&meta))
+            }
             Err(e) => {
                 let _ = remove_any(&tmp);
-                let _ = remove_any(&final_path);
                 self.release_project(project);
                 Err(e)
             }
@@ -588,8 +592,8 @@ impl ControllerBackend for LocalPath {
                 v.backing.is_image(),
             )
             .await?;
-            std::fs::rename(&tmp, &dst).ctx(|| format!("renaming {}", tmp.display()))?;
-            self.commit(Change::PutSnapshot(s.clone())).await
+            self.commit(Change::PutSnapshot(s.clone())).await?;
+            std::fs::rename(&tmp, &dst).ctx(|| format!("renaming {}", tmp.display()))
         }
         .await;
         if let Err(e) = result {

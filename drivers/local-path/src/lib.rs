@@ -201,8 +201,22 @@ impl LocalPath {
         Ok(())
     }
 
-    /// Cleans up after a crash: unfinished creations are removed, deletions
-    /// that did not commit are rolled back, finished ones are completed.
+    /// Moves a committed volume's data from its temporary name into place
+    /// (after a crash or a failed rename between commit and rename).
+    fn settle(&self, id: &str, backing: &Backing) -> Result<()> {
+        let done = self.volume_path(id, backing);
+        let tmp = done.with_file_name(format!(
+            ".tmp-{}",
+            done.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        if !done.exists() && tmp.exists() {
+            std::fs::rename(&tmp, &done).ctx(|| format!("renaming {}", tmp.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Cleans up after a crash: creations and deletions that committed are
+    /// finished, those that did not are undone.
     fn recover(&self) -> Result<()> {
         let idx = self.index();
         for (dir, known) in [
@@ -219,9 +233,17 @@ impl LocalPath {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let path = e.path();
-                if name.starts_with(".tmp-") {
-                    warn!(path = %path.display(), "removing unfinished creation");
-                    remove_any(&path)?;
+                if let Some(rest) = name.strip_prefix(".tmp-") {
+                    let id = rest.trim_end_matches(".img");
+                    if known.iter().any(|k| k == id) {
+                        info!(path = %path.display(), "finishing a committed creation");
+                        let done = dir.join(rest);
+                        std::fs::rename(&path, &done)
+                            .ctx(|| format!("renaming {}", path.display()))?;
+                    } else {
+                        warn!(path = %path.display(), "removing unfinished creation");
+                        remove_any(&path)?;
+                    }
                 } else if let Some(rest) = name.strip_prefix(".trash-") {
                     let id = rest.trim_end_matches(".img");
                     if known.iter().any(|k| k == id) {
