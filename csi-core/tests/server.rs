@@ -201,3 +201,52 @@ fn secrets_never_reach_debug_output() {
     let secrets = Secrets([("token".to_owned(), "abc".to_owned())].into());
     assert!(!format!("{secrets:?}").contains("abc"));
 }
+
+#[tokio::test]
+async fn serves_on_tcp() {
+    let port = free_port();
+    let endpoint: Endpoint = format!("tcp://127.0.0.1:{port}").parse().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let fake = Arc::new(Fake);
+    let server = tokio::spawn(serve(
+        Services {
+            plugin: fake.clone(),
+            controller: None,
+            node: Some(fake),
+        },
+        ServeOptions {
+            endpoint: endpoint.clone(),
+            metrics_address: None,
+            slow_call: Duration::from_secs(1),
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let channel = loop {
+        if let Ok(c) = csi_core::client::connect(&endpoint).await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let caps = IdentityClient::new(channel.clone())
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        caps.capabilities.is_empty(),
+        "a node-only plugin must not advertise CONTROLLER_SERVICE"
+    );
+    let e = ControllerClient::new(channel)
+        .create_volume(csi::CreateVolumeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::Unimplemented,
+        "no controller service is served"
+    );
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}

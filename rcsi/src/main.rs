@@ -17,8 +17,19 @@ use std::time::Duration;
     about = "Rust CSI drivers for Kubernetes: one small binary for every backend"
 )]
 struct Cli {
+    /// Log format on stderr (level from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -75,15 +86,18 @@ struct NodeArgs {
     reserved_bytes: u64,
 }
 
-fn init_logging(default: &str) {
+fn init_logging(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 fn local_path(args: &NodeArgs) -> anyhow::Result<Arc<rcsi_local_path::LocalPath>> {
@@ -118,11 +132,8 @@ fn options(c: &CommonArgs) -> ServeOptions {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(if matches!(cli.command, Cmd::Demo { .. }) {
-        "warn"
-    } else {
-        "info"
-    });
+    let quiet = matches!(cli.command, Cmd::Demo { .. });
+    init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     match cli.command {
         Cmd::Node(args) => {
             let services = match args.common.driver {
