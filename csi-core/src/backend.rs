@@ -73,15 +73,16 @@ pub trait ControllerBackend: Plugin {
     /// Looks up one volume (NotFound when unknown) with its status.
     async fn get_volume(&self, volume_id: &str) -> Result<(csi::Volume, VolumeStatus)>;
 
-    /// Checks that the volume supports `caps` (InvalidArgument with a reason when not).
+    /// Checks that the volume supports `caps` (InvalidArgument with a reason
+    /// when not); by default any capability of an existing volume.
     async fn validate_volume_capabilities(
         &self,
         volume_id: &str,
         caps: &[Capability],
         parameters: &HashMap<String, String>,
     ) -> Result<()> {
-        let _ = (volume_id, caps, parameters);
-        Ok(())
+        let _ = (caps, parameters);
+        self.get_volume(volume_id).await.map(drop)
     }
 
     /// All volumes, sorted by id (the core paginates).

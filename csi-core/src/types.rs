@@ -191,29 +191,34 @@ impl CapacityRange {
         Ok(Self { required, limit })
     }
 
-    /// Picks a size: `required` (or `default` when unset) rounded up to
-    /// `granularity`, and at least `min`; OutOfRange when that exceeds `limit`.
+    /// Picks a size: `required` (or `default`, capped by `limit`, when unset),
+    /// at least `min`, rounded up to `granularity`; OutOfRange when no size
+    /// within `limit` works.
     pub fn choose(&self, default: u64, min: u64, granularity: u64) -> Result<u64> {
-        let want = if self.required == 0 {
-            default
-        } else {
-            self.required
+        let g = granularity.max(1);
+        let want = match (self.required, self.limit) {
+            (0, 0) => default,
+            (0, limit) => default.min(limit),
+            (required, _) => required,
         }
         .max(min);
-        let g = granularity.max(1);
-        let size = want.div_ceil(g).saturating_mul(g);
-        if self.limit != 0 && size > self.limit {
-            let size = if self.limit >= min && self.limit >= want {
-                self.limit
-            } else {
-                return Err(Error::OutOfRange(format!(
-                    "cannot provide {want} bytes within limit_bytes {} (minimum volume size {min}, allocation unit {g})",
-                    self.limit
-                )));
-            };
-            return Ok(size);
+        let rounded = want.div_ceil(g).saturating_mul(g);
+        if self.limit == 0 || rounded <= self.limit {
+            return Ok(rounded);
         }
-        Ok(size)
+        // Rounding overshot the limit: take the largest aligned size under
+        // it, or the limit itself, as long as it still holds `want`.
+        let aligned = self.limit / g * g;
+        if aligned >= want {
+            Ok(aligned)
+        } else if self.limit >= want {
+            Ok(self.limit)
+        } else {
+            Err(Error::OutOfRange(format!(
+                "cannot provide {want} bytes within limit_bytes {} (minimum volume size {min})",
+                self.limit
+            )))
+        }
     }
 
     /// True when `size` satisfies this range.
@@ -462,6 +467,16 @@ mod tests {
             limit: 100,
         };
         assert!(matches!(r.choose(0, 1 << 20, 1), Err(Error::OutOfRange(_))));
+        let only_limit = CapacityRange {
+            required: 0,
+            limit: 100 << 20,
+        };
+        assert_eq!(only_limit.choose(1 << 30, 0, 4096).unwrap(), 100 << 20);
+        let unaligned = CapacityRange {
+            required: 10_000,
+            limit: 12_000,
+        };
+        assert_eq!(unaligned.choose(0, 0, 4096).unwrap(), 12_000);
         let bad = csi::CapacityRange {
             required_bytes: -1,
             limit_bytes: 0,

@@ -378,6 +378,18 @@ async fn create_volume_capacity_ranges(c: &mut Ctx) -> Result<()> {
         v.capacity_bytes,
         size * 2
     );
+    c.delete(&v.volume_id).await?;
+    let mut r = c.create_req("limit-only", c.mount_cap());
+    r.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: size,
+    });
+    let v = c.create_with(r).await?;
+    ensure!(
+        v.capacity_bytes <= size,
+        "capacity {} above limit_bytes {size}",
+        v.capacity_bytes
+    );
     c.delete(&v.volume_id).await
 }
 
