@@ -1,0 +1,435 @@
+//! Command line and its validation into a [`Config`]. Every check happens
+//! before anything is created, so bad input leaves nothing behind.
+
+use crate::units::{format_size, parse_size};
+use clap::{Parser, ValueEnum};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Benchmark phases, run in this order when selected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Create directories (dir mode).
+    Mkdirs,
+    /// Write files or block ranges.
+    Write,
+    /// Read files or block ranges.
+    Read,
+    /// Stat files (dir mode).
+    Stat,
+    /// Delete files (dir mode).
+    RmFiles,
+    /// Delete directories (dir mode).
+    RmDirs,
+}
+
+impl Phase {
+    /// Name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Mkdirs => "MKDIRS",
+            Phase::Write => "WRITE",
+            Phase::Read => "READ",
+            Phase::Stat => "STAT",
+            Phase::RmFiles => "RMFILES",
+            Phase::RmDirs => "RMDIRS",
+        }
+    }
+}
+
+/// How random offsets are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RandAlgo {
+    /// Every block exactly once, in random order.
+    Full,
+    /// Independent uniform offsets (blocks may repeat or be skipped).
+    Plain,
+}
+
+/// rbench command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "rbench",
+    version,
+    about = "Storage benchmark: throughput, IOPS, latency percentiles and metadata rates",
+    after_help = "Dir mode: one existing directory; each thread works in PATH/t<N>/d<M>/f<K>.\n\
+                  File mode: files or block devices (ranges like /data/f[1-4]); each file's range is split across threads."
+)]
+pub struct Args {
+    /// Directory (dir mode), or files / block devices (file mode).
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// Create directories.
+    #[arg(short = 'd', long = "mkdirs")]
+    pub mkdirs: bool,
+    /// Write.
+    #[arg(short = 'w', long)]
+    pub write: bool,
+    /// Read.
+    #[arg(short = 'r', long)]
+    pub read: bool,
+    /// Stat files.
+    #[arg(long)]
+    pub stat: bool,
+    /// Delete files.
+    #[arg(short = 'F', long = "delfiles")]
+    pub delfiles: bool,
+    /// Delete directories.
+    #[arg(short = 'D', long = "deldirs")]
+    pub deldirs: bool,
+    /// Worker threads.
+    #[arg(short = 't', long, default_value = "1")]
+    pub threads: String,
+    /// Directories per thread (dir mode).
+    #[arg(short = 'n', long, default_value = "1")]
+    pub dirs: String,
+    /// Files per directory (dir mode).
+    #[arg(short = 'N', long, default_value = "1")]
+    pub files: String,
+    /// File size (k/m/g/t suffixes); file mode defaults to the device or file size.
+    #[arg(short = 's', long)]
+    pub size: Option<String>,
+    /// Block size of each read or write.
+    #[arg(short = 'b', long, default_value = "1m")]
+    pub block: String,
+    /// O_DIRECT: bypass the page cache (blocks and offsets must be aligned).
+    #[arg(long)]
+    pub direct: bool,
+    /// Random offsets instead of sequential.
+    #[arg(long)]
+    pub rand: bool,
+    /// How random offsets are chosen.
+    #[arg(long, value_enum, default_value_t = RandAlgo::Full)]
+    pub randalgo: RandAlgo,
+    /// Asynchronous I/O depth per thread through io_uring (1: synchronous pread/pwrite).
+    #[arg(long, default_value = "1")]
+    pub iodepth: String,
+    /// Sync the filesystems of the targets after each phase.
+    #[arg(long)]
+    pub sync: bool,
+    /// Drop the page cache after each phase (needs root).
+    #[arg(long)]
+    pub dropcache: bool,
+    /// Stop each phase after this many seconds.
+    #[arg(long)]
+    pub timelimit: Option<String>,
+    /// Run the phases this many times.
+    #[arg(long, default_value = "1")]
+    pub iterations: String,
+    /// Run the phases until interrupted.
+    #[arg(long)]
+    pub infloop: bool,
+    /// Check on read that every block holds what the write phase put there.
+    #[arg(long)]
+    pub verify: bool,
+    /// Percentage of each block refilled with new random data per write (0: fill once).
+    #[arg(long, default_value = "100")]
+    pub blockvarpct: String,
+    /// File mode: threads share one file descriptor per file instead of opening their own.
+    #[arg(long)]
+    pub sharedfd: bool,
+    /// Label written into every result.
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// Write all results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Append all results as CSV rows to this file (header when new).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+}
+
+/// What the targets are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A directory tree under this path.
+    Dir(PathBuf),
+    /// Files or block devices.
+    File(Vec<PathBuf>),
+}
+
+/// A validated run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Targets.
+    pub mode: Mode,
+    /// Phases in run order.
+    pub phases: Vec<Phase>,
+    /// Worker threads.
+    pub threads: usize,
+    /// Directories per thread.
+    pub dirs: u64,
+    /// Files per directory.
+    pub files: u64,
+    /// Bytes per file (file mode: per target).
+    pub size: u64,
+    /// Bytes per I/O.
+    pub block: u64,
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Random offsets.
+    pub rand: Option<RandAlgo>,
+    /// io_uring queue depth (1: synchronous).
+    pub iodepth: usize,
+    /// Sync after each phase.
+    pub sync: bool,
+    /// Drop caches after each phase.
+    pub dropcache: bool,
+    /// Per-phase time limit.
+    pub timelimit: Option<Duration>,
+    /// Iterations (None: forever).
+    pub iterations: Option<u64>,
+    /// Verify on read.
+    pub verify: bool,
+    /// Refill percentage per block.
+    pub blockvarpct: u8,
+    /// Shared file descriptors in file mode.
+    pub sharedfd: bool,
+    /// Result label.
+    pub label: String,
+    /// JSON output.
+    pub json: Option<PathBuf>,
+    /// CSV output.
+    pub csv: Option<PathBuf>,
+}
+
+fn count(s: &str, what: &str, min: u64) -> Result<u64, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{what} {s:?} is not a whole number"))?;
+    if n < min {
+        return Err(format!("{what} must be at least {min}"));
+    }
+    Ok(n)
+}
+
+fn size(s: &str, what: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| format!("{what}: {e}"))
+}
+
+/// Size of a block device or regular file.
+fn target_size(p: &Path) -> Option<u64> {
+    let meta = std::fs::metadata(p).ok()?;
+    if meta.file_type().is_block_device() {
+        let f = std::fs::File::open(p).ok()?;
+        let mut bytes: u64 = 0;
+        // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+        // SAFETY: BLKGETSIZE64 writes one u64 to the pointer.
+        let r =
+            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0x8008_1272, &mut bytes) };
+        (r == 0).then_some(bytes)
+    } else {
+        Some(meta.len())
+    }
+}
+
+/// Offset and memory alignment O_DIRECT needs on the filesystem holding `dir`,
+/// or an error saying that it refuses O_DIRECT.
+pub fn direct_alignment(dir: &Path) -> Result<(u64, u64), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join(format!(".rbench-direct-probe-{}", std::process::id()));
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe);
+    let result = match opened {
+        Err(e) => Err(format!(
+            "the filesystem at {} refuses O_DIRECT ({e}); drop --direct",
+            dir.display()
+        )),
+        Ok(_) => statx_dio(&probe).map(|(mem, off)| (off.max(512) as u64, mem.max(512) as u64)),
+    };
+    let _ = std::fs::remove_file(&probe);
+    result
+}
+
+fn statx_dio(p: &Path) -> Result<(u32, u32), String> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: statx fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_DIOALIGN, &mut st) };
+    if r != 0 {
+        return Err(format!(
+            "statx {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    if st.stx_mask & libc::STATX_DIOALIGN != 0 && st.stx_dio_offset_align == 0 {
+        return Err(format!(
+            "the filesystem at {} does not support O_DIRECT; drop --direct",
+            p.display()
+        ));
+    }
+    Ok((st.stx_dio_mem_align, st.stx_dio_offset_align))
+}
+
+impl Config {
+    /// Checks the arguments and the targets without creating anything.
+    pub fn from_args(a: Args) -> Result<Self, String> {
+        let threads = count(&a.threads, "--threads", 1)? as usize;
+        if threads > 4096 {
+            return Err("--threads must be at most 4096".into());
+        }
+        let dirs = count(&a.dirs, "--dirs", 1)?;
+        let files = count(&a.files, "--files", 1)?;
+        let block = size(&a.block, "--block")?;
+        if block == 0 {
+            return Err("--block must be larger than 0".into());
+        }
+        let iodepth = count(&a.iodepth, "--iodepth", 1)? as usize;
+        if iodepth > 4096 {
+            return Err("--iodepth must be at most 4096".into());
+        }
+        let iterations = if a.infloop {
+            None
+        } else {
+            Some(count(&a.iterations, "--iterations", 1)?)
+        };
+        let blockvarpct = count(&a.blockvarpct, "--blockvarpct", 0)?;
+        if blockvarpct > 100 {
+            return Err("--blockvarpct is a percentage: 0 to 100".into());
+        }
+        if a.verify && blockvarpct != 100 {
+            return Err(
+                "--verify needs --blockvarpct 100 so every block's content is known".into(),
+            );
+        }
+        let timelimit = a
+            .timelimit
+            .as_deref()
+            .map(|t| count(t, "--timelimit", 1).map(Duration::from_secs))
+            .transpose()?;
+
+        let mut paths = Vec::new();
+        for p in &a.paths {
+            paths.extend(crate::paths::expand(p)?);
+        }
+        let mode = if paths.len() == 1 && paths[0].is_dir() {
+            Mode::Dir(paths.remove(0))
+        } else {
+            for p in &paths {
+                if p.is_dir() {
+                    return Err(format!(
+                        "{} is a directory: give one directory (dir mode) or only files",
+                        p.display()
+                    ));
+                }
+                let parent = p
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                if !parent.is_dir() {
+                    return Err(format!("directory {} does not exist", parent.display()));
+                }
+            }
+            Mode::File(paths)
+        };
+
+        let mut phases = Vec::new();
+        let dir_mode = matches!(mode, Mode::Dir(_));
+        for (on, phase) in [
+            (a.mkdirs, Phase::Mkdirs),
+            (a.write, Phase::Write),
+            (a.read, Phase::Read),
+            (a.stat, Phase::Stat),
+            (a.delfiles, Phase::RmFiles),
+            (a.deldirs, Phase::RmDirs),
+        ] {
+            if on {
+                if !dir_mode && !matches!(phase, Phase::Write | Phase::Read) {
+                    return Err(format!(
+                        "{} needs dir mode (one directory as the target)",
+                        phase.name().to_lowercase()
+                    ));
+                }
+                phases.push(phase);
+            }
+        }
+        if phases.is_empty() {
+            return Err("nothing to do: choose at least one of -d, -w, -r, --stat, -F, -D".into());
+        }
+        let io = phases
+            .iter()
+            .any(|p| matches!(p, Phase::Write | Phase::Read));
+
+        let size = match (&a.size, &mode) {
+            (Some(s), _) => size(s, "--size")?,
+            (None, Mode::Dir(_)) => 0,
+            (None, Mode::File(ps)) => {
+                let sizes: Vec<Option<u64>> = ps.iter().map(|p| target_size(p)).collect();
+                match sizes.iter().flatten().min() {
+                    Some(&s) if sizes.iter().all(Option::is_some) && s > 0 => s,
+                    _ => {
+                        return Err(
+                            "give --size: some targets do not exist yet or are empty".into()
+                        );
+                    }
+                }
+            }
+        };
+        if io && size > 0 && block > size {
+            return Err(format!(
+                "block size {} is larger than the file size {}",
+                format_size(block),
+                format_size(size)
+            ));
+        }
+        if !dir_mode && io && size == 0 {
+            return Err("--size must be larger than 0 in file mode".into());
+        }
+        if !dir_mode && size / block < threads as u64 && io {
+            return Err(format!(
+                "{} blocks of {} cannot be shared by {threads} threads; lower --threads or --block",
+                size / block,
+                format_size(block)
+            ));
+        }
+        if a.direct && io {
+            let dir = match &mode {
+                Mode::Dir(d) => d.clone(),
+                Mode::File(ps) => ps[0]
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .to_path_buf(),
+            };
+            let block_dev = matches!(&mode, Mode::File(ps) if std::fs::metadata(&ps[0]).is_ok_and(|m| m.file_type().is_block_device()));
+            let (offset_align, _) = if block_dev {
+                (512, 512)
+            } else {
+                direct_alignment(&dir)?
+            };
+            if block % offset_align != 0 || size % offset_align != 0 {
+                return Err(format!(
+                    "--direct needs --block and --size to be multiples of {offset_align} bytes here"
+                ));
+            }
+        }
+        Ok(Self {
+            mode,
+            phases,
+            threads,
+            dirs,
+            files,
+            size,
+            block,
+            direct: a.direct,
+            rand: a.rand.then_some(a.randalgo),
+            iodepth,
+            sync: a.sync,
+            dropcache: a.dropcache,
+            timelimit,
+            iterations,
+            verify: a.verify,
+            blockvarpct: blockvarpct as u8,
+            sharedfd: a.sharedfd,
+            label: a.label,
+            json: a.json,
+            csv: a.csv,
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! Block I/O on one file descriptor: synchronous pread/pwrite at depth 1,
+//! io_uring at higher depths. Latency is measured per block.
+
+use crate::error::{BenchError, Result};
+use crate::fill;
+use crate::stats::Counters;
+use hdrhistogram::Histogram;
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+/// An aligned heap buffer for (direct) I/O.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is plain memory owned by one thread at a time.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes aligned to `align` (a power of two).
+    pub fn new(len: usize, align: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(8))
+            .expect("valid buffer layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Self { ptr, layout }
+    }
+
+    /// The bytes.
+    pub fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for layout.size() bytes and uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// What one run of block I/O does.
+#[derive(Clone, Copy, Debug)]
+pub struct Spec<'a> {
+    /// Number of the file (seeds the block contents).
+    pub file_id: u64,
+    /// Path for messages.
+    pub path: &'a str,
+    /// Block size.
+    pub block: usize,
+    /// Write (else read).
+    pub write: bool,
+    /// Check contents on read.
+    pub verify: bool,
+    /// Percentage of a block refilled per write.
+    pub varpct: u8,
+}
+
+/// Per-thread accounting shared by the engines.
+pub struct Meter<'a> {
+    /// Live counters.
+    pub counters: &'a Counters,
+    /// Latency in ns.
+    pub hist: &'a mut Histogram<u64>,
+    /// Stop at this instant (`--timelimit`).
+    pub deadline: Option<Instant>,
+    /// Set when the deadline stopped the work.
+    pub cut: bool,
+}
+
+impl Meter<'_> {
+    /// True (and remembered) once the deadline has passed.
+    #[inline]
+    pub fn expired(&mut self) -> bool {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.cut = true;
+        }
+        self.cut
+    }
+
+    #[inline]
+    fn done(&mut self, start: Instant, bytes: u64) {
+        self.hist
+            .saturating_record(start.elapsed().as_nanos() as u64);
+        self.counters.op(bytes);
+    }
+}
+
+fn check(spec: &Spec<'_>, got: isize, offset: u64) -> Result<()> {
+    if got < 0 {
+        let op = if spec.write { "writing" } else { "reading" };
+        return Err(BenchError::io(
+            format!("{op} {} at offset {offset}", spec.path),
+            std::io::Error::from_raw_os_error(-got as i32),
+        ));
+    }
+    if got as usize != spec.block {
+        return Err(BenchError::Short {
+            op: if spec.write { "write" } else { "read" },
+            got: got as usize,
+            want: spec.block,
+            offset,
+            path: spec.path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn after_read(spec: &Spec<'_>, buf: &[u8], offset: u64) -> Result<()> {
+    if spec.verify {
+        fill::verify(buf, spec.file_id, offset).map_err(|byte| BenchError::Verify {
+            path: spec.path.to_owned(),
+            offset,
+            byte,
+        })?;
+    }
+    Ok(())
+}
+
+/// Synchronous pread/pwrite of every offset.
+pub fn sync_io(
+    fd: RawFd,
+    offsets: &mut dyn Iterator<Item = u64>,
+    spec: &Spec<'_>,
+    buf: &mut AlignedBuf,
+    m: &mut Meter<'_>,
+) -> Result<()> {
+    let b = &mut buf.bytes()[..spec.block];
+    for off in offsets {
+        if m.expired() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let got = if spec.write {
+            if spec.varpct > 0 {
+                fill::fill(b, spec.file_id, off, spec.varpct);
+            }
+            // SAFETY: b is valid for spec.block bytes.
+            unsafe { libc::pwrite(fd, b.as_ptr().cast(), spec.block, off as libc::off_t) }
+        } else {
+            // SAFETY: b is valid for spec.block bytes.
+            unsafe { libc::pread(fd, b.as_mut_ptr().cast(), spec.block, off as libc::off_t) }
+        };
+        let got = if got < 0 {
+            -(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO) as isize)
+        } else {
+            got
+        };
+        check(spec, got, off)?;
+        if !spec.write {
+            after_read(spec, b, off)?;
+        }
+        m.done(start, spec.block as u64);
+    }
+    Ok(())
+}
+
+/// Asynchronous I/O through io_uring with `bufs.len()` operations in flight.
+pub fn uring_io(
+    ring: &mut io_uring::IoUring,
+    fd: RawFd,
+    offsets: &mut dyn Iterator<Item = u64>,
+    spec: &Spec<'_>,
+    bufs: &mut [AlignedBuf],
+    m: &mut Meter<'_>,
+) -> Result<()> {
+    use io_uring::{opcode, types};
+    let depth = bufs.len();
+    let mut slots: Vec<Option<(u64, Instant)>> = vec![None; depth];
+    let mut free: Vec<usize> = (0..depth).rev().collect();
+    let mut in_flight = 0usize;
+    let mut exhausted = false;
+    loop {
+        while !exhausted && !free.is_empty() {
+            if m.expired() {
+                exhausted = true;
+                break;
+            }
+            let Some(off) = offsets.next() else {
+                exhausted = true;
+                break;
+            };
+            let slot = free.pop().expect("a free slot");
+            let b = &mut bufs[slot].bytes()[..spec.block];
+            if spec.write && spec.varpct > 0 {
+                fill::fill(b, spec.file_id, off, spec.varpct);
+            }
+            let sqe = if spec.write {
+                opcode::Write::new(types::Fd(fd), b.as_ptr(), spec.block as u32)
+                    .offset(off)
+                    .build()
+            } else {
+                opcode::Read::new(types::Fd(fd), b.as_mut_ptr(), spec.block as u32)
+                    .offset(off)
+                    .build()
+            }
+            .user_data(slot as u64);
+            slots[slot] = Some((off, Instant::now()));
+            // SAFETY: the buffer stays alive and untouched until its completion is reaped.
+            unsafe { ring.submission().push(&sqe) }.expect("queue has room for depth entries");
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            return Ok(());
+        }
+        ring.submit_and_wait(1)
+            .map_err(|e| BenchError::io(format!("io_uring submit for {}", spec.path), e))?;
+        let done: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (slot, res) in done {
+            let slot = slot as usize;
+            let (off, start) = slots[slot].take().expect("completion for a submitted slot");
+            in_flight -= 1;
+            free.push(slot);
+            check(spec, res as isize, off)?;
+            if !spec.write {
+                after_read(spec, &bufs[slot].bytes()[..spec.block], off)?;
+            }
+            m.done(start, spec.block as u64);
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! What one worker thread does in each phase, in dir mode and file mode.
+
+use crate::config::{Config, Mode, Phase, RandAlgo};
+use crate::engine::{self, AlignedBuf, Meter, Spec};
+use crate::error::{BenchError, Result};
+use crate::fill::{Permutation, Rng};
+use crate::stats::Counters;
+use hdrhistogram::Histogram;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Buffer alignment: enough for O_DIRECT on every common filesystem and device.
+const ALIGN: usize = 4096;
+
+/// One worker's view of a phase.
+pub struct Worker<'a> {
+    /// The run.
+    pub cfg: &'a Config,
+    /// Thread number.
+    pub thread: usize,
+    /// Live counters of this thread.
+    pub counters: &'a Counters,
+    /// Descriptors shared by all threads (file mode with --sharedfd).
+    pub shared: &'a [File],
+}
+
+/// The block offsets a thread handles in a range of `blocks` blocks.
+fn offsets(
+    cfg: &Config,
+    first: u64,
+    blocks: u64,
+    seed: u64,
+) -> Box<dyn Iterator<Item = u64> + Send> {
+    let b = cfg.block;
+    match cfg.rand {
+        None => Box::new((first..first + blocks).map(move |i| i * b)),
+        Some(RandAlgo::Full) => {
+            Box::new(Permutation::new(blocks, seed).map(move |i| (first + i) * b))
+        }
+        Some(RandAlgo::Plain) => {
+            let mut r = Rng::new(seed);
+            Box::new((0..blocks).map(move |_| (first + r.below(blocks)) * b))
+        }
+    }
+}
+
+/// Opens a file for a data phase.
+pub fn open(
+    path: &Path,
+    write: bool,
+    create: bool,
+    trunc: bool,
+    direct: bool,
+) -> std::io::Result<File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(!write || !create)
+        .write(write)
+        .create(write && create)
+        .truncate(write && trunc);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.mode(0o644);
+    o.open(path)
+}
+
+impl Worker<'_> {
+    fn dir_path(&self, base: &Path, d: Option<u64>) -> PathBuf {
+        let t = base.join(format!("t{}", self.thread));
+        match d {
+            Some(d) => t.join(format!("d{d}")),
+            None => t,
+        }
+    }
+
+    fn file_id(&self, d: u64, f: u64) -> u64 {
+        (self.thread as u64 * self.cfg.dirs + d) * self.cfg.files + f
+    }
+
+    /// Runs `phase`; returns whether the time limit cut it short.
+    pub fn run(&self, phase: Phase, hist: &mut Histogram<u64>) -> Result<bool> {
+        let deadline = self.cfg.timelimit.map(|t| Instant::now() + t);
+        let mut m = Meter {
+            counters: self.counters,
+            hist,
+            deadline,
+            cut: false,
+        };
+        match &self.cfg.mode {
+            Mode::Dir(base) => self.dir_phase(base, phase, &mut m)?,
+            Mode::File(paths) => self.file_phase(paths, phase, &mut m)?,
+        }
+        Ok(m.cut)
+    }
+
+    /// Times one metadata operation and counts it as an entry.
+    fn meta(
+        &self,
+        m: &mut Meter<'_>,
+        what: impl FnOnce() -> std::io::Result<()>,
+        describe: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let start = Instant::now();
+        what().map_err(|e| BenchError::io(describe(), e))?;
+        m.hist.saturating_record(start.elapsed().as_nanos() as u64);
+        self.counters.op(0);
+        self.counters.entry();
+        Ok(())
+    }
+
+    fn dir_phase(&self, base: &Path, phase: Phase, m: &mut Meter<'_>) -> Result<()> {
+        let cfg = self.cfg;
+        let mut ring = None;
+        let mut bufs = Vec::new();
+        if matches!(phase, Phase::Write | Phase::Read) && cfg.size > 0 {
+            bufs = (0..cfg.iodepth)
+                .map(|_| AlignedBuf::new(cfg.block as usize, ALIGN))
+                .collect();
+            if cfg.blockvarpct == 0 {
+                for b in &mut bufs {
+                    crate::fill::fill(b.bytes(), self.thread as u64, 0, 100);
+                }
+            }
+            if cfg.iodepth > 1 {
+                ring = Some(
+                    io_uring::IoUring::new(cfg.iodepth as u32)
+                        .map_err(|e| BenchError::io("creating an io_uring", e))?,
+                );
+            }
+        }
+        if phase == Phase::Mkdirs {
+            let top = self.dir_path(base, None);
+            self.meta(m, || mkdir(&top), || format!("mkdir {}", top.display()))?;
+        }
+        for d in 0..cfg.dirs {
+            let dir = self.dir_path(base, Some(d));
+            match phase {
+                Phase::Mkdirs => {
+                    if m.expired() {
+                        return Ok(());
+                    }
+                    self.meta(m, || mkdir(&dir), || format!("mkdir {}", dir.display()))?;
+                    continue;
+                }
+                Phase::RmDirs => {
+                    if m.expired() {
+                        return Ok(());
+                    }
+                    self.meta(
+                        m,
+                        || std::fs::remove_dir(&dir),
+                        || format!("rmdir {}", dir.display()),
+                    )?;
+                    continue;
+                }
+                // Writing into a tree that -d did not make creates it, uncounted.
+                Phase::Write => std::fs::create_dir_all(&dir)
+                    .map_err(|e| BenchError::io(format!("creating {}", dir.display()), e))?,
+                _ => {}
+            }
+            for f in 0..cfg.files {
+                if m.expired() {
+                    return Ok(());
+                }
+                let path = dir.join(format!("f{f}"));
+                match phase {
+                    Phase::Stat => self.meta(
+                        m,
+                        || std::fs::metadata(&path).map(drop),
+                        || format!("stat {}", path.display()),
+                    )?,
+                    Phase::RmFiles => self.meta(
+                        m,
+                        || std::fs::remove_file(&path),
+                        || format!("unlink {}", path.display()),
+                    )?,
+                    Phase::Write | Phase::Read => {
+                        let write = phase == Phase::Write;
+                        let start = Instant::now();
+                        let file = open(&path, write, true, true, cfg.direct).map_err(|e| {
+                            BenchError::io(format!("opening {}", path.display()), e)
+                        })?;
+                        if cfg.size == 0 {
+                            m.hist.saturating_record(start.elapsed().as_nanos() as u64);
+                            self.counters.op(0);
+                        } else {
+                            let name = path.display().to_string();
+                            let spec = Spec {
+                                file_id: self.file_id(d, f),
+                                path: &name,
+                                block: cfg.block as usize,
+                                write,
+                                verify: cfg.verify && !write,
+                                varpct: cfg.blockvarpct,
+                            };
+                            let mut offs = offsets(cfg, 0, cfg.size / cfg.block, spec.file_id);
+                            match ring.as_mut() {
+                                Some(r) => engine::uring_io(
+                                    r,
+                                    file.as_raw_fd(),
+                                    &mut offs,
+                                    &spec,
+                                    &mut bufs,
+                                    m,
+                                )?,
+                                None => engine::sync_io(
+                                    file.as_raw_fd(),
+                                    &mut offs,
+                                    &spec,
+                                    &mut bufs[0],
+                                    m,
+                                )?,
+                            }
+                        }
+                        drop(file);
+                        if m.cut {
+                            return Ok(());
+                        }
+                        self.counters.entry();
+                    }
+                    Phase::Mkdirs | Phase::RmDirs => unreachable!("handled per directory"),
+                }
+            }
+        }
+        if phase == Phase::RmDirs && !m.cut {
+            let top = self.dir_path(base, None);
+            self.meta(
+                m,
+                || std::fs::remove_dir(&top),
+                || format!("rmdir {}", top.display()),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn file_phase(&self, paths: &[PathBuf], phase: Phase, m: &mut Meter<'_>) -> Result<()> {
+        let cfg = self.cfg;
+        let write = phase == Phase::Write;
+        let blocks = cfg.size / cfg.block;
+        let threads = cfg.threads as u64;
+        let (first, mine) = {
+            let t = self.thread as u64;
+            let lo = blocks * t / threads;
+            (lo, blocks * (t + 1) / threads - lo)
+        };
+        let mut bufs: Vec<AlignedBuf> = (0..cfg.iodepth)
+            .map(|_| AlignedBuf::new(cfg.block as usize, ALIGN))
+            .collect();
+        if cfg.blockvarpct == 0 {
+            for b in &mut bufs {
+                crate::fill::fill(b.bytes(), self.thread as u64, 0, 100);
+            }
+        }
+        let mut ring = if cfg.iodepth > 1 {
+            Some(
+                io_uring::IoUring::new(cfg.iodepth as u32)
+                    .map_err(|e| BenchError::io("creating an io_uring", e))?,
+            )
+        } else {
+            None
+        };
+        for (id, path) in paths.iter().enumerate() {
+            let own;
+            let file = match self.shared.get(id) {
+                Some(f) => f,
+                None => {
+                    own = open(path, write, true, false, cfg.direct)
+                        .map_err(|e| BenchError::io(format!("opening {}", path.display()), e))?;
+                    &own
+                }
+            };
+            let name = path.display().to_string();
+            let spec = Spec {
+                file_id: id as u64,
+                path: &name,
+                block: cfg.block as usize,
+                write,
+                verify: cfg.verify && !write,
+                varpct: cfg.blockvarpct,
+            };
+            let seed = (id as u64) << 32 | self.thread as u64;
+            let mut offs = offsets(cfg, first, mine, seed);
+            match ring.as_mut() {
+                Some(r) => engine::uring_io(r, file.as_raw_fd(), &mut offs, &spec, &mut bufs, m)?,
+                None => engine::sync_io(file.as_raw_fd(), &mut offs, &spec, &mut bufs[0], m)?,
+            }
+            if m.cut {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mkdir(p: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => Ok(()),
+        r => r,
+    }
+}

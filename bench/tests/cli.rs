@@ -1,0 +1,342 @@
+//! rbench end to end on real files: a temp dir, a tmpfs and a loop-mounted ext4.
+
+use assert_cmd::Command;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn rbench() -> Command {
+    Command::cargo_bin("rbench").unwrap()
+}
+
+fn results(json: &Path) -> Vec<Value> {
+    serde_json::from_slice::<Vec<Value>>(&std::fs::read(json).unwrap()).unwrap()
+}
+
+fn phase<'a>(rs: &'a [Value], name: &str) -> &'a Value {
+    rs.iter()
+        .find(|r| r["phase"] == name)
+        .unwrap_or_else(|| panic!("no {name} phase"))
+}
+
+fn tree_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().next().is_none()
+}
+
+/// Runs a failing command and returns its single stderr line.
+fn fails_with_one_line(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn dir_mode_counts_add_up_and_delete_leaves_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("t");
+    std::fs::create_dir(&target).unwrap();
+    let json = d.path().join("r.json");
+    rbench()
+        .args([
+            "-d", "-w", "-r", "--stat", "-F", "-D", "-t", "3", "-n", "2", "-N", "5", "-s", "256k",
+            "-b", "64k", "--verify",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg(&target)
+        .assert()
+        .success();
+    let rs = results(&json);
+    let files = 3 * 2 * 5;
+    for p in ["WRITE", "READ"] {
+        let r = phase(&rs, p);
+        assert_eq!(r["last"]["bytes"], files * 256 * 1024, "{p}");
+        assert_eq!(r["last"]["entries"], files, "{p}");
+        assert_eq!(r["last"]["ops"], files * 4, "{p}: 4 blocks per file");
+        assert_eq!(r["latency"]["count"], files * 4);
+        assert!(
+            r["latency"]["p99_us"].as_f64().unwrap() >= r["latency"]["p50_us"].as_f64().unwrap()
+        );
+        assert!(r["cpu_s"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(
+        phase(&rs, "MKDIRS")["last"]["entries"],
+        3 * 3,
+        "3 thread dirs + 6 dirs"
+    );
+    assert_eq!(phase(&rs, "STAT")["last"]["entries"], files);
+    assert_eq!(phase(&rs, "RMFILES")["last"]["entries"], files);
+    assert!(
+        tree_is_empty(&target),
+        "delete phases must leave the tree empty"
+    );
+}
+
+#[test]
+fn file_mode_io_uring_random_verify_and_csv() {
+    let d = tempfile::tempdir().unwrap();
+    let json = d.path().join("r.json");
+    let csv = d.path().join("r.csv");
+    let target = d.path().join("data[1-2]");
+    for depth in ["1", "16"] {
+        rbench()
+            .args([
+                "-w",
+                "-r",
+                "-t",
+                "2",
+                "-s",
+                "4m",
+                "-b",
+                "4k",
+                "--rand",
+                "--verify",
+                "--iodepth",
+                depth,
+            ])
+            .arg("--json")
+            .arg(&json)
+            .arg("--csv")
+            .arg(&csv)
+            .arg(target.to_str().unwrap())
+            .assert()
+            .success();
+        let rs = results(&json);
+        for p in ["WRITE", "READ"] {
+            assert_eq!(
+                phase(&rs, p)["last"]["bytes"],
+                (2 * 4) << 20,
+                "{p} at depth {depth}: both files, whole range"
+            );
+            assert_eq!(phase(&rs, p)["last"]["ops"], 2 * 1024);
+        }
+    }
+    assert_eq!(
+        std::fs::metadata(d.path().join("data1")).unwrap().len(),
+        4 << 20
+    );
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().starts_with("label,phase,iteration"));
+    assert_eq!(
+        lines.count(),
+        4,
+        "two runs of two phases appended under one header"
+    );
+    assert!(text.contains("lat_p9999_us"));
+}
+
+#[test]
+fn verify_catches_corruption() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("f");
+    rbench()
+        .args(["-w", "-s", "1m", "-b", "64k"])
+        .arg(&f)
+        .assert()
+        .success();
+    let mut data = std::fs::read(&f).unwrap();
+    data[300_000] ^= 0xff;
+    std::fs::write(&f, data).unwrap();
+    let out = rbench()
+        .args(["-r", "--verify", "-s", "1m", "-b", "64k"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("verify failed") && err.contains("offset 262144"),
+        "{err}"
+    );
+}
+
+#[test]
+fn time_limit_stops_a_phase() {
+    let d = tempfile::tempdir().unwrap();
+    let json = d.path().join("r.json");
+    rbench()
+        .args(["-w", "-s", "100g", "-b", "1m", "--timelimit", "1", "--json"])
+        .arg(&json)
+        .arg(d.path().join("sparse"))
+        .assert()
+        .success();
+    let r = &results(&json)[0];
+    assert_eq!(r["time_limited"], true);
+    let ms = r["last"]["elapsed_ms"].as_f64().unwrap();
+    assert!((900.0..5000.0).contains(&ms), "{ms} ms");
+}
+
+#[test]
+fn bad_input_is_one_line_exit_2_and_touches_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path();
+    for args in [
+        vec!["-w", "-s", "12q"],
+        vec!["-w", "-s", "1m", "-t", "0"],
+        vec!["-w", "-s", "1m", "-b", "4m"],
+        vec!["-w", "-s", "1m", "-b", "0"],
+        vec!["-w", "-s", "1m", "--iodepth", "0"],
+        vec!["-s", "1m"],
+        vec!["-w", "-s", "1m", "--blockvarpct", "50", "--verify"],
+        vec!["-w", "-s", "1m", "--no-such-flag"],
+    ] {
+        let err = fails_with_one_line(rbench().args(&args).arg(t));
+        assert!(err.starts_with("rbench: "), "{err}");
+    }
+    let missing = t.join("missing/dir/file");
+    let err = fails_with_one_line(rbench().args(["-w", "-s", "1m"]).arg(&missing));
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(tree_is_empty(t), "bad input created files");
+}
+
+/// A ramfs mount (which refuses O_DIRECT), removed when dropped.
+struct Ramfs(tempfile::TempDir);
+
+impl Ramfs {
+    fn new() -> Self {
+        let d = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(d.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mounting a ramfs needs root");
+        Self(d)
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn direct_where_refused_is_a_clean_error() {
+    let fs = Ramfs::new();
+    let err = fails_with_one_line(
+        rbench()
+            .args(["-w", "-s", "1m", "-b", "4k", "--direct"])
+            .arg(fs.0.path()),
+    );
+    assert!(err.contains("refuses O_DIRECT"), "{err}");
+    assert!(
+        tree_is_empty(fs.0.path()),
+        "no probe or data file may be left"
+    );
+}
+
+#[test]
+fn tmpfs_buffered_and_direct() {
+    let d = tempfile::tempdir_in("/dev/shm").unwrap();
+    rbench()
+        .args(["-w", "-r", "-F", "-s", "1m", "-b", "4k", "--verify"])
+        .arg(d.path())
+        .assert()
+        .success();
+    // tmpfs takes O_DIRECT since Linux 6.6; older kernels refuse it cleanly.
+    let probe = d.path().join("probe");
+    let accepts = {
+        use std::os::unix::fs::OpenOptionsExt;
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe);
+        let _ = std::fs::remove_file(&probe);
+        r.is_ok()
+    };
+    let mut cmd = rbench();
+    cmd.args(["-w", "-r", "-s", "1m", "-b", "4k", "--direct", "--verify"])
+        .arg(d.path());
+    if accepts {
+        cmd.assert().success();
+    } else {
+        let err = fails_with_one_line(&mut cmd);
+        assert!(err.contains("O_DIRECT"), "{err}");
+    }
+}
+
+/// An ext4 filesystem on a loop device, mounted until dropped.
+struct LoopExt4 {
+    dir: tempfile::TempDir,
+}
+
+impl LoopExt4 {
+    fn new() -> Self {
+        assert!(
+            std::fs::metadata("/dev/loop-control").is_ok(),
+            "loop devices are required for this test"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(256 << 20)
+            .unwrap();
+        let ok = |c: &mut std::process::Command| assert!(c.status().unwrap().success(), "{c:?}");
+        ok(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img));
+        std::fs::create_dir(dir.path().join("mnt")).unwrap();
+        ok(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(dir.path().join("mnt")));
+        Self { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.path())
+            .status();
+    }
+}
+
+#[test]
+fn direct_io_on_loop_mounted_ext4() {
+    let fs = LoopExt4::new();
+    let json = fs.dir.path().join("r.json");
+    rbench()
+        .args([
+            "-w",
+            "-r",
+            "-F",
+            "-t",
+            "2",
+            "-N",
+            "4",
+            "-s",
+            "2m",
+            "-b",
+            "16k",
+            "--direct",
+            "--iodepth",
+            "8",
+            "--verify",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg(fs.path())
+        .assert()
+        .success();
+    let rs = results(&json);
+    assert_eq!(phase(&rs, "READ")["last"]["bytes"], (2 * 4 * 2) << 20);
+    let err = fails_with_one_line(
+        rbench()
+            .args(["-w", "-s", "1m", "-b", "1000", "--direct"])
+            .arg(fs.path()),
+    );
+    assert!(err.contains("multiples of"), "{err}");
+}
