@@ -38,6 +38,45 @@ impl Phase {
     }
 }
 
+/// posix_fadvise hints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Fadvise {
+    /// POSIX_FADV_SEQUENTIAL
+    Seq,
+    /// POSIX_FADV_RANDOM
+    Rand,
+    /// POSIX_FADV_WILLNEED
+    Willneed,
+    /// POSIX_FADV_DONTNEED
+    Dontneed,
+    /// POSIX_FADV_NOREUSE
+    Noreuse,
+}
+
+impl Fadvise {
+    /// The libc constant.
+    pub fn advice(self) -> libc::c_int {
+        match self {
+            Fadvise::Seq => libc::POSIX_FADV_SEQUENTIAL,
+            Fadvise::Rand => libc::POSIX_FADV_RANDOM,
+            Fadvise::Willneed => libc::POSIX_FADV_WILLNEED,
+            Fadvise::Dontneed => libc::POSIX_FADV_DONTNEED,
+            Fadvise::Noreuse => libc::POSIX_FADV_NOREUSE,
+        }
+    }
+}
+
+/// When to show the live progress line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Progress {
+    /// Only when stderr is a terminal.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
 /// How random offsets are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RandAlgo {
@@ -129,6 +168,30 @@ pub struct Args {
     /// File mode: threads share one file descriptor per file instead of opening their own.
     #[arg(long)]
     pub sharedfd: bool,
+    /// Reserve each file's full size with fallocate before writing.
+    #[arg(long)]
+    pub prealloc: bool,
+    /// File mode: truncate regular files to --size before the write phase.
+    #[arg(long)]
+    pub trunc: bool,
+    /// posix_fadvise hint for every opened file.
+    #[arg(long, value_enum)]
+    pub fadvise: Option<Fadvise>,
+    /// Percentage of the write phase's blocks that are reads instead (mixed I/O).
+    #[arg(long)]
+    pub rwmixpct: Option<String>,
+    /// Per-thread write rate limit, e.g. 50m (bytes per second).
+    #[arg(long, value_name = "SIZE/s")]
+    pub limitwrite: Option<String>,
+    /// Per-thread read rate limit, e.g. 50m (bytes per second).
+    #[arg(long, value_name = "SIZE/s")]
+    pub limitread: Option<String>,
+    /// Draw each phase's latency histogram and throughput over time into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub chart: Option<PathBuf>,
+    /// Live single-line progress: auto (only on a terminal), always or never.
+    #[arg(long, value_enum, default_value_t = Progress::Auto)]
+    pub progress: Progress,
     /// Label written into every result.
     #[arg(long, default_value = "")]
     pub label: String,
@@ -186,6 +249,22 @@ pub struct Config {
     pub blockvarpct: u8,
     /// Shared file descriptors in file mode.
     pub sharedfd: bool,
+    /// fallocate before writing.
+    pub prealloc: bool,
+    /// Truncate file-mode targets before writing.
+    pub trunc: bool,
+    /// fadvise hint.
+    pub fadvise: Option<Fadvise>,
+    /// Percentage of reads in the write phase.
+    pub rwmixpct: Option<u8>,
+    /// Per-thread write limit, bytes/s.
+    pub limit_write: Option<u64>,
+    /// Per-thread read limit, bytes/s.
+    pub limit_read: Option<u64>,
+    /// SVG chart output.
+    pub chart: Option<PathBuf>,
+    /// Show the progress line.
+    pub progress: bool,
     /// Result label.
     pub label: String,
     /// JSON output.
@@ -207,6 +286,14 @@ fn count(s: &str, what: &str, min: u64) -> Result<u64, String> {
 
 fn size(s: &str, what: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| format!("{what}: {e}"))
+}
+
+fn rate(s: &str, what: &str) -> Result<u64, String> {
+    let v = size(s.trim_end_matches("/s"), what)?;
+    if v == 0 {
+        return Err(format!("{what} must be larger than 0"));
+    }
+    Ok(v)
 }
 
 /// Size of a block device or regular file.
@@ -409,6 +496,27 @@ impl Config {
                 ));
             }
         }
+        let rwmixpct = a
+            .rwmixpct
+            .as_deref()
+            .map(|v| count(v, "--rwmixpct", 0))
+            .transpose()?
+            .map(|p| {
+                if p > 100 {
+                    Err("--rwmixpct is a percentage: 0 to 100".to_owned())
+                } else {
+                    Ok(p as u8)
+                }
+            })
+            .transpose()?;
+        if rwmixpct.is_some() && !phases.contains(&Phase::Write) {
+            return Err("--rwmixpct mixes reads into the write phase: add -w".into());
+        }
+        if rwmixpct.is_some() && a.verify {
+            return Err(
+                "--verify cannot check blocks that --rwmixpct reads before they are written".into(),
+            );
+        }
         Ok(Self {
             mode,
             phases,
@@ -427,6 +535,26 @@ impl Config {
             verify: a.verify,
             blockvarpct: blockvarpct as u8,
             sharedfd: a.sharedfd,
+            prealloc: a.prealloc,
+            trunc: a.trunc,
+            fadvise: a.fadvise,
+            rwmixpct,
+            limit_write: a
+                .limitwrite
+                .as_deref()
+                .map(|v| rate(v, "--limitwrite"))
+                .transpose()?,
+            limit_read: a
+                .limitread
+                .as_deref()
+                .map(|v| rate(v, "--limitread"))
+                .transpose()?,
+            chart: a.chart,
+            progress: match a.progress {
+                Progress::Always => true,
+                Progress::Never => false,
+                Progress::Auto => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            },
             label: a.label,
             json: a.json,
             csv: a.csv,

@@ -59,6 +59,50 @@ pub struct Spec<'a> {
     pub verify: bool,
     /// Percentage of a block refilled per write.
     pub varpct: u8,
+    /// In a write phase, percentage of blocks read instead (0: none).
+    pub mix_read_pct: u8,
+}
+
+/// Reads mixed into a write phase (`--rwmixpct`), counted apart.
+pub struct Mixed {
+    /// Live counters of the mixed reads, shared with the coordinator.
+    pub counters: std::sync::Arc<Counters>,
+    /// Their latency in ns.
+    pub hist: Histogram<u64>,
+    /// Decides which blocks are reads.
+    pub rng: fill::Rng,
+}
+
+/// Spaces operations evenly to hold a rate (`--limitread`, `--limitwrite`).
+pub struct Pacer {
+    start: Instant,
+    interval: std::time::Duration,
+    n: u32,
+}
+
+impl Pacer {
+    /// `block`-byte operations at `rate` bytes per second.
+    pub fn new(block: u64, rate: u64) -> Self {
+        Self {
+            start: Instant::now(),
+            interval: std::time::Duration::from_secs_f64(block as f64 / rate as f64),
+            n: 0,
+        }
+    }
+
+    /// Waits for the next operation's slot and returns its scheduled start.
+    /// Latency is measured from that instant, not from when the operation
+    /// really began, so a stall that delays later operations still counts
+    /// against them (no coordinated omission).
+    fn next(&mut self) -> Instant {
+        let at = self.start + self.interval * self.n;
+        self.n += 1;
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        at
+    }
 }
 
 /// Per-thread accounting shared by the engines.
@@ -71,6 +115,10 @@ pub struct Meter<'a> {
     pub deadline: Option<Instant>,
     /// Set when the deadline stopped the work.
     pub cut: bool,
+    /// Rate limit, if any.
+    pub pacer: Option<Pacer>,
+    /// Mixed reads, if any.
+    pub mixed: Option<&'a mut Mixed>,
 }
 
 impl Meter<'_> {
@@ -84,16 +132,42 @@ impl Meter<'_> {
     }
 
     #[inline]
-    fn done(&mut self, start: Instant, bytes: u64) {
-        self.hist
-            .saturating_record(start.elapsed().as_nanos() as u64);
-        self.counters.op(bytes);
+    fn done(&mut self, start: Instant, bytes: u64, mixed_read: bool) {
+        let ns = start.elapsed().as_nanos() as u64;
+        match (&mut self.mixed, mixed_read) {
+            (Some(mx), true) => {
+                mx.hist.saturating_record(ns);
+                mx.counters.op(bytes);
+            }
+            _ => {
+                self.hist.saturating_record(ns);
+                self.counters.op(bytes);
+            }
+        }
+    }
+
+    /// Start instant of the next operation (waiting for its slot when rate-limited).
+    #[inline]
+    fn begin(&mut self) -> Instant {
+        match &mut self.pacer {
+            Some(p) => p.next(),
+            None => Instant::now(),
+        }
+    }
+
+    /// Whether the next block of a write phase is a mixed-in read.
+    #[inline]
+    fn mixed_read(&mut self, spec: &Spec<'_>) -> bool {
+        match &mut self.mixed {
+            Some(mx) if spec.write => mx.rng.below(100) < u64::from(spec.mix_read_pct),
+            _ => false,
+        }
     }
 }
 
-fn check(spec: &Spec<'_>, got: isize, offset: u64) -> Result<()> {
+fn check(spec: &Spec<'_>, write: bool, got: isize, offset: u64) -> Result<()> {
     if got < 0 {
-        let op = if spec.write { "writing" } else { "reading" };
+        let op = if write { "writing" } else { "reading" };
         return Err(BenchError::io(
             format!("{op} {} at offset {offset}", spec.path),
             std::io::Error::from_raw_os_error(-got as i32),
@@ -101,7 +175,7 @@ fn check(spec: &Spec<'_>, got: isize, offset: u64) -> Result<()> {
     }
     if got as usize != spec.block {
         return Err(BenchError::Short {
-            op: if spec.write { "write" } else { "read" },
+            op: if write { "write" } else { "read" },
             got: got as usize,
             want: spec.block,
             offset,
@@ -135,8 +209,10 @@ pub fn sync_io(
         if m.expired() {
             return Ok(());
         }
-        let start = Instant::now();
-        let got = if spec.write {
+        let read_instead = m.mixed_read(spec);
+        let write = spec.write && !read_instead;
+        let start = m.begin();
+        let got = if write {
             if spec.varpct > 0 {
                 fill::fill(b, spec.file_id, off, spec.varpct);
             }
@@ -153,11 +229,11 @@ pub fn sync_io(
         } else {
             got
         };
-        check(spec, got, off)?;
+        check(spec, write, got, off)?;
         if !spec.write {
             after_read(spec, b, off)?;
         }
-        m.done(start, spec.block as u64);
+        m.done(start, spec.block as u64, read_instead);
     }
     Ok(())
 }
@@ -173,7 +249,7 @@ pub fn uring_io(
 ) -> Result<()> {
     use io_uring::{opcode, types};
     let depth = bufs.len();
-    let mut slots: Vec<Option<(u64, Instant)>> = vec![None; depth];
+    let mut slots: Vec<Option<(u64, Instant, bool)>> = vec![None; depth];
     let mut free: Vec<usize> = (0..depth).rev().collect();
     let mut in_flight = 0usize;
     let mut exhausted = false;
@@ -188,11 +264,14 @@ pub fn uring_io(
                 break;
             };
             let slot = free.pop().expect("a free slot");
+            let read_instead = m.mixed_read(spec);
+            let write = spec.write && !read_instead;
+            let start = m.begin();
             let b = &mut bufs[slot].bytes()[..spec.block];
-            if spec.write && spec.varpct > 0 {
+            if write && spec.varpct > 0 {
                 fill::fill(b, spec.file_id, off, spec.varpct);
             }
-            let sqe = if spec.write {
+            let sqe = if write {
                 opcode::Write::new(types::Fd(fd), b.as_ptr(), spec.block as u32)
                     .offset(off)
                     .build()
@@ -202,7 +281,7 @@ pub fn uring_io(
                     .build()
             }
             .user_data(slot as u64);
-            slots[slot] = Some((off, Instant::now()));
+            slots[slot] = Some((off, start, read_instead));
             // SAFETY: the buffer stays alive and untouched until its completion is reaped.
             unsafe { ring.submission().push(&sqe) }.expect("queue has room for depth entries");
             in_flight += 1;
@@ -218,14 +297,39 @@ pub fn uring_io(
             .collect();
         for (slot, res) in done {
             let slot = slot as usize;
-            let (off, start) = slots[slot].take().expect("completion for a submitted slot");
+            let (off, start, read_instead) =
+                slots[slot].take().expect("completion for a submitted slot");
             in_flight -= 1;
             free.push(slot);
-            check(spec, res as isize, off)?;
+            check(spec, spec.write && !read_instead, res as isize, off)?;
             if !spec.write {
                 after_read(spec, &bufs[slot].bytes()[..spec.block], off)?;
             }
-            m.done(start, spec.block as u64);
+            m.done(start, spec.block as u64, read_instead);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn pacer_charges_stalls_to_the_operations_they_delay() {
+        // 1 ms per operation. After a 20 ms stall the next operations are
+        // late; their latency counts from their scheduled starts.
+        let mut p = Pacer::new(1, 1000);
+        let first = p.next();
+        std::thread::sleep(Duration::from_millis(20));
+        let second = p.next();
+        assert_eq!(second - first, Duration::from_millis(1));
+        assert!(second.elapsed() >= Duration::from_millis(18), "a late start is charged as latency");
+        // Once caught up, the pacer waits again.
+        for _ in 0..30 {
+            p.next();
+        }
+        let on_time = p.next();
+        assert!(on_time.elapsed() < Duration::from_millis(5));
     }
 }

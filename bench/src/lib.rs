@@ -2,6 +2,7 @@
 //! over these modules: configuration, per-thread work, I/O engines,
 //! statistics and printers.
 
+pub mod chart;
 pub mod config;
 pub mod engine;
 pub mod error;

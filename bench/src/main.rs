@@ -53,5 +53,9 @@ fn execute(args: Args) -> Result<(), BenchError> {
     if let Some(p) = &cfg.csv {
         report::append_csv(p, &results)?;
     }
+    if let Some(p) = &cfg.chart {
+        std::fs::write(p, rbench::chart::render(&results))
+            .map_err(|e| BenchError::io(format!("writing {}", p.display()), e))?;
+    }
     Ok(())
 }

@@ -2,12 +2,33 @@
 //! takes the first-done and last-done figures, and measures its own CPU time.
 
 use crate::config::{Config, Mode, Phase};
+use crate::engine::Mixed;
 use crate::error::{BenchError, Result};
-use crate::stats::{self, Counters, Done, Latency, PhaseResult, Totals};
+use crate::fill::Rng;
+use crate::stats::{self, Counters, Done, Latency, PhaseResult, Sample, Totals};
 use crate::work::{self, Worker};
 use std::fs::File;
+use std::sync::Arc;
 use std::sync::{Barrier, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How often throughput is sampled (and the progress line redrawn).
+const TICK: Duration = Duration::from_millis(100);
+
+fn progress(phase: Phase, done: usize, threads: usize, s: &Sample, elapsed: Duration) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r\x1b[2K{:<8} {:>7.1}s  {:>9.1} MiB/s  {:>10.0} IOPS  {:>9.0} entries/s  {done}/{threads} threads done",
+        phase.name(),
+        elapsed.as_secs_f64(),
+        s.mib_per_s,
+        s.iops,
+        s.entries_per_s
+    );
+    let _ = err.flush();
+}
 
 /// Runs every iteration of every phase, handing each result to `sink` as
 /// soon as it is known.
@@ -16,9 +37,52 @@ pub fn run(cfg: &Config, sink: &mut dyn FnMut(&PhaseResult) -> Result<()>) -> Re
     while cfg.iterations.is_none_or(|n| iteration < n) {
         iteration += 1;
         for &phase in &cfg.phases {
-            let r = run_phase(cfg, phase, iteration)?;
-            sink(&r)?;
+            prepare_targets(cfg, phase)?;
+            for r in run_phase(cfg, phase, iteration)? {
+                sink(&r)?;
+            }
             after_phase(cfg)?;
+        }
+    }
+    Ok(())
+}
+
+/// File mode, before writing: --trunc recreates regular files at --size,
+/// --prealloc reserves them, mixed reads need the full size present.
+fn prepare_targets(cfg: &Config, phase: Phase) -> Result<()> {
+    let Mode::File(paths) = &cfg.mode else {
+        return Ok(());
+    };
+    if phase != Phase::Write || !(cfg.trunc || cfg.prealloc || cfg.rwmixpct.is_some()) {
+        return Ok(());
+    }
+    for p in paths {
+        if std::fs::metadata(p).is_ok_and(|m| !m.is_file()) {
+            continue;
+        }
+        let io = |e| BenchError::io(format!("preparing {}", p.display()), e);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(cfg.trunc)
+            .open(p)
+            .map_err(io)?;
+        if cfg.prealloc {
+            // SAFETY: fallocate on an open descriptor.
+            if unsafe {
+                libc::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    0,
+                    0,
+                    cfg.size as libc::off_t,
+                )
+            } != 0
+            {
+                return Err(io(std::io::Error::last_os_error()));
+            }
+        }
+        if f.metadata().map_err(io)?.len() < cfg.size {
+            f.set_len(cfg.size).map_err(io)?;
         }
     }
     Ok(())
@@ -37,18 +101,28 @@ fn shared_fds(cfg: &Config, phase: Phase) -> Result<Vec<File>> {
     }
 }
 
-/// Runs one phase on all threads.
-pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<PhaseResult> {
+/// Runs one phase on all threads; a write phase with `--rwmixpct` also
+/// yields the mixed-in reads as a second result (RWMIXREAD).
+pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<PhaseResult>> {
     let shared = shared_fds(cfg, phase)?;
     let counters: Vec<Counters> = (0..cfg.threads).map(|_| Counters::default()).collect();
+    let mixing = phase == Phase::Write && cfg.rwmixpct.is_some();
+    let mix_counters: Vec<Arc<Counters>> = (0..cfg.threads).map(|_| Arc::default()).collect();
     let barrier = Barrier::new(cfg.threads + 1);
     let (tx, rx) = mpsc::channel();
     let (user0, sys0) = stats::cpu_times();
-    let mut first: Option<(Totals, Instant)> = None;
+    let mut first: Option<(Totals, Totals, Instant)> = None;
     let mut outcomes = Vec::with_capacity(cfg.threads);
+    let mut series = Vec::new();
+    let mut mix_series = Vec::new();
     std::thread::scope(|s| {
         for (thread, c) in counters.iter().enumerate() {
             let (tx, barrier, shared) = (tx.clone(), &barrier, &shared);
+            let mut mixed = mixing.then(|| Mixed {
+                counters: mix_counters[thread].clone(),
+                hist: stats::new_histogram(),
+                rng: Rng::new(0x6d69_7800 ^ thread as u64),
+            });
             s.spawn(move || {
                 let w = Worker {
                     cfg,
@@ -59,21 +133,55 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<PhaseResu
                 let mut hist = stats::new_histogram();
                 barrier.wait();
                 let begun = Instant::now();
-                let r = w.run(phase, &mut hist);
-                let _ = tx.send((r.map(|cut| (hist, cut)), begun, Instant::now()));
+                let r = w.run(phase, &mut hist, mixed.as_mut());
+                let mixed_hist = mixed.map(|m| m.hist);
+                let _ = tx.send((r.map(|cut| (hist, mixed_hist, cut)), begun, Instant::now()));
             });
         }
         drop(tx);
         barrier.wait();
-        for (outcome, begun, end) in rx.iter() {
-            if first.is_none() {
-                let totals = counters
-                    .iter()
-                    .map(Counters::snapshot)
-                    .fold(Totals::default(), |a, b| a + b);
-                first = Some((totals, end));
+        let t0 = Instant::now();
+        let mut prev = (Duration::ZERO, Totals::default());
+        let mut mix_prev = prev;
+        loop {
+            match rx.recv_timeout(TICK) {
+                Ok((outcome, begun, end)) => {
+                    if first.is_none() {
+                        first = Some((
+                            sum(counters.iter()),
+                            sum(mix_counters.iter().map(|c| &**c)),
+                            end,
+                        ));
+                    }
+                    outcomes.push((outcome, begun, end));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = (t0.elapsed(), sum(counters.iter()));
+                    let sample = Sample::between(prev, now);
+                    if cfg.progress {
+                        progress(phase, outcomes.len(), cfg.threads, &sample, now.0);
+                    }
+                    series.push(sample);
+                    prev = now;
+                    if mixing {
+                        let m = (now.0, sum(mix_counters.iter().map(|c| &**c)));
+                        mix_series.push(Sample::between(mix_prev, m));
+                        mix_prev = m;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            outcomes.push((outcome, begun, end));
+        }
+        let now = (t0.elapsed(), sum(counters.iter()));
+        if now.0 > prev.0 {
+            series.push(Sample::between(prev, now));
+            if mixing {
+                let m = (now.0, sum(mix_counters.iter().map(|c| &**c)));
+                mix_series.push(Sample::between(mix_prev, m));
+            }
+        }
+        if cfg.progress {
+            eprint!("\r\x1b[2K");
         }
     });
     let (user1, sys1) = stats::cpu_times();
@@ -85,20 +193,22 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<PhaseResu
         .min()
         .expect("at least one thread");
     let mut hist = stats::new_histogram();
+    let mut mix_hist = stats::new_histogram();
     let mut cut = false;
     let mut last_end = start;
     for (outcome, _, end) in outcomes {
-        let (h, c) = outcome?;
+        let (h, mh, c) = outcome?;
         hist.add(&h).expect("histograms share bounds");
+        if let Some(mh) = mh {
+            mix_hist.add(&mh).expect("histograms share bounds");
+        }
         cut |= c;
         last_end = last_end.max(end);
     }
-    let totals = counters
-        .iter()
-        .map(Counters::snapshot)
-        .fold(Totals::default(), |a, b| a + b);
-    let (first_totals, first_end) = first.unwrap_or((totals, last_end));
-    Ok(PhaseResult {
+    let totals = sum(counters.iter());
+    let mix_totals = sum(mix_counters.iter().map(|c| &**c));
+    let (first_totals, first_mix, first_end) = first.unwrap_or((totals, mix_totals, last_end));
+    let mut results = vec![PhaseResult {
         label: cfg.label.clone(),
         phase: phase.name().to_owned(),
         iteration,
@@ -115,7 +225,28 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<PhaseResu
         cpu_user_s: user1 - user0,
         cpu_sys_s: sys1 - sys0,
         time_limited: cut,
-    })
+        series,
+        histogram: stats::buckets(&hist),
+    }];
+    if mixing {
+        let mixed = PhaseResult {
+            phase: "RWMIXREAD".into(),
+            first: Done::new(first_mix, first_end - start),
+            last: Done::new(mix_totals, last_end - start),
+            latency: Latency::from_histogram(&mix_hist),
+            series: mix_series,
+            histogram: stats::buckets(&mix_hist),
+            ..results[0].clone()
+        };
+        results.push(mixed);
+    }
+    Ok(results)
+}
+
+fn sum<'c>(counters: impl Iterator<Item = &'c Counters>) -> Totals {
+    counters
+        .map(Counters::snapshot)
+        .fold(Totals::default(), |a, b| a + b)
 }
 
 fn after_phase(cfg: &Config) -> Result<()> {

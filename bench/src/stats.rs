@@ -178,6 +178,58 @@ pub struct PhaseResult {
     pub cpu_sys_s: f64,
     /// Whether `--timelimit` cut the phase short.
     pub time_limited: bool,
+    /// Throughput over time, one sample per interval.
+    pub series: Vec<Sample>,
+    /// Latency distribution in log-spaced buckets.
+    pub histogram: Vec<Bucket>,
+}
+
+/// Rates over one sampling interval.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sample {
+    /// End of the interval, ms since the phase started.
+    pub t_ms: f64,
+    /// MiB/s in the interval.
+    pub mib_per_s: f64,
+    /// Operations per second in the interval.
+    pub iops: f64,
+    /// Entries per second in the interval.
+    pub entries_per_s: f64,
+}
+
+impl Sample {
+    /// Rates between two snapshots.
+    pub fn between(prev: (Duration, Totals), now: (Duration, Totals)) -> Self {
+        let dt = (now.0 - prev.0).as_secs_f64().max(1e-9);
+        Self {
+            t_ms: now.0.as_secs_f64() * 1e3,
+            mib_per_s: (now.1.bytes - prev.1.bytes) as f64 / dt / 1048576.0,
+            iops: (now.1.ops - prev.1.ops) as f64 / dt,
+            entries_per_s: (now.1.entries - prev.1.entries) as f64 / dt,
+        }
+    }
+}
+
+/// Operations whose latency fell at or below `le_us` (and above the previous bucket).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Bucket {
+    /// Upper bound, microseconds.
+    pub le_us: f64,
+    /// Operations in the bucket.
+    pub count: u64,
+}
+
+/// Log-spaced buckets (doubling from 1 us) of a nanosecond histogram.
+pub fn buckets(h: &Histogram<u64>) -> Vec<Bucket> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    h.iter_log(1000, 2.0)
+        .map(|v| Bucket {
+            le_us: v.value_iterated_to() as f64 / 1e3,
+            count: v.count_since_last_iteration(),
+        })
+        .collect()
 }
 
 /// User and system CPU time of this process so far.

@@ -1,7 +1,7 @@
 //! What one worker thread does in each phase, in dir mode and file mode.
 
 use crate::config::{Config, Mode, Phase, RandAlgo};
-use crate::engine::{self, AlignedBuf, Meter, Spec};
+use crate::engine::{self, AlignedBuf, Meter, Mixed, Pacer, Spec};
 use crate::error::{BenchError, Result};
 use crate::fill::{Permutation, Rng};
 use crate::stats::Counters;
@@ -56,7 +56,8 @@ pub fn open(
     direct: bool,
 ) -> std::io::Result<File> {
     let mut o = std::fs::OpenOptions::new();
-    o.read(!write || !create)
+    // Read access too: --rwmixpct reads from files opened for writing.
+    o.read(true)
         .write(write)
         .create(write && create)
         .truncate(write && trunc);
@@ -67,7 +68,7 @@ pub fn open(
     o.open(path)
 }
 
-impl Worker<'_> {
+impl<'a> Worker<'a> {
     fn dir_path(&self, base: &Path, d: Option<u64>) -> PathBuf {
         let t = base.join(format!("t{}", self.thread));
         match d {
@@ -81,13 +82,26 @@ impl Worker<'_> {
     }
 
     /// Runs `phase`; returns whether the time limit cut it short.
-    pub fn run(&self, phase: Phase, hist: &mut Histogram<u64>) -> Result<bool> {
-        let deadline = self.cfg.timelimit.map(|t| Instant::now() + t);
+    pub fn run(
+        &self,
+        phase: Phase,
+        hist: &mut Histogram<u64>,
+        mixed: Option<&mut Mixed>,
+    ) -> Result<bool> {
+        let cfg = self.cfg;
+        let deadline = cfg.timelimit.map(|t| Instant::now() + t);
+        let limit = match phase {
+            Phase::Write => cfg.limit_write,
+            Phase::Read => cfg.limit_read,
+            _ => None,
+        };
         let mut m = Meter {
             counters: self.counters,
             hist,
             deadline,
             cut: false,
+            pacer: limit.map(|rate| Pacer::new(cfg.block, rate)),
+            mixed,
         };
         match &self.cfg.mode {
             Mode::Dir(base) => self.dir_phase(base, phase, &mut m)?,
@@ -195,7 +209,11 @@ impl Worker<'_> {
                                 write,
                                 verify: cfg.verify && !write,
                                 varpct: cfg.blockvarpct,
+                                mix_read_pct: if write { cfg.rwmixpct.unwrap_or(0) } else { 0 },
                             };
+                            prepare(&file, cfg, write).map_err(|e| {
+                                BenchError::io(format!("preparing {}", path.display()), e)
+                            })?;
                             let mut offs = offsets(cfg, 0, cfg.size / cfg.block, spec.file_id);
                             match ring.as_mut() {
                                 Some(r) => engine::uring_io(
@@ -280,7 +298,12 @@ impl Worker<'_> {
                 write,
                 verify: cfg.verify && !write,
                 varpct: cfg.blockvarpct,
+                mix_read_pct: if write { cfg.rwmixpct.unwrap_or(0) } else { 0 },
             };
+            if self.shared.is_empty() {
+                advise(file, cfg)
+                    .map_err(|e| BenchError::io(format!("fadvise {}", path.display()), e))?;
+            }
             let seed = (id as u64) << 32 | self.thread as u64;
             let mut offs = offsets(cfg, first, mine, seed);
             match ring.as_mut() {
@@ -300,4 +323,32 @@ fn mkdir(p: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => Ok(()),
         r => r,
     }
+}
+
+/// fadvise, as asked.
+pub fn advise(file: &File, cfg: &Config) -> std::io::Result<()> {
+    if let Some(a) = cfg.fadvise {
+        // SAFETY: posix_fadvise on an open descriptor.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, a.advice()) };
+        if r != 0 {
+            return Err(std::io::Error::from_raw_os_error(r));
+        }
+    }
+    Ok(())
+}
+
+/// Per-file set-up in dir mode: fadvise, fallocate, and full size when reads
+/// are mixed into writes (so they never hit end of file).
+fn prepare(file: &File, cfg: &Config, write: bool) -> std::io::Result<()> {
+    advise(file, cfg)?;
+    if write && cfg.prealloc {
+        // SAFETY: fallocate on an open descriptor.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, cfg.size as libc::off_t) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    if write && cfg.rwmixpct.is_some() {
+        file.set_len(cfg.size)?;
+    }
+    Ok(())
 }

@@ -340,3 +340,119 @@ fn direct_io_on_loop_mounted_ext4() {
     );
     assert!(err.contains("multiples of"), "{err}");
 }
+
+#[test]
+fn mixed_reads_rate_limits_and_file_options() {
+    let d = tempfile::tempdir().unwrap();
+    let json = d.path().join("r.json");
+    let f = d.path().join("f");
+    rbench()
+        .args([
+            "-w",
+            "-r",
+            "-t",
+            "2",
+            "-s",
+            "64m",
+            "-b",
+            "64k",
+            "--rwmixpct",
+            "25",
+            "--prealloc",
+            "--trunc",
+        ])
+        .args(["--fadvise", "seq", "--limitread", "32m", "--json"])
+        .arg(&json)
+        .arg(&f)
+        .assert()
+        .success();
+    let rs = results(&json);
+    let (w, m) = (phase(&rs, "WRITE"), phase(&rs, "RWMIXREAD"));
+    let blocks = 1024;
+    let (wo, mo) = (
+        w["last"]["ops"].as_u64().unwrap(),
+        m["last"]["ops"].as_u64().unwrap(),
+    );
+    assert_eq!(wo + mo, blocks, "every block is either written or read");
+    assert!(
+        (150..350).contains(&mo),
+        "{mo} of {blocks} blocks read at 25%"
+    );
+    // 64 MiB read by 2 threads limited to 32 MiB/s each: about one second.
+    let r = phase(&rs, "READ");
+    let ms = r["last"]["elapsed_ms"].as_f64().unwrap();
+    assert!(
+        (900.0..2500.0).contains(&ms),
+        "{ms} ms for a rate-limited read"
+    );
+    let rate = r["last"]["mib_per_s"].as_f64().unwrap();
+    assert!(rate <= 66.0, "{rate} MiB/s exceeds 2 x 32 MiB/s");
+    assert!(
+        !r["series"].as_array().unwrap().is_empty(),
+        "throughput over time is recorded"
+    );
+    assert_eq!(std::fs::metadata(&f).unwrap().len(), 64 << 20);
+}
+
+#[test]
+fn chart_and_progress() {
+    let d = tempfile::tempdir().unwrap();
+    let svg = d.path().join("c.svg");
+    let out = rbench()
+        .args([
+            "-w",
+            "-r",
+            "-s",
+            "128m",
+            "-b",
+            "1m",
+            "--limitwrite",
+            "256m",
+            "--progress",
+            "always",
+            "--chart",
+        ])
+        .arg(&svg)
+        .arg(d.path().join("f"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("MiB/s") && err.contains("threads done"),
+        "progress line expected: {err}"
+    );
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    assert!(text.contains("WRITE (iteration 1") && text.contains("READ (iteration 1"));
+    assert!(text.matches("<rect").count() > 3, "histogram bars drawn");
+    assert!(text.contains("<path d=\"M"), "throughput line drawn");
+    // Not a terminal and not asked: no progress line.
+    let quiet = rbench()
+        .args(["-w", "-s", "1m"])
+        .arg(d.path().join("g"))
+        .output()
+        .unwrap();
+    assert!(quiet.stderr.is_empty());
+}
+
+#[test]
+fn rate_limited_latency_counts_from_the_schedule() {
+    // A 1 ms-per-block schedule on a fast tmpfs: latencies stay near the
+    // I/O time, yet the run takes as long as the schedule says.
+    let d = tempfile::tempdir_in("/dev/shm").unwrap();
+    let json = d.path().join("r.json");
+    rbench()
+        .args(["-w", "-s", "2m", "-b", "4k", "--limitwrite", "4m", "--json"])
+        .arg(&json)
+        .arg(d.path().join("f"))
+        .assert()
+        .success();
+    let r = &results(&json)[0];
+    let ms = r["last"]["elapsed_ms"].as_f64().unwrap();
+    assert!(
+        (400.0..1500.0).contains(&ms),
+        "512 blocks at 1024 blocks/s take ~0.5 s, took {ms} ms"
+    );
+    assert!(r["latency"]["p50_us"].as_f64().unwrap() < 1000.0);
+}
