@@ -324,7 +324,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let second = p.next();
         assert_eq!(second - first, Duration::from_millis(1));
-        assert!(second.elapsed() >= Duration::from_millis(18), "a late start is charged as latency");
+        assert!(
+            second.elapsed() >= Duration::from_millis(18),
+            "a late start is charged as latency"
+        );
         // Once caught up, the pacer waits again.
         for _ in 0..30 {
             p.next();
