@@ -1486,10 +1486,12 @@ async fn size_is_enforced(c: &mut Ctx) -> Result<()> {
 async fn crash_during_creates(c: &mut Ctx) -> Result<()> {
     // 8 clients create volumes back to back until SIGKILL cuts them off.
     let req = c.create_req("crash", c.mount_cap());
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let clients: Vec<_> = (0..8)
         .map(|k| {
             let mut ctl = c.ctl.clone();
             let req = req.clone();
+            let acks = acks.clone();
             tokio::spawn(async move {
                 let mut tried = Vec::new();
                 for i in 0.. {
@@ -1501,6 +1503,9 @@ async fn crash_during_creates(c: &mut Ctx) -> Result<()> {
                         .and_then(|v| v.into_inner().volume)
                         .map(|v| v.volume_id);
                     let done = acked.is_none();
+                    if !done {
+                        acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     tried.push((r.name, acked));
                     if done {
                         break;
@@ -1510,7 +1515,14 @@ async fn crash_during_creates(c: &mut Ctx) -> Result<()> {
             })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Crash once some creates are acknowledged and more are in flight,
+    // however fast or slow this machine is.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while acks.load(std::sync::atomic::Ordering::Relaxed) < 16
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
     c.crash().await?;
     let mut tried = Vec::new();
     for client in clients {
