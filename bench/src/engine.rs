@@ -19,15 +19,33 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes aligned to `align` (a power of two).
+    /// Buffers of 64 KiB and more sit in transparent huge pages: physically
+    /// contiguous memory lets a large direct I/O go to the device as one
+    /// request instead of being split at the queue's segment limit.
     pub fn new(len: usize, align: usize) -> Self {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(8))
-            .expect("valid buffer layout");
+        const HUGE: usize = 2 << 20;
+        let (size, align) = if len >= 64 << 10 {
+            (len.div_ceil(HUGE) * HUGE, HUGE)
+        } else {
+            (len.max(1), align.max(8))
+        };
+        let layout = std::alloc::Layout::from_size_align(size, align).expect("valid buffer layout");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        Self { ptr, layout }
+        if align == HUGE {
+            // SAFETY: advice on memory we own; failure only loses the optimization.
+            unsafe { libc::madvise(ptr.cast(), size, libc::MADV_HUGEPAGE) };
+        }
+        let mut buf = Self { ptr, layout };
+        // Fault every page in now, in order, rather than during the first I/O.
+        for page in buf.bytes().chunks_mut(4096) {
+            // SAFETY: a volatile write keeps the touch from being optimized out.
+            unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
+        }
+        buf
     }
 
     /// The bytes.
