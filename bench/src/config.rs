@@ -465,6 +465,13 @@ impl Config {
                 format_size(size)
             ));
         }
+        if io && size % block != 0 {
+            return Err(format!(
+                "--size {} is not a multiple of --block {}; every I/O moves one whole block",
+                format_size(size),
+                format_size(block)
+            ));
+        }
         if !dir_mode && io && size == 0 {
             return Err("--size must be larger than 0 in file mode".into());
         }

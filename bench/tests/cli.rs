@@ -178,6 +178,7 @@ fn bad_input_is_one_line_exit_2_and_touches_nothing() {
         vec!["-w", "-s", "1m", "-t", "0"],
         vec!["-w", "-s", "1m", "-b", "4m"],
         vec!["-w", "-s", "1m", "-b", "0"],
+        vec!["-w", "-s", "1000k", "-b", "64k"],
         vec!["-w", "-s", "1m", "--iodepth", "0"],
         vec!["-s", "1m"],
         vec!["-w", "-s", "1m", "--blockvarpct", "50", "--verify"],
@@ -335,7 +336,7 @@ fn direct_io_on_loop_mounted_ext4() {
     assert_eq!(phase(&rs, "READ")["last"]["bytes"], (2 * 4 * 2) << 20);
     let err = fails_with_one_line(
         rbench()
-            .args(["-w", "-s", "1m", "-b", "1000", "--direct"])
+            .args(["-w", "-s", "1000k", "-b", "1000", "--direct"])
             .arg(fs.path()),
     );
     assert!(err.contains("multiples of"), "{err}");
