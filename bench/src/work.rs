@@ -15,6 +15,58 @@ use std::time::Instant;
 /// Buffer alignment: enough for O_DIRECT on every common filesystem and device.
 const ALIGN: usize = 4096;
 
+/// One thread's I/O resources: `--iodepth` buffers and, above depth 1, an io_uring.
+struct Io {
+    bufs: Vec<AlignedBuf>,
+    ring: Option<io_uring::IoUring>,
+}
+
+impl Io {
+    fn new(cfg: &Config, thread: usize) -> Result<Self> {
+        let mut bufs: Vec<AlignedBuf> = (0..cfg.iodepth)
+            .map(|_| AlignedBuf::new(cfg.block as usize, ALIGN))
+            .collect();
+        if cfg.blockvarpct == 0 {
+            // Never refilled: random once, so compression still cannot cheat.
+            for b in &mut bufs {
+                crate::fill::fill(b.bytes(), thread as u64, 0, 100);
+            }
+        }
+        let ring = (cfg.iodepth > 1)
+            .then(|| io_uring::IoUring::new(cfg.iodepth as u32))
+            .transpose()
+            .map_err(|e| BenchError::io("creating an io_uring", e))?;
+        Ok(Self { bufs, ring })
+    }
+
+    /// Block I/O on `file` at every offset, with the engine the depth asks for.
+    fn run(
+        &mut self,
+        file: &File,
+        offs: &mut dyn Iterator<Item = u64>,
+        spec: &Spec<'_>,
+        m: &mut Meter<'_>,
+    ) -> Result<()> {
+        match self.ring.as_mut() {
+            Some(r) => engine::uring_io(r, file.as_raw_fd(), offs, spec, &mut self.bufs, m),
+            None => engine::sync_io(file.as_raw_fd(), offs, spec, &mut self.bufs[0], m),
+        }
+    }
+}
+
+/// What block I/O on file number `file_id` does in this phase.
+fn spec<'p>(cfg: &Config, file_id: u64, path: &'p str, write: bool) -> Spec<'p> {
+    Spec {
+        file_id,
+        path,
+        block: cfg.block as usize,
+        write,
+        verify: cfg.verify && !write,
+        varpct: cfg.blockvarpct,
+        mix_read_pct: if write { cfg.rwmixpct.unwrap_or(0) } else { 0 },
+    }
+}
+
 /// One worker's view of a phase.
 pub struct Worker<'a> {
     /// The run.
@@ -127,24 +179,11 @@ impl<'a> Worker<'a> {
 
     fn dir_phase(&self, base: &Path, phase: Phase, m: &mut Meter<'_>) -> Result<()> {
         let cfg = self.cfg;
-        let mut ring = None;
-        let mut bufs = Vec::new();
-        if matches!(phase, Phase::Write | Phase::Read) && cfg.size > 0 {
-            bufs = (0..cfg.iodepth)
-                .map(|_| AlignedBuf::new(cfg.block as usize, ALIGN))
-                .collect();
-            if cfg.blockvarpct == 0 {
-                for b in &mut bufs {
-                    crate::fill::fill(b.bytes(), self.thread as u64, 0, 100);
-                }
-            }
-            if cfg.iodepth > 1 {
-                ring = Some(
-                    io_uring::IoUring::new(cfg.iodepth as u32)
-                        .map_err(|e| BenchError::io("creating an io_uring", e))?,
-                );
-            }
-        }
+        let mut io = if matches!(phase, Phase::Write | Phase::Read) && cfg.size > 0 {
+            Some(Io::new(cfg, self.thread)?)
+        } else {
+            None
+        };
         if phase == Phase::Mkdirs {
             let top = self.dir_path(base, None);
             self.meta(m, || mkdir(&top), || format!("mkdir {}", top.display()))?;
@@ -202,36 +241,13 @@ impl<'a> Worker<'a> {
                             self.counters.op(0);
                         } else {
                             let name = path.display().to_string();
-                            let spec = Spec {
-                                file_id: self.file_id(d, f),
-                                path: &name,
-                                block: cfg.block as usize,
-                                write,
-                                verify: cfg.verify && !write,
-                                varpct: cfg.blockvarpct,
-                                mix_read_pct: if write { cfg.rwmixpct.unwrap_or(0) } else { 0 },
-                            };
+                            let spec = spec(cfg, self.file_id(d, f), &name, write);
                             prepare(&file, cfg, write).map_err(|e| {
                                 BenchError::io(format!("preparing {}", path.display()), e)
                             })?;
                             let mut offs = offsets(cfg, 0, cfg.size / cfg.block, spec.file_id);
-                            match ring.as_mut() {
-                                Some(r) => engine::uring_io(
-                                    r,
-                                    file.as_raw_fd(),
-                                    &mut offs,
-                                    &spec,
-                                    &mut bufs,
-                                    m,
-                                )?,
-                                None => engine::sync_io(
-                                    file.as_raw_fd(),
-                                    &mut offs,
-                                    &spec,
-                                    &mut bufs[0],
-                                    m,
-                                )?,
-                            }
+                            let io = io.as_mut().expect("I/O phases have buffers");
+                            io.run(&file, &mut offs, &spec, m)?;
                         }
                         drop(file);
                         if m.cut {
@@ -264,22 +280,7 @@ impl<'a> Worker<'a> {
             let lo = blocks * t / threads;
             (lo, blocks * (t + 1) / threads - lo)
         };
-        let mut bufs: Vec<AlignedBuf> = (0..cfg.iodepth)
-            .map(|_| AlignedBuf::new(cfg.block as usize, ALIGN))
-            .collect();
-        if cfg.blockvarpct == 0 {
-            for b in &mut bufs {
-                crate::fill::fill(b.bytes(), self.thread as u64, 0, 100);
-            }
-        }
-        let mut ring = if cfg.iodepth > 1 {
-            Some(
-                io_uring::IoUring::new(cfg.iodepth as u32)
-                    .map_err(|e| BenchError::io("creating an io_uring", e))?,
-            )
-        } else {
-            None
-        };
+        let mut io = Io::new(cfg, self.thread)?;
         for (id, path) in paths.iter().enumerate() {
             let own;
             let file = match self.shared.get(id) {
@@ -291,25 +292,14 @@ impl<'a> Worker<'a> {
                 }
             };
             let name = path.display().to_string();
-            let spec = Spec {
-                file_id: id as u64,
-                path: &name,
-                block: cfg.block as usize,
-                write,
-                verify: cfg.verify && !write,
-                varpct: cfg.blockvarpct,
-                mix_read_pct: if write { cfg.rwmixpct.unwrap_or(0) } else { 0 },
-            };
+            let spec = spec(cfg, id as u64, &name, write);
             if self.shared.is_empty() {
                 advise(file, cfg)
                     .map_err(|e| BenchError::io(format!("fadvise {}", path.display()), e))?;
             }
             let seed = (id as u64) << 32 | self.thread as u64;
             let mut offs = offsets(cfg, first, mine, seed);
-            match ring.as_mut() {
-                Some(r) => engine::uring_io(r, file.as_raw_fd(), &mut offs, &spec, &mut bufs, m)?,
-                None => engine::sync_io(file.as_raw_fd(), &mut offs, &spec, &mut bufs[0], m)?,
-            }
+            io.run(file, &mut offs, &spec, m)?;
             if m.cut {
                 return Ok(());
             }
