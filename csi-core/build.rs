@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut compiler = protox::Compiler::new([&proto_dir])?;
     compiler.include_imports(true);
     compiler.open_file("csi.proto")?;
+    compiler.open_file("pluginregistration.proto")?;
     let pool = compiler.descriptor_pool();
     let secret_ext = pool
         .get_extension_by_name("csi.v1.csi_secret")

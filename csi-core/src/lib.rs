@@ -9,6 +9,12 @@ pub mod csi {
     include!(concat!(env!("OUT_DIR"), "/csi_redact.rs"));
 }
 
+/// Generated kubelet plugin-registration types and servers.
+#[allow(missing_docs, clippy::all)]
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
+}
+
 pub mod backend;
 pub mod blockdev;
 pub mod client;
@@ -24,6 +30,7 @@ pub mod node;
 pub mod observe;
 pub mod paging;
 pub mod redact;
+pub mod registration;
 pub mod server;
 pub mod types;
 

@@ -7,6 +7,8 @@ use crate::csi::{controller_server, identity_server, node_server};
 use crate::identity::IdentityService;
 use crate::node::NodeService;
 use crate::observe::Observer;
+use crate::pluginregistration::registration_server::RegistrationServer;
+use crate::registration::{RegistrationOptions, RegistrationService, RegistrationState};
 use crate::{Error, IoContext, Result};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -71,6 +73,8 @@ pub struct ServeOptions {
     pub metrics_address: Option<SocketAddr>,
     /// Calls slower than this log a warning.
     pub slow_call: Duration,
+    /// Kubelet plugin registration, when this process is a node plugin.
+    pub registration: Option<RegistrationOptions>,
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -137,9 +141,28 @@ pub async fn serve(
         );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let registration = match &opts.registration {
+        Some(r) => {
+            let svc = RegistrationService::new(services.plugin.name(), &r.kubelet_endpoint);
+            let listener = bind_unix(&r.socket)?;
+            info!(socket = %r.socket.display(), "serving kubelet plugin registration");
+            let mut stop = stop_rx.clone();
+            let server = tonic::transport::Server::builder()
+                .add_service(RegistrationServer::new(svc.clone()))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                );
+            Some((svc, tokio::spawn(server), r.socket.clone()))
+        }
+        None => None,
+    };
     let metrics = match opts.metrics_address {
         Some(addr) => {
-            Some(spawn_metrics(addr, obs.clone(), services.plugin.clone(), stop_rx).await?)
+            let reg = registration.as_ref().map(|r| r.0.clone());
+            Some(spawn_metrics(addr, obs.clone(), services.plugin.clone(), reg, stop_rx).await?)
         }
         None => None,
     };
@@ -173,6 +196,10 @@ pub async fn serve(
     if let Some(m) = metrics {
         let _ = m.await;
     }
+    if let Some((_, server, socket)) = registration {
+        let _ = server.await;
+        let _ = std::fs::remove_file(socket);
+    }
     result.map_err(|e| Error::Internal(format!("gRPC server failed: {e}")))
 }
 
@@ -180,6 +207,7 @@ async fn spawn_metrics(
     addr: SocketAddr,
     obs: Arc<Observer>,
     plugin: Arc<dyn Plugin>,
+    registration: Option<RegistrationService>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     use axum::http::StatusCode;
@@ -200,7 +228,14 @@ async fn spawn_metrics(
             "/healthz",
             get(move || {
                 let plugin = plugin.clone();
+                let registration = registration.clone();
                 async move {
+                    if let Some(RegistrationState::Failed(e)) = registration.map(|r| r.state()) {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("kubelet registration failed: {e}"),
+                        );
+                    }
                     match plugin.probe().await {
                         Ok(true) => (StatusCode::OK, "ok".to_owned()),
                         Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "not ready".to_owned()),

@@ -9,6 +9,8 @@ use csi_core::csi::{
     self, controller_client::ControllerClient, identity_client::IdentityClient,
     volume_capability as vc,
 };
+use csi_core::pluginregistration::{self as pr, registration_client::RegistrationClient};
+use csi_core::registration::RegistrationOptions;
 use csi_core::server::{Endpoint, ServeOptions, Services, serve};
 use csi_core::types::{CreateVolume, PublishVolume, Secrets};
 use csi_core::{Error, Result};
@@ -102,6 +104,7 @@ fn mount_cap() -> csi::VolumeCapability {
 async fn serves_metrics_health_and_drains_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("run/csi.sock");
+    let reg_sock = dir.path().join("plugins_registry/fake.rcsi.io-reg.sock");
     let port = free_port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let fake = Arc::new(Fake);
@@ -115,6 +118,10 @@ async fn serves_metrics_health_and_drains_on_shutdown() {
             endpoint: Endpoint::Unix(sock.clone()),
             metrics_address: Some(([127, 0, 0, 1], port).into()),
             slow_call: Duration::from_millis(100),
+            registration: Some(RegistrationOptions {
+                socket: reg_sock.clone(),
+                kubelet_endpoint: "/var/lib/kubelet/plugins/fake.rcsi.io/csi.sock".into(),
+            }),
         },
         async {
             let _ = stop_rx.await;
@@ -148,6 +155,44 @@ async fn serves_metrics_health_and_drains_on_shutdown() {
 
     let health = http_get(port, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    // The kubelet's side of plugin registration.
+    let reg = csi_core::client::connect(&Endpoint::Unix(reg_sock.clone()))
+        .await
+        .unwrap();
+    let mut kubelet = RegistrationClient::new(reg);
+    let info = kubelet
+        .get_info(pr::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.r#type, "CSIPlugin");
+    assert_eq!(info.name, "fake.rcsi.io");
+    assert_eq!(
+        info.endpoint,
+        "/var/lib/kubelet/plugins/fake.rcsi.io/csi.sock"
+    );
+    assert_eq!(info.supported_versions, ["1.0.0"]);
+    kubelet
+        .notify_registration_status(pr::RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(http_get(port, "/healthz").starts_with("HTTP/1.1 200"));
+    kubelet
+        .notify_registration_status(pr::RegistrationStatus {
+            plugin_registered: false,
+            error: "version 9 is not supported".into(),
+        })
+        .await
+        .unwrap();
+    let refused = http_get(port, "/healthz");
+    assert!(
+        refused.starts_with("HTTP/1.1 503") && refused.contains("version 9 is not supported"),
+        "{refused}"
+    );
     let metrics = http_get(port, "/metrics");
     assert!(
         metrics.contains(r#"csi_rpc_requests_total{method="Probe",code="Ok"} 1"#),
@@ -177,6 +222,7 @@ async fn serves_metrics_health_and_drains_on_shutdown() {
         .unwrap()
         .unwrap();
     assert!(!sock.exists(), "socket removed on exit");
+    assert!(!reg_sock.exists(), "registration socket removed on exit");
 }
 
 #[test]
@@ -218,6 +264,7 @@ async fn serves_on_tcp() {
             endpoint: endpoint.clone(),
             metrics_address: None,
             slow_call: Duration::from_secs(1),
+            registration: None,
         },
         async {
             let _ = stop_rx.await;

@@ -60,6 +60,7 @@ pub async fn run(base_path: Option<PathBuf>) -> anyhow::Result<()> {
             endpoint: endpoint.clone(),
             metrics_address: None,
             slow_call: Duration::from_secs(10),
+            registration: None,
         },
         async {
             let _ = stop_rx.await;

@@ -4,6 +4,7 @@ mod demo;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use csi_core::registration::RegistrationOptions;
 use csi_core::server::{Endpoint, ServeOptions, Services, serve, shutdown_signal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -84,6 +85,13 @@ struct NodeArgs {
     /// local-path: bytes of the base filesystem never handed out to volumes.
     #[arg(long, default_value_t = 0)]
     reserved_bytes: u64,
+    /// Register with the kubelet, which reaches the CSI socket at this host path
+    /// (e.g. /var/lib/kubelet/plugins/local.rcsi.io/csi.sock); replaces node-driver-registrar.
+    #[arg(long, env = "KUBELET_REGISTRATION_PATH")]
+    kubelet_registration_path: Option<String>,
+    /// Directory the kubelet watches for registration sockets.
+    #[arg(long, default_value = "/var/lib/kubelet/plugins_registry")]
+    registration_dir: PathBuf,
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -126,6 +134,7 @@ fn options(c: &CommonArgs) -> ServeOptions {
         endpoint: c.endpoint.clone(),
         metrics_address: c.metrics_address,
         slow_call: Duration::from_millis(c.slow_call_ms),
+        registration: None,
     }
 }
 
@@ -146,7 +155,17 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             };
-            serve(services, options(&args.common), shutdown_signal()).await?;
+            let mut opts = options(&args.common);
+            opts.registration =
+                args.kubelet_registration_path
+                    .as_ref()
+                    .map(|endpoint| RegistrationOptions {
+                        socket: args
+                            .registration_dir
+                            .join(format!("{}-reg.sock", services.plugin.name())),
+                        kubelet_endpoint: endpoint.clone(),
+                    });
+            serve(services, opts, shutdown_signal()).await?;
         }
         Cmd::Controller(args) => match args.driver {
             Driver::LocalPath => bail!(
