@@ -7,6 +7,7 @@ use crate::locks::OpLocks;
 use crate::observe::Observer;
 use crate::types::{
     Capability, CapacityRange, ContentSource, CreateVolume, Secrets, check_id, check_name,
+    proto_i64,
 };
 use crate::{Error, Result, invalid, paging};
 use std::sync::Arc;
@@ -237,11 +238,10 @@ impl csi::controller_server::Controller for ControllerService {
                     .backend
                     .get_capacity(&caps, &r.parameters, r.accessible_topology.as_ref())
                     .await?;
-                let clamp = |v: u64| v.min(i64::MAX as u64) as i64;
                 Ok(csi::GetCapacityResponse {
-                    available_capacity: clamp(c.available),
-                    maximum_volume_size: c.maximum_volume_size.map(clamp),
-                    minimum_volume_size: c.minimum_volume_size.map(clamp),
+                    available_capacity: proto_i64(c.available),
+                    maximum_volume_size: c.maximum_volume_size.map(proto_i64),
+                    minimum_volume_size: c.minimum_volume_size.map(proto_i64),
                 })
             })
             .await
@@ -394,7 +394,7 @@ impl csi::controller_server::Controller for ControllerService {
                     .expand_volume(&id, range, cap.as_ref(), &Secrets(r.secrets.clone()))
                     .await?;
                 Ok(csi::ControllerExpandVolumeResponse {
-                    capacity_bytes: size.min(i64::MAX as u64) as i64,
+                    capacity_bytes: proto_i64(size),
                     node_expansion_required: node,
                 })
             })

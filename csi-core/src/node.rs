@@ -6,7 +6,7 @@ use crate::csi;
 use crate::locks::OpLocks;
 use crate::observe::Observer;
 use crate::types::{
-    Capability, CapacityRange, PublishVolume, Secrets, StageVolume, check_id, check_path,
+    Capability, CapacityRange, PublishVolume, Secrets, StageVolume, check_id, check_path, proto_i64,
 };
 use crate::{Error, Result, invalid};
 use std::sync::Arc;
@@ -161,9 +161,9 @@ impl csi::node_server::Node for NodeService {
                 let path = check_path(&r.volume_path, "volume_path")?;
                 let s = self.backend.stats(&volume_id, &path).await?;
                 let usage = |(total, used, avail): (u64, u64, u64), unit: Unit| csi::VolumeUsage {
-                    total: total.min(i64::MAX as u64) as i64,
-                    used: used.min(i64::MAX as u64) as i64,
-                    available: avail.min(i64::MAX as u64) as i64,
+                    total: proto_i64(total),
+                    used: proto_i64(used),
+                    available: proto_i64(avail),
                     unit: unit as i32,
                 };
                 let mut out = Vec::new();
@@ -211,7 +211,7 @@ impl csi::node_server::Node for NodeService {
                     .expand(&volume_id, &path, staging.as_deref(), range, cap.as_ref())
                     .await?;
                 Ok(csi::NodeExpandVolumeResponse {
-                    capacity_bytes: size.min(i64::MAX as u64) as i64,
+                    capacity_bytes: proto_i64(size),
                 })
             })
             .await
@@ -246,7 +246,7 @@ impl csi::node_server::Node for NodeService {
                 let info = self.backend.node_info();
                 Ok(csi::NodeGetInfoResponse {
                     node_id: info.node_id,
-                    max_volumes_per_node: info.max_volumes.min(i64::MAX as u64) as i64,
+                    max_volumes_per_node: proto_i64(info.max_volumes),
                     accessible_topology: (!info.topology.is_empty()).then(|| csi::Topology {
                         segments: info.topology.into_iter().collect(),
                     }),

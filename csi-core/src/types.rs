@@ -14,6 +14,11 @@ pub const MAX_PATH_BYTES: usize = 4096;
 /// Prefix of the parameters Kubernetes adds (`csi.storage.k8s.io/pvc/name`, ...).
 pub const K8S_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// A byte or count value for an int64 proto field, saturating at i64::MAX.
+pub fn proto_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// Secrets from a request; Debug prints only the keys.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secrets(pub HashMap<String, String>);

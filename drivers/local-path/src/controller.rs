@@ -31,12 +31,16 @@ struct Params {
     mode: u32,
 }
 
-fn parse_params(p: &BTreeMap<String, String>) -> Result<Params> {
+/// Parses StorageClass parameters, skipping Kubernetes' own `csi.storage.k8s.io/*` keys.
+fn parse_params<'a>(p: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Params> {
     let mut out = Params {
         file: false,
         mode: 0o777,
     };
-    for (k, v) in p {
+    for (k, v) in p
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(csi_core::types::K8S_PARAM_PREFIX))
+    {
         match k.as_str() {
             "backing" => {
                 out.file = match v.as_str() {
@@ -468,12 +472,7 @@ impl ControllerBackend for LocalPath {
         parameters: &HashMap<String, String>,
     ) -> Result<()> {
         let v = self.volume(volume_id)?;
-        let params: BTreeMap<String, String> = parameters
-            .iter()
-            .filter(|(k, _)| !k.starts_with(csi_core::types::K8S_PARAM_PREFIX))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        parse_params(&params)?;
+        parse_params(parameters)?;
         for c in caps {
             if c.mode.is_multi_node() {
                 return Err(LocalPathError::MultiNode(c.mode).into());
@@ -520,12 +519,7 @@ impl ControllerBackend for LocalPath {
         {
             return Ok(Capacity::default());
         }
-        let params: BTreeMap<String, String> = parameters
-            .iter()
-            .filter(|(k, _)| !k.starts_with(csi_core::types::K8S_PARAM_PREFIX))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        parse_params(&params)?;
+        parse_params(parameters)?;
         let available = self.available()?;
         Ok(Capacity {
             available,
@@ -672,14 +666,18 @@ mod tests {
     #[test]
     fn parameters_are_strict() {
         assert!(parse_params(&BTreeMap::new()).is_ok_and(|p| !p.file && p.mode == 0o777));
-        let p = [
+        let p: BTreeMap<String, String> = [
             ("backing".to_owned(), "file".to_owned()),
             ("mode".to_owned(), "0770".to_owned()),
+            (
+                "csi.storage.k8s.io/pvc/name".to_owned(),
+                "ignored".to_owned(),
+            ),
         ]
         .into();
         assert!(parse_params(&p).is_ok_and(|p| p.file && p.mode == 0o770));
         for (k, v) in [("backing", "lvm"), ("mode", "999"), ("size", "1")] {
-            let p = [(k.to_owned(), v.to_owned())].into();
+            let p: BTreeMap<String, String> = [(k.to_owned(), v.to_owned())].into();
             assert!(
                 matches!(parse_params(&p), Err(Error::InvalidArgument(_))),
                 "{k}={v}"
