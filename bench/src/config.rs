@@ -97,8 +97,28 @@ pub enum RandAlgo {
 )]
 pub struct Args {
     /// Directory (dir mode), or files / block devices (file mode).
-    #[arg(required = true, value_name = "PATH")]
+    #[arg(required_unless_present = "service", value_name = "PATH")]
     pub paths: Vec<String>,
+    /// Run as a service that coordinators (--hosts) drive.
+    #[arg(long)]
+    pub service: bool,
+    /// TCP port of the service (with --service) or the default port of --hosts.
+    #[arg(long, default_value_t = 1611)]
+    pub port: u16,
+    /// Address the service listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: String,
+    /// Run on these services (host or host:port, comma-separated) instead of locally.
+    #[arg(long, value_delimiter = ',')]
+    pub hosts: Vec<String>,
+    /// Shared secret between coordinator and services.
+    #[arg(
+        long,
+        env = "RBENCH_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub secret: String,
     /// Create directories.
     #[arg(short = 'd', long = "mkdirs")]
     pub mkdirs: bool,
@@ -271,6 +291,17 @@ pub struct Config {
     pub json: Option<PathBuf>,
     /// CSV output.
     pub csv: Option<PathBuf>,
+    /// This host's number in a distributed run (0 when local).
+    pub rank: usize,
+    /// Hosts taking part (1 when local).
+    pub hosts: usize,
+}
+
+impl Config {
+    /// Threads over all hosts.
+    pub fn total_threads(&self) -> usize {
+        self.threads * self.hosts
+    }
 }
 
 fn count(s: &str, what: &str, min: u64) -> Result<u64, String> {
@@ -562,6 +593,8 @@ impl Config {
                 Progress::Never => false,
                 Progress::Auto => std::io::IsTerminal::is_terminal(&std::io::stderr()),
             },
+            rank: 0,
+            hosts: 1,
             label: a.label,
             json: a.json,
             csv: a.csv,

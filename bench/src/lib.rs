@@ -4,6 +4,7 @@
 
 pub mod chart;
 pub mod config;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod fill;

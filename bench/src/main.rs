@@ -39,21 +39,102 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Options that only the coordinator uses, with whether they take a value.
+const COORDINATOR_ONLY: &[(&str, bool)] = &[
+    ("--hosts", true),
+    ("--port", true),
+    ("--bind", true),
+    ("--secret", true),
+    ("--json", true),
+    ("--csv", true),
+    ("--chart", true),
+    ("--progress", true),
+];
+
+/// The command line to hand to services: ours without coordinator options.
+fn service_args() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in std::env::args().skip(1) {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match COORDINATOR_ONLY
+            .iter()
+            .find(|(o, _)| a == *o || a.starts_with(&format!("{o}=")))
+        {
+            Some((o, takes)) => skip = *takes && a == *o,
+            None => out.push(a),
+        }
+    }
+    out
+}
+
 fn execute(args: Args) -> Result<(), BenchError> {
-    let cfg = Config::from_args(args).map_err(BenchError::Usage)?;
+    if args.service {
+        return rbench::dist::serve(&args.bind, args.port, &args.secret);
+    }
     let mut results = Vec::new();
-    run::run(&cfg, &mut |r| {
+    let mut sink = |r: &rbench::stats::PhaseResult| {
         print!("{}", report::text(r));
+        for h in &r.hosts {
+            println!(
+                "{:<10}host {:<21}: {:>9.1} MiB/s {:>10.1} IOPS {:>10.1} entries/s",
+                "", h.host, h.last.mib_per_s, h.last.iops, h.last.entries_per_s
+            );
+        }
         results.push(r.clone());
         Ok(())
-    })?;
-    if let Some(p) = &cfg.json {
+    };
+    let (json, csv, chart) = (args.json.clone(), args.csv.clone(), args.chart.clone());
+    if args.hosts.is_empty() {
+        let cfg = Config::from_args(args).map_err(BenchError::Usage)?;
+        run::run(&cfg, &mut sink)?;
+    } else {
+        let names: Vec<&str> = [
+            (args.mkdirs, "MKDIRS"),
+            (args.write, "WRITE"),
+            (args.read, "READ"),
+            (args.stat, "STAT"),
+            (args.delfiles, "RMFILES"),
+            (args.deldirs, "RMDIRS"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+        if names.is_empty() {
+            return Err(BenchError::Usage(
+                "nothing to do: choose at least one of -d, -w, -r, --stat, -F, -D".into(),
+            ));
+        }
+        let iterations = if args.infloop {
+            None
+        } else {
+            Some(
+                args.iterations
+                    .trim()
+                    .parse()
+                    .map_err(|_| BenchError::Usage("--iterations is not a whole number".into()))?,
+            )
+        };
+        rbench::dist::coordinate(
+            &args.hosts,
+            args.port,
+            &args.secret,
+            service_args(),
+            iterations,
+            &names,
+            &mut sink,
+        )?;
+    }
+    if let Some(p) = &json {
         report::write_json(p, &results)?;
     }
-    if let Some(p) = &cfg.csv {
+    if let Some(p) = &csv {
         report::append_csv(p, &results)?;
     }
-    if let Some(p) = &cfg.chart {
+    if let Some(p) = &chart {
         std::fs::write(p, rbench::chart::render(&results))
             .map_err(|e| BenchError::io(format!("writing {}", p.display()), e))?;
     }

@@ -49,7 +49,7 @@ pub fn run(cfg: &Config, sink: &mut dyn FnMut(&PhaseResult) -> Result<()>) -> Re
 
 /// File mode, before writing: --trunc recreates regular files at --size,
 /// --prealloc reserves them, mixed reads need the full size present.
-fn prepare_targets(cfg: &Config, phase: Phase) -> Result<()> {
+pub fn prepare_targets(cfg: &Config, phase: Phase) -> Result<()> {
     let Mode::File(paths) = &cfg.mode else {
         return Ok(());
     };
@@ -227,6 +227,8 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
         time_limited: cut,
         series,
         histogram: stats::buckets(&hist),
+        hdr: Some(hist),
+        ..Default::default()
     }];
     if mixing {
         let mixed = PhaseResult {
@@ -236,6 +238,7 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
             latency: Latency::from_histogram(&mix_hist),
             series: mix_series,
             histogram: stats::buckets(&mix_hist),
+            hdr: Some(mix_hist),
             ..results[0].clone()
         };
         results.push(mixed);
@@ -249,7 +252,8 @@ fn sum<'c>(counters: impl Iterator<Item = &'c Counters>) -> Totals {
         .fold(Totals::default(), |a, b| a + b)
 }
 
-fn after_phase(cfg: &Config) -> Result<()> {
+/// `--sync` and `--dropcache` after a phase.
+pub fn after_phase(cfg: &Config) -> Result<()> {
     if cfg.sync || cfg.dropcache {
         let target = match &cfg.mode {
             Mode::Dir(d) => d.clone(),

@@ -2,7 +2,7 @@
 //! built from them.
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -73,7 +73,7 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 /// Figures at the moment the first or the last thread finished.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Done {
     /// Time since the phase started, ms.
     pub elapsed_ms: f64,
@@ -108,7 +108,7 @@ impl Done {
 }
 
 /// Latency summary in microseconds.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Latency {
     /// Samples.
     pub count: u64,
@@ -152,10 +152,13 @@ impl Latency {
 }
 
 /// Everything measured in one phase.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PhaseResult {
     /// `--label` of the run.
     pub label: String,
+    /// Service this result comes from (empty: local run or aggregate).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
     /// MKDIRS, WRITE, READ, STAT, RMFILES, RMDIRS.
     pub phase: String,
     /// Iteration number, from 1.
@@ -182,10 +185,16 @@ pub struct PhaseResult {
     pub series: Vec<Sample>,
     /// Latency distribution in log-spaced buckets.
     pub histogram: Vec<Bucket>,
+    /// The full latency histogram (ns), for merging results of several hosts.
+    #[serde(skip)]
+    pub hdr: Option<Histogram<u64>>,
+    /// Per-host results behind an aggregate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<PhaseResult>,
 }
 
 /// Rates over one sampling interval.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Sample {
     /// End of the interval, ms since the phase started.
     pub t_ms: f64,
@@ -211,7 +220,7 @@ impl Sample {
 }
 
 /// Operations whose latency fell at or below `le_us` (and above the previous bucket).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Bucket {
     /// Upper bound, microseconds.
     pub le_us: f64,

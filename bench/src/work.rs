@@ -121,8 +121,13 @@ pub fn open(
 }
 
 impl<'a> Worker<'a> {
+    /// This thread's number over all hosts of a distributed run.
+    fn global(&self) -> usize {
+        self.cfg.rank * self.cfg.threads + self.thread
+    }
+
     fn dir_path(&self, base: &Path, d: Option<u64>) -> PathBuf {
-        let t = base.join(format!("t{}", self.thread));
+        let t = base.join(format!("t{}", self.global()));
         match d {
             Some(d) => t.join(format!("d{d}")),
             None => t,
@@ -130,7 +135,7 @@ impl<'a> Worker<'a> {
     }
 
     fn file_id(&self, d: u64, f: u64) -> u64 {
-        (self.thread as u64 * self.cfg.dirs + d) * self.cfg.files + f
+        (self.global() as u64 * self.cfg.dirs + d) * self.cfg.files + f
     }
 
     /// Runs `phase`; returns whether the time limit cut it short.
@@ -274,9 +279,9 @@ impl<'a> Worker<'a> {
         let cfg = self.cfg;
         let write = phase == Phase::Write;
         let blocks = cfg.size / cfg.block;
-        let threads = cfg.threads as u64;
+        let threads = cfg.total_threads() as u64;
         let (first, mine) = {
-            let t = self.thread as u64;
+            let t = self.global() as u64;
             let lo = blocks * t / threads;
             (lo, blocks * (t + 1) / threads - lo)
         };
@@ -297,7 +302,7 @@ impl<'a> Worker<'a> {
                 advise(file, cfg)
                     .map_err(|e| BenchError::io(format!("fadvise {}", path.display()), e))?;
             }
-            let seed = (id as u64) << 32 | self.thread as u64;
+            let seed = (id as u64) << 32 | self.global() as u64;
             let mut offs = offsets(cfg, first, mine, seed);
             io.run(file, &mut offs, &spec, m)?;
             if m.cut {

@@ -1,0 +1,262 @@
+//! Distributed mode with several services on 127.0.0.1 ports sharing one
+//! directory, as hosts would share a filesystem.
+
+use assert_cmd::Command;
+use serde_json::Value;
+use std::net::TcpListener;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A service process, killed when dropped.
+struct Service {
+    child: Child,
+    port: u16,
+}
+
+impl Service {
+    fn start(secret: &str) -> Self {
+        let port = free_port();
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("rbench"))
+            .args([
+                "--service",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--secret",
+                secret,
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "service did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, port }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn hosts(services: &[&Service]) -> String {
+    services
+        .iter()
+        .map(|s| s.addr())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn three_services_add_up_and_report_per_host() {
+    let s: Vec<Service> = (0..3).map(|_| Service::start("s3cr3t")).collect();
+    let d = tempfile::tempdir().unwrap();
+    let json = d.path().join("r.json");
+    let out = Command::cargo_bin("rbench")
+        .unwrap()
+        .args([
+            "-d", "-w", "-r", "-F", "-D", "-t", "2", "-n", "1", "-N", "4", "-s", "256k", "-b",
+            "64k", "--verify",
+        ])
+        .args([
+            "--hosts",
+            &hosts(&s.iter().collect::<Vec<_>>()),
+            "--secret",
+            "s3cr3t",
+            "--json",
+        ])
+        .arg(&json)
+        .arg(d.path().join("tree").tap_mkdir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("host 127.0.0.1:").count(),
+        3 * 5,
+        "a line per host per phase:\n{text}"
+    );
+    let rs: Vec<Value> = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let write = rs.iter().find(|r| r["phase"] == "WRITE").unwrap();
+    assert_eq!(write["threads"], 6);
+    assert_eq!(
+        write["last"]["bytes"],
+        3 * 2 * 4 * 256 * 1024,
+        "every host wrote its own files"
+    );
+    assert_eq!(
+        write["latency"]["count"],
+        3 * 2 * 4 * 4,
+        "histograms of all hosts merged"
+    );
+    let per_host = write["hosts"].as_array().unwrap();
+    assert_eq!(per_host.len(), 3);
+    for h in per_host {
+        assert_eq!(h["last"]["bytes"], 2 * 4 * 256 * 1024);
+    }
+    let read = rs.iter().find(|r| r["phase"] == "READ").unwrap();
+    assert_eq!(
+        read["last"]["bytes"], write["last"]["bytes"],
+        "verified reads of everything written"
+    );
+    assert!(
+        std::fs::read_dir(d.path().join("tree"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "ranks kept hosts apart and cleaned up"
+    );
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+fn one_line_failure(args: &[&str], code: i32) -> String {
+    let out = Command::cargo_bin("rbench")
+        .unwrap()
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(code), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
+#[test]
+fn wrong_secret_unreachable_host_and_bad_remote_input() {
+    let s = Service::start("right");
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_str().unwrap();
+    let err = one_line_failure(
+        &[
+            "-w",
+            "-s",
+            "1m",
+            "--hosts",
+            &s.addr(),
+            "--secret",
+            "wrong",
+            dir,
+        ],
+        2,
+    );
+    assert!(err.contains("wrong secret"), "{err}");
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let err = one_line_failure(
+        &[
+            "-w",
+            "-s",
+            "1m",
+            "--hosts",
+            &format!("{},{nobody}", s.addr()),
+            "--secret",
+            "right",
+            dir,
+        ],
+        1,
+    );
+    assert!(
+        err.contains(&nobody) && err.contains("unreachable"),
+        "{err}"
+    );
+    let err = one_line_failure(
+        &[
+            "-w",
+            "-s",
+            "1m",
+            "-b",
+            "4m",
+            "--hosts",
+            &s.addr(),
+            "--secret",
+            "right",
+            dir,
+        ],
+        2,
+    );
+    assert!(
+        err.contains(&s.addr()) && err.contains("larger than the file size"),
+        "{err}"
+    );
+    // The service keeps serving after sessions that failed.
+    Command::cargo_bin("rbench")
+        .unwrap()
+        .args([
+            "-w",
+            "-s",
+            "1m",
+            "--hosts",
+            &s.addr(),
+            "--secret",
+            "right",
+            dir,
+        ])
+        .assert()
+        .success();
+}
+
+#[test]
+fn a_host_dying_mid_run_is_a_clean_error() {
+    let mut s = Service::start("k");
+    let d = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("rbench"))
+        .args([
+            "-w",
+            "-s",
+            "100g",
+            "-b",
+            "1m",
+            "--timelimit",
+            "20",
+            "--hosts",
+            &s.addr(),
+            "--secret",
+            "k",
+        ])
+        .arg(d.path().join("big"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    s.child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("disconnected during WRITE") || err.contains("connection lost during WRITE"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
