@@ -256,7 +256,8 @@ pub fn sync_io(
     Ok(())
 }
 
-/// Asynchronous I/O through io_uring with `bufs.len()` operations in flight.
+/// Asynchronous I/O through io_uring with `bufs.len()` operations in flight;
+/// `bufs` must be registered with the ring, in order.
 pub fn uring_io(
     ring: &mut io_uring::IoUring,
     fd: RawFd,
@@ -289,14 +290,20 @@ pub fn uring_io(
             if write && spec.varpct > 0 {
                 fill::fill(b, spec.file_id, off, spec.varpct);
             }
+            // Buffer `slot` is registered buffer number `slot` (see work::Io).
             let sqe = if write {
-                opcode::Write::new(types::Fd(fd), b.as_ptr(), spec.block as u32)
+                opcode::WriteFixed::new(types::Fd(fd), b.as_ptr(), spec.block as u32, slot as u16)
                     .offset(off)
                     .build()
             } else {
-                opcode::Read::new(types::Fd(fd), b.as_mut_ptr(), spec.block as u32)
-                    .offset(off)
-                    .build()
+                opcode::ReadFixed::new(
+                    types::Fd(fd),
+                    b.as_mut_ptr(),
+                    spec.block as u32,
+                    slot as u16,
+                )
+                .offset(off)
+                .build()
             }
             .user_data(slot as u64);
             slots[slot] = Some((off, start, read_instead));
