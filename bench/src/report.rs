@@ -115,6 +115,18 @@ pub const CSV_HEADER: &[&str] = &[
     "time_limited",
 ];
 
+/// The CSV columns of a first-done or last-done figure, in header order.
+fn done_columns(d: &crate::stats::Done) -> [String; 6] {
+    [
+        format!("{:.3}", d.elapsed_ms),
+        format!("{:.1}", d.iops),
+        format!("{:.3}", d.mib_per_s),
+        format!("{:.1}", d.entries_per_s),
+        d.bytes.to_string(),
+        d.entries.to_string(),
+    ]
+}
+
 /// Appends the results as CSV rows, writing the header when the file is new or empty.
 pub fn append_csv(path: &Path, results: &[PhaseResult]) -> Result<()> {
     let io = |e: std::io::Error| BenchError::io(format!("writing {}", path.display()), e);
@@ -133,24 +145,16 @@ pub fn append_csv(path: &Path, results: &[PhaseResult]) -> Result<()> {
     }
     for r in results {
         let l = &r.latency;
-        let row: Vec<String> = vec![
+        let mut row: Vec<String> = vec![
             r.label.clone(),
             r.phase.clone(),
             r.iteration.to_string(),
             r.threads.to_string(),
             r.block_size.to_string(),
-            format!("{:.3}", r.first.elapsed_ms),
-            format!("{:.1}", r.first.iops),
-            format!("{:.3}", r.first.mib_per_s),
-            format!("{:.1}", r.first.entries_per_s),
-            r.first.bytes.to_string(),
-            r.first.entries.to_string(),
-            format!("{:.3}", r.last.elapsed_ms),
-            format!("{:.1}", r.last.iops),
-            format!("{:.3}", r.last.mib_per_s),
-            format!("{:.1}", r.last.entries_per_s),
-            r.last.bytes.to_string(),
-            r.last.entries.to_string(),
+        ];
+        row.extend(done_columns(&r.first));
+        row.extend(done_columns(&r.last));
+        row.extend([
             l.count.to_string(),
             format!("{:.3}", l.min_us),
             format!("{:.3}", l.mean_us),
@@ -164,7 +168,7 @@ pub fn append_csv(path: &Path, results: &[PhaseResult]) -> Result<()> {
             format!("{:.4}", r.cpu_user_s),
             format!("{:.4}", r.cpu_sys_s),
             r.time_limited.to_string(),
-        ];
+        ]);
         w.write_record(&row).map_err(csv_err)?;
     }
     w.flush().map_err(io)?;

@@ -34,3 +34,16 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Channel> {
             .map_err(unavailable),
     }
 }
+
+/// Connects to an endpoint that may not be listening yet (a driver still
+/// starting), retrying until `within` has passed.
+pub async fn connect_when_ready(endpoint: &Endpoint, within: Duration) -> Result<Channel> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match connect(endpoint).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}

@@ -128,12 +128,9 @@ async fn serves_metrics_health_and_drains_on_shutdown() {
         },
     ));
     let endpoint = Endpoint::Unix(sock.clone());
-    let channel = loop {
-        if let Ok(c) = csi_core::client::connect(&endpoint).await {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let channel = csi_core::client::connect_when_ready(&endpoint, Duration::from_secs(10))
+        .await
+        .unwrap();
     let mut ident = IdentityClient::new(channel.clone());
     let mut ctl = ControllerClient::new(channel);
     ident.probe(csi::ProbeRequest {}).await.unwrap();
@@ -270,12 +267,9 @@ async fn serves_on_tcp() {
             let _ = stop_rx.await;
         },
     ));
-    let channel = loop {
-        if let Ok(c) = csi_core::client::connect(&endpoint).await {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let channel = csi_core::client::connect_when_ready(&endpoint, Duration::from_secs(10))
+        .await
+        .unwrap();
     let caps = IdentityClient::new(channel.clone())
         .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
         .await

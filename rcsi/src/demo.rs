@@ -66,13 +66,7 @@ pub async fn run(base_path: Option<PathBuf>) -> anyhow::Result<()> {
             let _ = stop_rx.await;
         },
     ));
-    let channel = loop {
-        match csi_core::client::connect(&endpoint).await {
-            Ok(c) => break c,
-            Err(_) if !server.is_finished() => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let channel = csi_core::client::connect_when_ready(&endpoint, Duration::from_secs(10)).await?;
     let mut ctl = ControllerClient::new(channel.clone());
     let mut node = NodeClient::new(channel);
     let cap = csi::VolumeCapability {

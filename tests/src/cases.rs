@@ -467,36 +467,15 @@ async fn list_volumes_pagination(c: &mut Ctx) -> Result<()> {
     for i in 0..5 {
         made.insert(c.create(&format!("page-{i}")).await?.volume_id);
     }
-    let mut seen = Vec::new();
-    let mut token = String::new();
-    let mut pages = 0;
-    loop {
-        let r = c
-            .ctl
-            .list_volumes(csi::ListVolumesRequest {
-                max_entries: 2,
-                starting_token: token,
-            })
-            .await?
-            .into_inner();
+    let pages = c.list_pages(2).await?;
+    for p in &pages {
         ensure!(
-            r.entries.len() <= 2,
+            p.len() <= 2,
             "page of {} entries with max_entries 2",
-            r.entries.len()
+            p.len()
         );
-        seen.extend(
-            r.entries
-                .into_iter()
-                .filter_map(|e| e.volume)
-                .map(|v| v.volume_id),
-        );
-        pages += 1;
-        ensure!(pages < 100, "pagination does not end");
-        if r.next_token.is_empty() {
-            break;
-        }
-        token = r.next_token;
     }
+    let seen: Vec<String> = pages.concat();
     let seen_set: HashSet<String> = seen.iter().cloned().collect();
     ensure!(
         seen_set.len() == seen.len(),

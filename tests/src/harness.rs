@@ -1,6 +1,6 @@
 //! Driver processes, per-case context and the test runner.
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use async_trait::async_trait;
 use csi_core::backend::{ControllerRpc, NodeRpc};
 use csi_core::csi::{
@@ -520,30 +520,37 @@ impl Ctx {
         Ok(())
     }
 
-    /// Names of every volume ListVolumes returns (all pages).
-    pub async fn list_ids(&mut self) -> Result<Vec<String>> {
-        let mut ids = Vec::new();
+    /// Volume ids of every ListVolumes page of at most `max_entries` (0: no limit).
+    pub async fn list_pages(&mut self, max_entries: i32) -> Result<Vec<Vec<String>>> {
+        let mut pages = Vec::new();
         let mut token = String::new();
         loop {
             let r = self
                 .ctl
                 .list_volumes(csi::ListVolumesRequest {
-                    max_entries: 0,
+                    max_entries,
                     starting_token: token,
                 })
                 .await?
                 .into_inner();
-            ids.extend(
+            pages.push(
                 r.entries
                     .into_iter()
                     .filter_map(|e| e.volume)
-                    .map(|v| v.volume_id),
+                    .map(|v| v.volume_id)
+                    .collect(),
             );
+            ensure!(pages.len() < 10_000, "pagination does not end");
             if r.next_token.is_empty() {
-                return Ok(ids);
+                return Ok(pages);
             }
             token = r.next_token;
         }
+    }
+
+    /// Ids of every volume ListVolumes returns.
+    pub async fn list_ids(&mut self) -> Result<Vec<String>> {
+        Ok(self.list_pages(0).await?.concat())
     }
 }
 
