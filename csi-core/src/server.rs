@@ -77,6 +77,29 @@ pub struct ServeOptions {
     pub registration: Option<RegistrationOptions>,
 }
 
+impl Services {
+    /// All three services from one backend (node plugins that also serve Controller).
+    pub fn all<T: Plugin + ControllerBackend + NodeBackend + 'static>(backend: Arc<T>) -> Self {
+        Self {
+            plugin: backend.clone(),
+            controller: Some(backend.clone()),
+            node: Some(backend),
+        }
+    }
+}
+
+impl ServeOptions {
+    /// Serve on `endpoint` only: no metrics, no registration, 10 s slow-call warning.
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            metrics_address: None,
+            slow_call: Duration::from_secs(10),
+            registration: None,
+        }
+    }
+}
+
 /// Resolves when SIGTERM or SIGINT arrives.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

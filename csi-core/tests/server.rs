@@ -258,10 +258,8 @@ async fn serves_on_tcp() {
             node: Some(fake),
         },
         ServeOptions {
-            endpoint: endpoint.clone(),
-            metrics_address: None,
             slow_call: Duration::from_secs(1),
-            registration: None,
+            ..ServeOptions::new(endpoint.clone())
         },
         async {
             let _ = stop_rx.await;

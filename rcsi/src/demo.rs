@@ -30,15 +30,7 @@ pub async fn run(base_path: Option<PathBuf>) -> anyhow::Result<()> {
             base.display()
         ),
     );
-    let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
-    let host = rcsi_local_path::Host {
-        mounter: Arc::new(csi_core::mount::SystemMounter::new(
-            exec.clone(),
-            Duration::from_secs(60),
-        )),
-        blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec.clone())),
-        exec,
-    };
+    let host = rcsi_local_path::Host::system(Duration::from_secs(60));
     let driver = Arc::new(rcsi_local_path::LocalPath::open(
         rcsi_local_path::Config {
             node_id: "demo-node".into(),
@@ -51,17 +43,8 @@ pub async fn run(base_path: Option<PathBuf>) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let endpoint = Endpoint::Unix(sock.clone());
     let server = tokio::spawn(serve(
-        Services {
-            plugin: driver.clone(),
-            controller: Some(driver.clone()),
-            node: Some(driver),
-        },
-        ServeOptions {
-            endpoint: endpoint.clone(),
-            metrics_address: None,
-            slow_call: Duration::from_secs(10),
-            registration: None,
-        },
+        Services::all(driver),
+        ServeOptions::new(endpoint.clone()),
         async {
             let _ = stop_rx.await;
         },

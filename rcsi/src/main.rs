@@ -39,6 +39,9 @@ enum Cmd {
     Node(NodeArgs),
     /// Serve the controller plugin (Identity + Controller).
     Controller(CommonArgs),
+    /// Provision, delete, expand and snapshot volumes for PVCs (replaces csi-provisioner,
+    /// csi-resizer and csi-snapshotter).
+    Provisioner(ProvisionerArgs),
     /// Walk one local-path volume through its whole life on a temporary base path, printing each step (needs root).
     Demo {
         /// Base path to use instead of a fresh temporary directory.
@@ -94,6 +97,35 @@ struct NodeArgs {
     registration_dir: PathBuf,
 }
 
+#[derive(Args)]
+struct ProvisionerArgs {
+    /// The driver's CSI endpoint (unix:///csi/csi.sock); its name is asked with GetPluginInfo.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    csi_address: Endpoint,
+    /// Node-deployment mode: handle only volumes of this node and publish its
+    /// CSIStorageCapacity (for node-local drivers such as local-path).
+    #[arg(long)]
+    node_deployment: Option<String>,
+    /// Namespace for the leader lease and CSIStorageCapacity objects.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "rcsi-system")]
+    namespace: String,
+    /// Elect a leader with a Lease, so several replicas can run (controller Deployment).
+    #[arg(long)]
+    leader_election: bool,
+    /// This replica's identity in the lease.
+    #[arg(long, env = "POD_NAME", default_value = "rcsi-provisioner")]
+    identity: String,
+    /// Serve Prometheus /metrics and /healthz (driver Probe) on this address.
+    #[arg(long)]
+    metrics_address: Option<SocketAddr>,
+    /// Deadline of each CSI call, in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// How often CSIStorageCapacity is refreshed, in seconds (also after every change).
+    #[arg(long, default_value_t = 60)]
+    capacity_interval_secs: u64,
+}
+
 fn init_logging(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -109,15 +141,7 @@ fn init_logging(format: LogFormat, default: &str) {
 }
 
 fn local_path(args: &NodeArgs) -> anyhow::Result<Arc<rcsi_local_path::LocalPath>> {
-    let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
-    let host = rcsi_local_path::Host {
-        mounter: Arc::new(csi_core::mount::SystemMounter::new(
-            exec.clone(),
-            Duration::from_secs(120),
-        )),
-        blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec.clone())),
-        exec,
-    };
+    let host = rcsi_local_path::Host::system(Duration::from_secs(120));
     let cfg = rcsi_local_path::Config {
         node_id: args.node_id.clone(),
         base_path: args.base_path.clone(),
@@ -146,14 +170,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Node(args) => {
             let services = match args.common.driver {
-                Driver::LocalPath => {
-                    let d = local_path(&args)?;
-                    Services {
-                        plugin: d.clone(),
-                        controller: Some(d.clone()),
-                        node: Some(d),
-                    }
-                }
+                Driver::LocalPath => Services::all(local_path(&args)?),
             };
             let mut opts = options(&args.common);
             opts.registration =
@@ -172,6 +189,19 @@ async fn main() -> anyhow::Result<()> {
                 "local-path keeps its data on each node, so its controller runs inside `rcsi node`; no separate controller is needed"
             ),
         },
+        Cmd::Provisioner(a) => {
+            let cfg = rcsi_provisioner::run::Config {
+                csi_endpoint: a.csi_address,
+                node: a.node_deployment,
+                namespace: a.namespace,
+                leader_election: a.leader_election,
+                identity: a.identity,
+                metrics_address: a.metrics_address,
+                timeout: Duration::from_secs(a.timeout_secs),
+                capacity_interval: Duration::from_secs(a.capacity_interval_secs.max(1)),
+            };
+            rcsi_provisioner::run::run(cfg, shutdown_signal()).await?;
+        }
         Cmd::Demo { base_path } => demo::run(base_path).await?,
     }
     Ok(())

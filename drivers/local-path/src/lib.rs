@@ -53,6 +53,21 @@ pub struct Host {
     pub exec: Arc<dyn Exec>,
 }
 
+impl Host {
+    /// The real host: system mounts (each bounded by `mount_timeout`), loop devices, programs.
+    pub fn system(mount_timeout: std::time::Duration) -> Self {
+        let exec: Arc<dyn Exec> = Arc::new(csi_core::exec::SystemExec);
+        Self {
+            mounter: Arc::new(csi_core::mount::SystemMounter::new(
+                exec.clone(),
+                mount_timeout,
+            )),
+            blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec.clone())),
+            exec,
+        }
+    }
+}
+
 /// The local-path driver: controller and node in one process.
 pub struct LocalPath {
     cfg: Config,

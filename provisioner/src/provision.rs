@@ -1,0 +1,769 @@
+//! The claim controller: provisions PVs for new PVCs and expands bound ones.
+
+use crate::error::{Error, Result, already_exists, conflict, not_found};
+use crate::params::{self, SecretKind, TemplateVars};
+use crate::snapshot;
+use crate::{
+    ANN_DELETE_SECRET_NAME, ANN_DELETE_SECRET_NAMESPACE, ANN_PROVISIONED_BY, ANN_SELECTED_NODE,
+    Ctx, PV_FINALIZER, PVC_FINALIZER, observe,
+};
+use csi_core::csi;
+use k8s_openapi::api::core::v1::{
+    CSIPersistentVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim,
+    PersistentVolumeSpec, Secret, SecretReference,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// Reconciles one PVC: provision, finish an abandoned provisioning, or expand.
+pub async fn reconcile(pvc: Arc<PersistentVolumeClaim>, ctx: Arc<Ctx>) -> Result<Action> {
+    let key = format!("pvc/{}", pvc.uid().unwrap_or_default());
+    observe(&ctx, "claim", key, reconcile_claim(&pvc, &ctx)).await
+}
+
+/// Retry delay after a failed claim reconcile.
+pub fn error_policy(pvc: Arc<PersistentVolumeClaim>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    let key = format!("pvc/{}", pvc.uid().unwrap_or_default());
+    let delay = ctx.backoff(&key);
+    warn!(pvc = %describe(&pvc), error = %err, retry_in = ?delay, "claim reconcile failed");
+    Action::requeue(delay)
+}
+
+fn describe(pvc: &PersistentVolumeClaim) -> String {
+    format!("{}/{}", pvc.namespace().unwrap_or_default(), pvc.name_any())
+}
+
+/// The PV name for a claim: `pvc-<claim uid>`, like every CSI provisioner.
+pub fn pv_name(pvc: &PersistentVolumeClaim) -> Result<String> {
+    pvc.uid()
+        .map(|u| format!("pvc-{u}"))
+        .ok_or_else(|| Error::Invalid("claim has no uid".into()))
+}
+
+fn claims(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Api<PersistentVolumeClaim> {
+    Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default())
+}
+
+fn has_finalizer<K: Resource>(obj: &K, f: &str) -> bool {
+    obj.finalizers().iter().any(|x| x == f)
+}
+
+/// Patches `obj`'s finalizer list, failing with Conflict if `obj` is stale.
+pub async fn set_finalizer<K>(api: &Api<K>, obj: &K, f: &str, present: bool) -> Result<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut list: Vec<String> = obj
+        .finalizers()
+        .iter()
+        .filter(|x| *x != f)
+        .cloned()
+        .collect();
+    if present {
+        list.push(f.to_owned());
+    }
+    let patch = json!({"metadata": {
+        "resourceVersion": obj.resource_version(),
+        "finalizers": list,
+    }});
+    Ok(api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?)
+}
+
+async fn reconcile_claim(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
+    if pvc.metadata.deletion_timestamp.is_some() {
+        if has_finalizer(pvc, PVC_FINALIZER) {
+            return abandon(pvc, ctx).await;
+        }
+        return Ok(Action::await_change());
+    }
+    let Some(spec) = &pvc.spec else {
+        return Ok(Action::await_change());
+    };
+    if spec.volume_name.as_deref().is_some_and(|v| !v.is_empty()) {
+        if has_finalizer(pvc, PVC_FINALIZER) {
+            set_finalizer(&claims(ctx, pvc), pvc, PVC_FINALIZER, false).await?;
+            return Ok(Action::await_change());
+        }
+        if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+            return expand(pvc, ctx).await;
+        }
+        return Ok(Action::await_change());
+    }
+    let Some(sc) = our_class(ctx, pvc).await? else {
+        return Ok(Action::await_change());
+    };
+    let selected = pvc.annotations().get(ANN_SELECTED_NODE).cloned();
+    let wffc = sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
+    match (&ctx.node, &selected) {
+        (_, None) if wffc => return Ok(Action::await_change()),
+        (Some(me), Some(n)) if n != me => return Ok(Action::await_change()),
+        (Some(me), None) => {
+            // Immediate binding with node-local volumes: instances race to claim it.
+            let patch = json!({"metadata": {
+                "resourceVersion": pvc.resource_version(),
+                "annotations": {ANN_SELECTED_NODE: me},
+            }});
+            return match claims(ctx, pvc)
+                .patch(
+                    &pvc.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => Ok(Action::await_change()),
+                Err(e) if conflict(&e) => Ok(Action::await_change()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        _ => {}
+    }
+    provision(pvc, ctx, &sc, selected.as_deref()).await
+}
+
+/// The claim's StorageClass if its provisioner is this driver.
+async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<StorageClass>> {
+    let Some(name) = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.as_deref())
+        .filter(|n| !n.is_empty())
+    else {
+        return Ok(None);
+    };
+    let sc = Api::<StorageClass>::all(ctx.client.clone())
+        .get_opt(name)
+        .await?;
+    Ok(sc.filter(|sc| sc.provisioner == ctx.driver))
+}
+
+/// What CreateVolume was asked, plus what the PV needs to remember.
+struct Prepared {
+    request: csi::CreateVolumeRequest,
+    requested: u64,
+    block: bool,
+    fs_type: String,
+    provisioner_secret: Option<SecretReference>,
+    node_stage: Option<SecretReference>,
+    node_publish: Option<SecretReference>,
+    node_expand: Option<SecretReference>,
+    controller_expand: Option<SecretReference>,
+}
+
+/// Reads a Secret's data as CSI secrets.
+pub async fn read_secret(ctx: &Ctx, r: &SecretReference) -> Result<HashMap<String, String>> {
+    let (ns, name) = (
+        r.namespace.as_deref().unwrap_or_default(),
+        r.name.as_deref().unwrap_or_default(),
+    );
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::Waiting(format!("secret {ns}/{name} does not exist")))?;
+    secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            String::from_utf8(v.0)
+                .map(|v| (k.clone(), v))
+                .map_err(|_| Error::Invalid(format!("secret {ns}/{name} key {k} is not UTF-8")))
+        })
+        .collect()
+}
+
+async fn prepare(
+    ctx: &Ctx,
+    pvc: &PersistentVolumeClaim,
+    sc: &StorageClass,
+    pv_name: &str,
+    selected: Option<&str>,
+) -> Result<Option<Prepared>> {
+    let spec = pvc.spec.clone().unwrap_or_default();
+    let sc_params = sc.parameters.clone().unwrap_or_default();
+    let requests = spec.resources.as_ref().and_then(|r| r.requests.as_ref());
+    let limits = spec.resources.as_ref().and_then(|r| r.limits.as_ref());
+    let requested = match requests.and_then(|r| r.get("storage")) {
+        Some(q) => params::parse_quantity(q)?,
+        None => return Err(Error::Invalid("the claim requests no storage".into())),
+    };
+    let limit = limits
+        .and_then(|l| l.get("storage"))
+        .map(params::parse_quantity)
+        .transpose()?
+        .unwrap_or(0);
+    let block = spec.volume_mode.as_deref() == Some("Block");
+    let fs_type = if block {
+        String::new()
+    } else {
+        sc_params.get(params::FSTYPE).cloned().unwrap_or_default()
+    };
+    let mount_options = sc.mount_options.clone().unwrap_or_default();
+    let access_modes = spec.access_modes.clone().unwrap_or_default();
+    let capabilities = params::capabilities(&access_modes, block, &fs_type, &mount_options)?;
+
+    let (namespace, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+    let vars = TemplateVars {
+        pv_name: Some(pv_name),
+        pvc_name: Some(&name),
+        pvc_namespace: Some(&namespace),
+        pvc_annotations: Some(pvc.annotations()),
+        ..Default::default()
+    };
+    let r = |kind| params::secret_ref(&sc_params, kind, &vars);
+    let provisioner_secret = r(SecretKind::Provisioner)?;
+    let secrets = match &provisioner_secret {
+        Some(s) => read_secret(ctx, s).await?,
+        None => HashMap::new(),
+    };
+
+    let volume_content_source = match content_source(ctx, pvc, requested).await? {
+        Source::None => None,
+        Source::Csi(s) => Some(s),
+        Source::Foreign => return Ok(None),
+    };
+
+    let mut parameters = params::driver_params(&sc_params);
+    parameters.insert(params::PVC_NAME.into(), name.clone());
+    parameters.insert(params::PVC_NAMESPACE.into(), namespace.clone());
+    parameters.insert(params::PV_NAME.into(), pv_name.into());
+
+    let accessibility_requirements = match selected {
+        Some(node) => {
+            let segment = match (&ctx.node, ctx.node_view().await?) {
+                (Some(_), Some(view)) => view.segment,
+                _ => ctx.topology_of(node).await?.segment,
+            };
+            let t = csi::Topology {
+                segments: segment.into_iter().collect(),
+            };
+            Some(csi::TopologyRequirement {
+                requisite: vec![t.clone()],
+                preferred: vec![t],
+            })
+        }
+        None => allowed_topologies(sc),
+    };
+
+    Ok(Some(Prepared {
+        request: csi::CreateVolumeRequest {
+            name: pv_name.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: requested as i64,
+                limit_bytes: limit as i64,
+            }),
+            volume_capabilities: capabilities,
+            parameters,
+            secrets,
+            volume_content_source,
+            accessibility_requirements,
+            mutable_parameters: HashMap::new(),
+        },
+        requested,
+        block,
+        fs_type,
+        provisioner_secret,
+        node_stage: r(SecretKind::NodeStage)?,
+        node_publish: r(SecretKind::NodePublish)?,
+        node_expand: r(SecretKind::NodeExpand)?,
+        controller_expand: r(SecretKind::ControllerExpand)?,
+    }))
+}
+
+/// The StorageClass's allowedTopologies as CSI requisite topologies.
+fn allowed_topologies(sc: &StorageClass) -> Option<csi::TopologyRequirement> {
+    let mut out = Vec::new();
+    for term in sc.allowed_topologies.iter().flatten() {
+        let mut combos: Vec<HashMap<String, String>> = vec![HashMap::new()];
+        for expr in term.match_label_expressions.iter().flatten() {
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    expr.values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.insert(expr.key.clone(), v.clone());
+                        c
+                    })
+                })
+                .collect();
+        }
+        out.extend(
+            combos
+                .into_iter()
+                .filter(|c| !c.is_empty())
+                .map(|segments| csi::Topology { segments }),
+        );
+    }
+    (!out.is_empty()).then(|| csi::TopologyRequirement {
+        requisite: out.clone(),
+        preferred: out,
+    })
+}
+
+enum Source {
+    None,
+    Csi(csi::VolumeContentSource),
+    /// A data source a volume populator handles, not us.
+    Foreign,
+}
+
+async fn content_source(ctx: &Ctx, pvc: &PersistentVolumeClaim, requested: u64) -> Result<Source> {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let spec = pvc.spec.as_ref();
+    let (group, kind, name) = match (
+        spec.and_then(|s| s.data_source_ref.as_ref()),
+        spec.and_then(|s| s.data_source.as_ref()),
+    ) {
+        (Some(r), _) => {
+            if r.namespace
+                .as_deref()
+                .is_some_and(|n| Some(n) != pvc.namespace().as_deref())
+            {
+                return Err(Error::Invalid(
+                    "cross-namespace data sources are not supported".into(),
+                ));
+            }
+            (
+                r.api_group.clone().unwrap_or_default(),
+                r.kind.clone(),
+                r.name.clone(),
+            )
+        }
+        (None, Some(r)) => (
+            r.api_group.clone().unwrap_or_default(),
+            r.kind.clone(),
+            r.name.clone(),
+        ),
+        (None, None) => return Ok(Source::None),
+    };
+    let ns = pvc.namespace().unwrap_or_default();
+    match (group.as_str(), kind.as_str()) {
+        ("snapshot.storage.k8s.io", "VolumeSnapshot") => {
+            let (handle, restore) = snapshot::restore_source(ctx, &ns, &name).await?;
+            if restore.is_some_and(|r| r > requested) {
+                return Err(Error::Invalid(format!(
+                    "the claim requests {requested} bytes, less than snapshot {name}'s restore size {}",
+                    restore.unwrap_or_default()
+                )));
+            }
+            Ok(Source::Csi(csi::VolumeContentSource {
+                r#type: Some(Type::Snapshot(SnapshotSource {
+                    snapshot_id: handle,
+                })),
+            }))
+        }
+        ("", "PersistentVolumeClaim") => {
+            let src = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(&name)
+                .await?
+                .ok_or_else(|| {
+                    Error::Waiting(format!("source claim {ns}/{name} does not exist"))
+                })?;
+            let bound = src.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+            let volume = src.spec.as_ref().and_then(|s| s.volume_name.clone());
+            let (true, Some(volume)) = (bound, volume) else {
+                return Err(Error::Waiting(format!(
+                    "source claim {ns}/{name} is not bound yet"
+                )));
+            };
+            let pv = Api::<PersistentVolume>::all(ctx.client.clone())
+                .get_opt(&volume)
+                .await?
+                .ok_or_else(|| Error::Waiting(format!("source volume {volume} does not exist")))?;
+            let csi_src = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.csi.as_ref())
+                .filter(|c| c.driver == ctx.driver)
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "source claim {ns}/{name} is not a {} volume",
+                        ctx.driver
+                    ))
+                })?;
+            let size = src
+                .status
+                .as_ref()
+                .and_then(|s| s.capacity.as_ref())
+                .and_then(|c| c.get("storage"))
+                .map(params::parse_quantity)
+                .transpose()?;
+            if size.is_some_and(|s| s > requested) {
+                return Err(Error::Invalid(format!(
+                    "the claim requests {requested} bytes, less than its source claim {name}"
+                )));
+            }
+            Ok(Source::Csi(csi::VolumeContentSource {
+                r#type: Some(Type::Volume(VolumeSource {
+                    volume_id: csi_src.volume_handle.clone(),
+                })),
+            }))
+        }
+        _ => Ok(Source::Foreign),
+    }
+}
+
+async fn provision(
+    pvc: &PersistentVolumeClaim,
+    ctx: &Ctx,
+    sc: &StorageClass,
+    selected: Option<&str>,
+) -> Result<Action> {
+    let pv_name = pv_name(pvc)?;
+    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    if pvs.get_opt(&pv_name).await?.is_some() {
+        return Ok(Action::await_change());
+    }
+    let regarding = pvc.object_ref(&());
+    let prepared = match prepare(ctx, pvc, sc, &pv_name, selected).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(Action::await_change()),
+        Err(e) => return Err(failed(ctx, &regarding, e).await),
+    };
+    let claims = claims(ctx, pvc);
+    let pvc = if has_finalizer(pvc, PVC_FINALIZER) {
+        pvc.clone()
+    } else {
+        set_finalizer(&claims, pvc, PVC_FINALIZER, true).await?
+    };
+    ctx.event(
+        &regarding,
+        false,
+        "Provisioning",
+        "Provision",
+        format!("creating volume {pv_name} for claim {}", describe(&pvc)),
+    )
+    .await;
+    let volume = match ctx.csi.create_volume(prepared.request.clone()).await {
+        Ok(v) => v,
+        Err(status) => {
+            let e = failed(ctx, &regarding, Error::csi("CreateVolume", status)).await;
+            if e.csi_code() == Some(tonic::Code::ResourceExhausted) && selected.is_some() {
+                // Let the scheduler pick another node.
+                let patch = json!({"metadata": {"annotations": {ANN_SELECTED_NODE: null}}});
+                claims
+                    .patch(
+                        &pvc.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+            }
+            return Err(e);
+        }
+    };
+    let pv = build_pv(ctx, &pvc, sc, &pv_name, &prepared, &volume);
+    match pvs.create(&PostParams::default(), &pv).await {
+        Ok(_) => {}
+        Err(e) if already_exists(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    set_finalizer(&claims, &pvc, PVC_FINALIZER, false).await?;
+    info!(pvc = %describe(&pvc), pv = %pv_name, volume = %volume.volume_id, "provisioned");
+    ctx.event(
+        &regarding,
+        false,
+        "ProvisioningSucceeded",
+        "Provision",
+        format!("volume {pv_name} created ({})", volume.volume_id),
+    )
+    .await;
+    ctx.capacity_changed.notify_one();
+    Ok(Action::await_change())
+}
+
+/// Records a ProvisioningFailed event for `e` and hands it back.
+async fn failed(ctx: &Ctx, regarding: &ObjectReference, e: Error) -> Error {
+    ctx.event(
+        regarding,
+        true,
+        "ProvisioningFailed",
+        "Provision",
+        e.to_string(),
+    )
+    .await;
+    e
+}
+
+fn build_pv(
+    ctx: &Ctx,
+    pvc: &PersistentVolumeClaim,
+    sc: &StorageClass,
+    pv_name: &str,
+    p: &Prepared,
+    volume: &csi::Volume,
+) -> PersistentVolume {
+    let spec = pvc.spec.clone().unwrap_or_default();
+    let reclaim = sc.reclaim_policy.clone().unwrap_or_else(|| "Delete".into());
+    let mut annotations = BTreeMap::from([(ANN_PROVISIONED_BY.to_owned(), ctx.driver.clone())]);
+    if let Some(s) = &p.provisioner_secret {
+        annotations.insert(
+            ANN_DELETE_SECRET_NAME.into(),
+            s.name.clone().unwrap_or_default(),
+        );
+        annotations.insert(
+            ANN_DELETE_SECRET_NAMESPACE.into(),
+            s.namespace.clone().unwrap_or_default(),
+        );
+    }
+    let capacity = if volume.capacity_bytes > 0 {
+        volume.capacity_bytes as u64
+    } else {
+        p.requested
+    };
+    let attributes: BTreeMap<String, String> = volume.volume_context.clone().into_iter().collect();
+    PersistentVolume {
+        metadata: ObjectMeta {
+            name: Some(pv_name.into()),
+            annotations: Some(annotations),
+            finalizers: (reclaim == "Delete").then(|| vec![PV_FINALIZER.to_owned()]),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeSpec {
+            access_modes: spec.access_modes.clone(),
+            capacity: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                params::format_quantity(capacity),
+            )])),
+            claim_ref: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolumeClaim".into()),
+                namespace: pvc.namespace(),
+                name: Some(pvc.name_any()),
+                uid: pvc.uid(),
+                resource_version: pvc.resource_version(),
+                field_path: None,
+            }),
+            persistent_volume_reclaim_policy: Some(reclaim),
+            storage_class_name: sc.metadata.name.clone(),
+            mount_options: sc.mount_options.clone().filter(|m| !m.is_empty()),
+            volume_mode: Some(if p.block { "Block" } else { "Filesystem" }.into()),
+            node_affinity: params::node_affinity(&volume.accessible_topology),
+            csi: Some(CSIPersistentVolumeSource {
+                driver: ctx.driver.clone(),
+                volume_handle: volume.volume_id.clone(),
+                fs_type: (!p.fs_type.is_empty()).then(|| p.fs_type.clone()),
+                volume_attributes: (!attributes.is_empty()).then_some(attributes),
+                controller_expand_secret_ref: p.controller_expand.clone(),
+                node_stage_secret_ref: p.node_stage.clone(),
+                node_publish_secret_ref: p.node_publish.clone(),
+                node_expand_secret_ref: p.node_expand.clone(),
+                read_only: None,
+                controller_publish_secret_ref: None,
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// A claim was deleted while we held its provisioning finalizer: make sure no
+/// volume is left behind, then let it go.
+async fn abandon(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
+    let claims = claims(ctx, pvc);
+    let pv_name = pv_name(pvc)?;
+    let selected = pvc.annotations().get(ANN_SELECTED_NODE).cloned();
+    if ctx.node.is_some() && selected != ctx.node {
+        return Ok(Action::await_change());
+    }
+    let exists = Api::<PersistentVolume>::all(ctx.client.clone())
+        .get_opt(&pv_name)
+        .await?
+        .is_some();
+    if !exists {
+        let regarding = pvc.object_ref(&());
+        let prepared = match our_class(ctx, pvc).await? {
+            Some(sc) => prepare(ctx, pvc, &sc, &pv_name, selected.as_deref()).await,
+            None => Err(Error::Invalid("its StorageClass is gone".into())),
+        };
+        match prepared {
+            Ok(Some(p)) => match ctx.csi.create_volume(p.request.clone()).await {
+                Ok(v) => {
+                    let req = csi::DeleteVolumeRequest {
+                        volume_id: v.volume_id,
+                        secrets: p.request.secrets,
+                    };
+                    ctx.csi
+                        .delete_volume(req)
+                        .await
+                        .map_err(|s| Error::csi("DeleteVolume", s))?;
+                }
+                Err(s) => {
+                    let e = Error::csi("CreateVolume", s);
+                    if !e.is_final_csi() {
+                        return Err(e);
+                    }
+                }
+            },
+            Ok(None) => {}
+            Err(e @ (Error::Kube(_) | Error::Csi { .. })) => return Err(e),
+            Err(e) => {
+                ctx.event(
+                    &regarding,
+                    true,
+                    "ProvisioningCleanupSkipped",
+                    "Provision",
+                    format!("cannot check for a volume left by the deleted claim: {e}"),
+                )
+                .await;
+            }
+        }
+    }
+    match set_finalizer(&claims, pvc, PVC_FINALIZER, false).await {
+        Err(Error::Kube(e)) if not_found(&e) => {}
+        r => {
+            r?;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+async fn expand(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
+    let storage = |m: Option<&BTreeMap<String, _>>| {
+        m.and_then(|m| m.get("storage"))
+            .map(params::parse_quantity)
+            .transpose()
+    };
+    let spec = pvc.spec.clone().unwrap_or_default();
+    let status = pvc.status.clone().unwrap_or_default();
+    let Some(want) = storage(spec.resources.as_ref().and_then(|r| r.requests.as_ref()))? else {
+        return Ok(Action::await_change());
+    };
+    let have = storage(status.capacity.as_ref())?.unwrap_or(0);
+    let allocated = storage(status.allocated_resources.as_ref())?.unwrap_or(0);
+    let resize_state = status
+        .allocated_resource_statuses
+        .as_ref()
+        .and_then(|s| s.get("storage"))
+        .map(String::as_str);
+    if want <= have || (resize_state == Some("NodeResizePending") && allocated >= want) {
+        return Ok(Action::await_change());
+    }
+    let volume = spec.volume_name.clone().unwrap_or_default();
+    let pvs = Api::<PersistentVolume>::all(ctx.client.clone());
+    let Some(pv) = pvs.get_opt(&volume).await? else {
+        return Ok(Action::await_change());
+    };
+    let pv_spec = pv.spec.clone().unwrap_or_default();
+    let Some(source) = pv_spec.csi.as_ref().filter(|c| c.driver == ctx.driver) else {
+        return Ok(Action::await_change());
+    };
+    if let Some(view) = ctx.node_view().await?
+        && !params::affinity_matches(pv_spec.node_affinity.as_ref(), &view.labels)
+    {
+        return Ok(Action::await_change());
+    }
+    let claims = claims(ctx, pvc);
+    let regarding = pvc.object_ref(&());
+    let now = jiff::Timestamp::now().to_string();
+    let patch_status = |body: serde_json::Value| {
+        let claims = claims.clone();
+        let name = pvc.name_any();
+        async move {
+            claims
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+        }
+    };
+    patch_status(json!({"status": {
+        "allocatedResources": {"storage": params::format_quantity(want)},
+        "allocatedResourceStatuses": {"storage": "ControllerResizeInProgress"},
+        "conditions": [{"type": "Resizing", "status": "True", "lastTransitionTime": now}],
+    }}))
+    .await?;
+
+    let secrets = match &source.controller_expand_secret_ref {
+        Some(r) => read_secret(ctx, r).await?,
+        None => HashMap::new(),
+    };
+    let block = pv_spec.volume_mode.as_deref() == Some("Block");
+    let caps = params::capabilities(
+        &pv_spec.access_modes.clone().unwrap_or_default(),
+        block,
+        source.fs_type.as_deref().unwrap_or_default(),
+        &pv_spec.mount_options.clone().unwrap_or_default(),
+    )?;
+    let req = csi::ControllerExpandVolumeRequest {
+        volume_id: source.volume_handle.clone(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: want as i64,
+            limit_bytes: 0,
+        }),
+        secrets,
+        volume_capability: caps.into_iter().next(),
+    };
+    let resp = match ctx.csi.expand_volume(req).await {
+        Ok(r) => r,
+        Err(s) => {
+            let e = Error::csi("ControllerExpandVolume", s);
+            if e.is_final_csi() {
+                patch_status(json!({"status": {
+                    "allocatedResourceStatuses": {"storage": "ControllerResizeInfeasible"},
+                    "conditions": [{"type": "ControllerResizeError", "status": "True",
+                        "lastTransitionTime": now, "message": e.to_string()}],
+                }}))
+                .await?;
+            }
+            ctx.event(
+                &regarding,
+                true,
+                "VolumeResizeFailed",
+                "Resize",
+                e.to_string(),
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let new_size = (resp.capacity_bytes.max(0) as u64).max(want);
+    let pv_cap = storage(pv_spec.capacity.as_ref())?.unwrap_or(0);
+    if new_size > pv_cap {
+        let patch = json!({"spec": {"capacity": {"storage": params::format_quantity(new_size)}}});
+        pvs.patch(&volume, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    let node_step = resp.node_expansion_required;
+    if node_step {
+        patch_status(json!({"status": {
+            "allocatedResourceStatuses": {"storage": "NodeResizePending"},
+            "conditions": [{"type": "FileSystemResizePending", "status": "True",
+                "lastTransitionTime": now,
+                "message": "waiting for the kubelet to finish resizing on the node"}],
+        }}))
+        .await?;
+    } else {
+        patch_status(json!({"status": {
+            "capacity": {"storage": params::format_quantity(new_size)},
+            "allocatedResourceStatuses": null,
+            "conditions": null,
+        }}))
+        .await?;
+    }
+    ctx.event(
+        &regarding,
+        false,
+        if node_step {
+            "FileSystemResizeRequired"
+        } else {
+            "VolumeResizeSuccessful"
+        },
+        "Resize",
+        format!("volume {volume} expanded to {new_size} bytes"),
+    )
+    .await;
+    ctx.capacity_changed.notify_one();
+    Ok(Action::await_change())
+}

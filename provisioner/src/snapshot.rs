@@ -1,0 +1,372 @@
+//! The snapshot controller: VolumeSnapshotContents (snapshot.storage.k8s.io/v1) to
+//! CreateSnapshot / DeleteSnapshot, as csi-snapshotter does next to the snapshot-controller.
+
+use crate::error::{Error, Result};
+use crate::params::{self, SecretKind, TemplateVars};
+use crate::provision::read_secret;
+use crate::{Ctx, observe};
+use csi_core::csi;
+use k8s_openapi::api::core::v1::{ObjectReference, SecretReference};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::core::object::Object;
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Annotation set while CreateSnapshot may still be running, so nobody deletes meanwhile.
+pub const ANN_BEING_CREATED: &str = "snapshot.storage.kubernetes.io/volumesnapshot-being-created";
+/// Annotation the snapshot-controller sets when the content is to be deleted.
+pub const ANN_BEING_DELETED: &str = "snapshot.storage.kubernetes.io/volumesnapshot-being-deleted";
+/// Annotations naming the DeleteSnapshot secret (set by the snapshot-controller).
+pub const ANN_SECRET_NAME: &str = "snapshot.storage.kubernetes.io/deletion-secret-name";
+/// See [`ANN_SECRET_NAME`].
+pub const ANN_SECRET_NAMESPACE: &str = "snapshot.storage.kubernetes.io/deletion-secret-namespace";
+
+fn resource(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "snapshot.storage.k8s.io",
+        "v1",
+        kind,
+    ))
+}
+
+/// The VolumeSnapshotContent API resource.
+pub fn content_resource() -> ApiResource {
+    resource("VolumeSnapshotContent")
+}
+
+/// Where a content's snapshot comes from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentSource {
+    /// Dynamic: the volume to snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_handle: Option<String>,
+    /// Pre-provisioned: the existing snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_handle: Option<String>,
+}
+
+/// VolumeSnapshotContent spec (the fields we use).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentSpec {
+    /// CSI driver name.
+    pub driver: String,
+    /// Delete or Retain.
+    pub deletion_policy: String,
+    /// Source volume or snapshot.
+    pub source: ContentSource,
+    /// The VolumeSnapshotClass of a dynamic snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_class_name: Option<String>,
+    /// The VolumeSnapshot bound to this content.
+    pub volume_snapshot_ref: ObjectReference,
+}
+
+/// VolumeSnapshotContent status.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentStatus {
+    /// The driver's snapshot id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_handle: Option<String>,
+    /// Creation time in nanoseconds since the epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<i64>,
+    /// Bytes needed to restore.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<i64>,
+    /// True once the snapshot can be restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_to_use: Option<bool>,
+}
+
+/// A VolumeSnapshotContent.
+pub type Content = Object<ContentSpec, ContentStatus>;
+
+/// Reconciles one VolumeSnapshotContent.
+pub async fn reconcile(c: Arc<Content>, ctx: Arc<Ctx>) -> Result<Action> {
+    let key = format!("vsc/{}", c.name_any());
+    observe(&ctx, "snapshot", key, reconcile_content(&c, &ctx)).await
+}
+
+/// Retry delay after a failed snapshot reconcile.
+pub fn error_policy(c: Arc<Content>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    let delay = ctx.backoff(&format!("vsc/{}", c.name_any()));
+    warn!(content = %c.name_any(), error = %err, retry_in = ?delay, "snapshot reconcile failed");
+    Action::requeue(delay)
+}
+
+fn contents(ctx: &Ctx) -> Api<Content> {
+    Api::all_with(ctx.client.clone(), &content_resource())
+}
+
+/// True when a watched PV of this driver with CSI handle `handle` is on the node with `labels`.
+fn is_local_volume(ctx: &Ctx, handle: &str, labels: &BTreeMap<String, String>) -> bool {
+    ctx.pvs.as_ref().is_some_and(|store| {
+        store.state().iter().any(|pv| {
+            let spec = pv.spec.as_ref();
+            spec.and_then(|s| s.csi.as_ref())
+                .is_some_and(|c| c.driver == ctx.driver && c.volume_handle == handle)
+                && params::affinity_matches(spec.and_then(|s| s.node_affinity.as_ref()), labels)
+        })
+    })
+}
+
+async fn reconcile_content(c: &Content, ctx: &Ctx) -> Result<Action> {
+    if c.spec.driver != ctx.driver {
+        return Ok(Action::await_change());
+    }
+    let status = c.status.clone().unwrap_or_default();
+    let handle = status
+        .snapshot_handle
+        .clone()
+        .or_else(|| c.spec.source.snapshot_handle.clone());
+    let view = ctx.node_view().await?;
+    if c.metadata.deletion_timestamp.is_some() {
+        let annotations = c.annotations();
+        let should_delete = c.spec.deletion_policy == "Delete"
+            && annotations.contains_key(ANN_BEING_DELETED)
+            && !annotations.contains_key(ANN_BEING_CREATED);
+        if let (true, Some(h)) = (should_delete, status.snapshot_handle.as_deref()) {
+            // In node-deployment mode only the node that holds the snapshot deletes it.
+            if view.is_none() || find(ctx, h).await?.is_some() {
+                delete(c, ctx, h).await?;
+            }
+        }
+        return Ok(Action::await_change());
+    }
+    if status.ready_to_use == Some(true) {
+        return Ok(Action::await_change());
+    }
+    match (&c.spec.source.volume_handle, &handle) {
+        (Some(volume), _) => match &view {
+            Some(v) if !is_local_volume(ctx, volume, &v.labels) => Ok(Action::await_change()),
+            _ => create(c, ctx, volume).await,
+        },
+        (None, Some(snap)) => import(c, ctx, snap, view.is_some()).await,
+        (None, None) => Err(Error::Invalid(format!(
+            "content {} has neither a source volume nor a snapshot handle",
+            c.name_any()
+        ))),
+    }
+}
+
+/// The driver's snapshot `id`, if it has it.
+async fn find(ctx: &Ctx, id: &str) -> Result<Option<csi::Snapshot>> {
+    let req = csi::ListSnapshotsRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    let resp = ctx
+        .csi
+        .list_snapshots(req)
+        .await
+        .map_err(|s| Error::csi("ListSnapshots", s))?;
+    Ok(resp.entries.into_iter().find_map(|e| e.snapshot))
+}
+
+async fn delete(c: &Content, ctx: &Ctx, handle: &str) -> Result<()> {
+    let a = c.annotations();
+    let secrets = match (a.get(ANN_SECRET_NAME), a.get(ANN_SECRET_NAMESPACE)) {
+        (Some(n), Some(ns)) => {
+            let r = SecretReference {
+                name: Some(n.clone()),
+                namespace: Some(ns.clone()),
+            };
+            read_secret(ctx, &r).await?
+        }
+        _ => HashMap::new(),
+    };
+    let req = csi::DeleteSnapshotRequest {
+        snapshot_id: handle.into(),
+        secrets,
+    };
+    ctx.csi
+        .delete_snapshot(req)
+        .await
+        .map_err(|s| Error::csi("DeleteSnapshot", s))?;
+    info!(content = %c.name_any(), snapshot = handle, "deleted snapshot");
+    // The snapshot-controller removes its finalizer once the handle is gone.
+    let patch = json!({"status": {"snapshotHandle": null, "readyToUse": false}});
+    contents(ctx)
+        .patch_status(
+            &c.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn set_annotation(ctx: &Ctx, c: &Content, key: &str, value: Option<&str>) -> Result<()> {
+    let patch = json!({"metadata": {"annotations": {key: value}}});
+    contents(ctx)
+        .patch(
+            &c.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn create(c: &Content, ctx: &Ctx, volume: &str) -> Result<Action> {
+    let class_name = c.spec.volume_snapshot_class_name.clone().ok_or_else(|| {
+        Error::Invalid(format!(
+            "content {} names no VolumeSnapshotClass",
+            c.name_any()
+        ))
+    })?;
+    let classes: Api<DynamicObject> =
+        Api::all_with(ctx.client.clone(), &resource("VolumeSnapshotClass"));
+    let class = classes.get_opt(&class_name).await?.ok_or_else(|| {
+        Error::Waiting(format!("VolumeSnapshotClass {class_name} does not exist"))
+    })?;
+    let class_params: BTreeMap<String, String> =
+        serde_json::from_value(class.data.get("parameters").cloned().unwrap_or_default())
+            .unwrap_or_default();
+    let snap_ref = &c.spec.volume_snapshot_ref;
+    let content_name = c.name_any();
+    let vars = TemplateVars {
+        content_name: Some(&content_name),
+        snapshot_name: snap_ref.name.as_deref(),
+        snapshot_namespace: snap_ref.namespace.as_deref(),
+        ..Default::default()
+    };
+    let secrets = match params::secret_ref(&class_params, SecretKind::Snapshotter, &vars)? {
+        Some(r) => read_secret(ctx, &r).await?,
+        None => HashMap::new(),
+    };
+    let mut parameters = params::driver_params(&class_params);
+    for (k, v) in [
+        ("volumesnapshot/name", snap_ref.name.clone()),
+        ("volumesnapshot/namespace", snap_ref.namespace.clone()),
+        ("volumesnapshotcontent/name", Some(content_name.clone())),
+    ] {
+        parameters.insert(format!("{}{k}", params::PREFIX), v.unwrap_or_default());
+    }
+    let uid = snap_ref.uid.clone().ok_or_else(|| {
+        Error::Invalid(format!(
+            "content {content_name} is not bound to a VolumeSnapshot uid"
+        ))
+    })?;
+    if !c.annotations().contains_key(ANN_BEING_CREATED) {
+        set_annotation(ctx, c, ANN_BEING_CREATED, Some("yes")).await?;
+    }
+    let req = csi::CreateSnapshotRequest {
+        source_volume_id: volume.into(),
+        name: format!("snapshot-{uid}"),
+        secrets,
+        parameters,
+    };
+    let snap = match ctx.csi.create_snapshot(req).await {
+        Ok(s) => s,
+        Err(s) => {
+            let e = Error::csi("CreateSnapshot", s);
+            if e.is_final_csi() {
+                set_annotation(ctx, c, ANN_BEING_CREATED, None).await?;
+            }
+            let patch = json!({"status": {"error": {
+                "time": jiff::Timestamp::now().to_string(), "message": e.to_string()}}});
+            contents(ctx)
+                .patch_status(
+                    &content_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+            return Err(e);
+        }
+    };
+    write_status(ctx, c, &snap).await?;
+    set_annotation(ctx, c, ANN_BEING_CREATED, None).await?;
+    info!(content = %content_name, snapshot = %snap.snapshot_id, ready = snap.ready_to_use, "created snapshot");
+    Ok(if snap.ready_to_use {
+        Action::await_change()
+    } else {
+        Action::requeue(Duration::from_secs(5))
+    })
+}
+
+async fn write_status(ctx: &Ctx, c: &Content, s: &csi::Snapshot) -> Result<()> {
+    let created = s
+        .creation_time
+        .as_ref()
+        .map(|t| t.seconds * 1_000_000_000 + i64::from(t.nanos));
+    let patch = json!({"status": {
+        "snapshotHandle": s.snapshot_id,
+        "creationTime": created,
+        "restoreSize": s.size_bytes,
+        "readyToUse": s.ready_to_use,
+        "error": null,
+    }});
+    contents(ctx)
+        .patch_status(
+            &c.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A pre-provisioned content: look the snapshot up and fill in its status.
+async fn import(c: &Content, ctx: &Ctx, snap: &str, node_local: bool) -> Result<Action> {
+    match find(ctx, snap).await? {
+        Some(s) => {
+            write_status(ctx, c, &s).await?;
+            Ok(if s.ready_to_use {
+                Action::await_change()
+            } else {
+                Action::requeue(Duration::from_secs(5))
+            })
+        }
+        // Another node's snapshot.
+        None if node_local => Ok(Action::await_change()),
+        None => Err(Error::Waiting(format!("the driver has no snapshot {snap}"))),
+    }
+}
+
+/// The snapshot id and restore size of VolumeSnapshot `ns/name`, for restoring a claim.
+pub async fn restore_source(ctx: &Ctx, ns: &str, name: &str) -> Result<(String, Option<u64>)> {
+    let snaps: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &resource("VolumeSnapshot"));
+    let vs = snaps
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| Error::Waiting(format!("snapshot {ns}/{name} does not exist")))?;
+    let status = vs.data.get("status");
+    let ready = status
+        .and_then(|s| s.get("readyToUse"))
+        .and_then(|v| v.as_bool());
+    let content = status
+        .and_then(|s| s.get("boundVolumeSnapshotContentName"))
+        .and_then(|v| v.as_str());
+    let (Some(true), Some(content)) = (ready, content) else {
+        return Err(Error::Waiting(format!(
+            "snapshot {ns}/{name} is not ready yet"
+        )));
+    };
+    let c = contents(ctx)
+        .get_opt(content)
+        .await?
+        .ok_or_else(|| Error::Waiting(format!("snapshot content {content} does not exist")))?;
+    if c.spec.driver != ctx.driver {
+        return Err(Error::Invalid(format!(
+            "snapshot {ns}/{name} belongs to driver {}, not {}",
+            c.spec.driver, ctx.driver
+        )));
+    }
+    let s = c.status.unwrap_or_default();
+    let handle = s
+        .snapshot_handle
+        .ok_or_else(|| Error::Waiting(format!("snapshot content {content} has no handle yet")))?;
+    Ok((handle, s.restore_size.map(|r| r.max(0) as u64)))
+}
