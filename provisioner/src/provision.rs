@@ -134,7 +134,7 @@ async fn reconcile_claim(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Actio
     provision(pvc, ctx, &sc, selected.as_deref()).await
 }
 
-/// The claim's StorageClass if its provisioner is this driver.
+/// The claim's StorageClass if its provisioner is this driver (Waiting while it does not exist).
 async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<StorageClass>> {
     let Some(name) = pvc
         .spec
@@ -146,8 +146,9 @@ async fn our_class(ctx: &Ctx, pvc: &PersistentVolumeClaim) -> Result<Option<Stor
     };
     let sc = Api::<StorageClass>::all(ctx.client.clone())
         .get_opt(name)
-        .await?;
-    Ok(sc.filter(|sc| sc.provisioner == ctx.driver))
+        .await?
+        .ok_or_else(|| Error::Waiting(format!("StorageClass {name} does not exist")))?;
+    Ok((sc.provisioner == ctx.driver).then_some(sc))
 }
 
 /// What CreateVolume was asked, plus what the PV needs to remember.
@@ -585,9 +586,12 @@ async fn abandon(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
         .is_some();
     if !exists {
         let regarding = pvc.object_ref(&());
-        let prepared = match our_class(ctx, pvc).await? {
-            Some(sc) => prepare(ctx, pvc, &sc, &pv_name, selected.as_deref()).await,
-            None => Err(Error::Invalid("its StorageClass is gone".into())),
+        let prepared = match our_class(ctx, pvc).await {
+            Ok(Some(sc)) => prepare(ctx, pvc, &sc, &pv_name, selected.as_deref()).await,
+            Ok(None) | Err(Error::Waiting(_)) => {
+                Err(Error::Invalid("its StorageClass is gone".into()))
+            }
+            Err(e) => return Err(e),
         };
         match prepared {
             Ok(Some(p)) => match ctx.csi.create_volume(p.request.clone()).await {

@@ -39,7 +39,11 @@ pub struct Config {
 
 /// Runs until `shutdown` resolves, or fails when leadership is lost.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
-    let client = Client::try_default().await?;
+    let client = Client::try_default().await.map_err(|e| {
+        Error::Invalid(format!(
+            "no Kubernetes API to talk to (needs an in-cluster service account or KUBECONFIG): {e}"
+        ))
+    })?;
     let channel = csi_core::client::connect_when_ready(&cfg.csi_endpoint, Duration::from_secs(60))
         .await
         .map_err(|e| Error::Waiting(format!("driver: {e}")))?;
@@ -78,7 +82,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
 
     let mut lease = None;
     if cfg.leader_election && cfg.node.is_none() {
-        let manager = LeaseManagerBuilder::new(client.clone(), "rcsi-provisioner")
+        // One lease per driver, so several drivers' controllers can share a namespace.
+        let lease_name = format!("rcsi-provisioner-{}", ctx.driver.replace('.', "-"));
+        let manager = LeaseManagerBuilder::new(client.clone(), lease_name)
             .with_namespace(&cfg.namespace)
             .with_identity(&cfg.identity)
             .build()

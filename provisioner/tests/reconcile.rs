@@ -411,6 +411,13 @@ async fn create_failures_back_off_and_resource_exhausted_reschedules() {
         .unwrap_err();
     assert!(err.is_final_csi(), "{err}");
     assert_eq!(c.metrics.count("claim", "error"), 2);
+    assert!(
+        c.metrics
+            .encode()
+            .contains(r#"rcsi_provisioner_reconciles_total{controller="claim",result="error"} 2"#),
+        "{}",
+        c.metrics.encode()
+    );
     finish(c, server).await;
 }
 
@@ -912,4 +919,27 @@ async fn capacity_is_published_per_class_and_stale_objects_are_removed() {
     assert_eq!(capacity::publish(&c).await.unwrap(), 1);
     finish(c, server).await;
     assert_eq!(csi.calls(), vec!["GetCapacity"]);
+}
+
+#[tokio::test]
+async fn claims_of_other_drivers_and_missing_classes() {
+    let (client, server) = api(vec![
+        get(SC_PATH, class(json!({"provisioner": "nfs.rcsi.io"}))),
+        missing(Method::GET, SC_PATH),
+    ]);
+    let csi = Arc::new(FakeCsi::default());
+    let c = ctx(client, csi.clone(), None);
+    let pvc = pvc_of(&claim(json!({})));
+    assert_eq!(
+        provision::reconcile(pvc.clone(), c.clone()).await.unwrap(),
+        Action::await_change()
+    );
+    // A class that does not exist yet is retried, with backoff.
+    let err = provision::reconcile(pvc, c.clone()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("StorageClass fast does not exist"),
+        "{err}"
+    );
+    finish(c, server).await;
+    assert!(csi.calls().is_empty());
 }
