@@ -943,3 +943,63 @@ async fn claims_of_other_drivers_and_missing_classes() {
     finish(c, server).await;
     assert!(csi.calls().is_empty());
 }
+
+#[tokio::test]
+async fn a_restart_after_the_pv_was_created_calls_nothing_twice() {
+    let mid = claim(json!({"metadata": {"finalizers": ["provisioner.rcsi.io/provisioning"]}}));
+    let bound_mid = bound(
+        "1Gi",
+        json!({"metadata": {"finalizers": ["provisioner.rcsi.io/provisioning"]}}),
+    );
+    let (client, server) = api(vec![
+        get(SC_PATH, class(json!({}))),
+        get(PV_PATH, volume(json!({}))),
+        // Once bound, the provisioning finalizer goes.
+        echo(Method::PATCH, PVC_PATH, finalizer_patch(false, "10")),
+    ]);
+    let csi = Arc::new(FakeCsi::default());
+    let c = ctx(client, csi.clone(), None);
+    provision::reconcile(pvc_of(&mid), c.clone()).await.unwrap();
+    provision::reconcile(pvc_of(&bound_mid), c.clone())
+        .await
+        .unwrap();
+    finish(c, server).await;
+    assert!(csi.calls().is_empty());
+}
+
+#[tokio::test]
+async fn metrics_and_health_are_served() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let metrics = Arc::new(rcsi_provisioner::metrics::Metrics::default());
+    metrics.record("volume", true, Duration::from_millis(3));
+    let csi: Arc<dyn Csi> = Arc::new(FakeCsi::default());
+    rcsi_provisioner::metrics::serve(addr, metrics, csi)
+        .await
+        .unwrap();
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let m = get("/metrics").await;
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(
+        m.contains(r#"rcsi_provisioner_reconciles_total{controller="volume",result="ok"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains("rcsi_provisioner_reconcile_duration_seconds_bucket"),
+        "{m}"
+    );
+    let h = get("/healthz").await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+}
