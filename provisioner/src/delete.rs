@@ -8,11 +8,10 @@ use crate::{
     observe,
 };
 use csi_core::csi;
-use k8s_openapi::api::core::v1::{PersistentVolume, SecretReference};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::DeleteParams;
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
-use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::{info, warn};
 
@@ -72,10 +71,12 @@ async fn reconcile_volume(pv: &PersistentVolume, ctx: &Ctx) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let handle = spec.csi.map(|c| c.volume_handle).unwrap_or_default();
-    let secrets = match deletion_secret(pv) {
-        Some(r) => read_secret(ctx, &r).await?,
-        None => HashMap::new(),
-    };
+    let secret = params::annotated_secret(
+        pv.annotations(),
+        ANN_DELETE_SECRET_NAME,
+        ANN_DELETE_SECRET_NAMESPACE,
+    );
+    let secrets = read_secret(ctx, secret.as_ref()).await?;
     let req = csi::DeleteVolumeRequest {
         volume_id: handle.clone(),
         secrets,
@@ -109,18 +110,4 @@ async fn reconcile_volume(pv: &PersistentVolume, ctx: &Ctx) -> Result<Action> {
         }
     }
     Ok(Action::await_change())
-}
-
-fn deletion_secret(pv: &PersistentVolume) -> Option<SecretReference> {
-    let a = pv.annotations();
-    match (
-        a.get(ANN_DELETE_SECRET_NAME),
-        a.get(ANN_DELETE_SECRET_NAMESPACE),
-    ) {
-        (Some(n), Some(ns)) if !n.is_empty() => Some(SecretReference {
-            name: Some(n.clone()),
-            namespace: Some(ns.clone()),
-        }),
-        _ => None,
-    }
 }

@@ -73,11 +73,6 @@ impl Error {
             )
         )
     }
-
-    /// True for a Kubernetes 404.
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::Kube(kube::Error::Api(s)) if s.is_not_found())
-    }
 }
 
 /// Short for `std::result::Result<T, Error>`.

@@ -164,6 +164,29 @@ pub fn driver_params(params: &BTreeMap<String, String>) -> HashMap<String, Strin
         .collect()
 }
 
+/// The `storage` entry of a resource map, in bytes.
+pub fn storage(resources: Option<&BTreeMap<String, Quantity>>) -> Result<Option<u64>> {
+    resources
+        .and_then(|m| m.get("storage"))
+        .map(parse_quantity)
+        .transpose()
+}
+
+/// A secret reference recorded in two annotations (name, namespace); empty means none.
+pub fn annotated_secret(
+    annotations: &BTreeMap<String, String>,
+    name_key: &str,
+    namespace_key: &str,
+) -> Option<SecretReference> {
+    match (annotations.get(name_key), annotations.get(namespace_key)) {
+        (Some(n), Some(ns)) if !n.is_empty() => Some(SecretReference {
+            name: Some(n.clone()),
+            namespace: Some(ns.clone()),
+        }),
+        _ => None,
+    }
+}
+
 /// Parses a Kubernetes quantity ("10Gi", "500M", "1.5Gi", "1e9") into bytes, rounding up.
 pub fn parse_quantity(q: &Quantity) -> Result<u64> {
     let s = q.0.trim();

@@ -164,8 +164,14 @@ struct Prepared {
     controller_expand: Option<SecretReference>,
 }
 
-/// Reads a Secret's data as CSI secrets.
-pub async fn read_secret(ctx: &Ctx, r: &SecretReference) -> Result<HashMap<String, String>> {
+/// Reads a Secret's data as CSI secrets (none without a reference).
+pub async fn read_secret(
+    ctx: &Ctx,
+    r: Option<&SecretReference>,
+) -> Result<HashMap<String, String>> {
+    let Some(r) = r else {
+        return Ok(HashMap::new());
+    };
     let (ns, name) = (
         r.namespace.as_deref().unwrap_or_default(),
         r.name.as_deref().unwrap_or_default(),
@@ -195,17 +201,10 @@ async fn prepare(
 ) -> Result<Option<Prepared>> {
     let spec = pvc.spec.clone().unwrap_or_default();
     let sc_params = sc.parameters.clone().unwrap_or_default();
-    let requests = spec.resources.as_ref().and_then(|r| r.requests.as_ref());
-    let limits = spec.resources.as_ref().and_then(|r| r.limits.as_ref());
-    let requested = match requests.and_then(|r| r.get("storage")) {
-        Some(q) => params::parse_quantity(q)?,
-        None => return Err(Error::Invalid("the claim requests no storage".into())),
-    };
-    let limit = limits
-        .and_then(|l| l.get("storage"))
-        .map(params::parse_quantity)
-        .transpose()?
-        .unwrap_or(0);
+    let resources = spec.resources.as_ref();
+    let requested = params::storage(resources.and_then(|r| r.requests.as_ref()))?
+        .ok_or_else(|| Error::Invalid("the claim requests no storage".into()))?;
+    let limit = params::storage(resources.and_then(|r| r.limits.as_ref()))?.unwrap_or(0);
     let block = spec.volume_mode.as_deref() == Some("Block");
     let fs_type = if block {
         String::new()
@@ -226,10 +225,7 @@ async fn prepare(
     };
     let r = |kind| params::secret_ref(&sc_params, kind, &vars);
     let provisioner_secret = r(SecretKind::Provisioner)?;
-    let secrets = match &provisioner_secret {
-        Some(s) => read_secret(ctx, s).await?,
-        None => HashMap::new(),
-    };
+    let secrets = read_secret(ctx, provisioner_secret.as_ref()).await?;
 
     let volume_content_source = match content_source(ctx, pvc, requested).await? {
         Source::None => None,
@@ -244,9 +240,9 @@ async fn prepare(
 
     let accessibility_requirements = match selected {
         Some(node) => {
-            let segment = match (&ctx.node, ctx.node_view().await?) {
-                (Some(_), Some(view)) => view.segment,
-                _ => ctx.topology_of(node).await?.segment,
+            let segment = match ctx.node_view().await? {
+                Some(view) => view.segment,
+                None => ctx.topology_of(node).await?.segment,
             };
             let t = csi::Topology {
                 segments: segment.into_iter().collect(),
@@ -354,10 +350,9 @@ async fn content_source(ctx: &Ctx, pvc: &PersistentVolumeClaim, requested: u64) 
     match (group.as_str(), kind.as_str()) {
         ("snapshot.storage.k8s.io", "VolumeSnapshot") => {
             let (handle, restore) = snapshot::restore_source(ctx, &ns, &name).await?;
-            if restore.is_some_and(|r| r > requested) {
+            if let Some(restore) = restore.filter(|r| *r > requested) {
                 return Err(Error::Invalid(format!(
-                    "the claim requests {requested} bytes, less than snapshot {name}'s restore size {}",
-                    restore.unwrap_or_default()
+                    "the claim requests {requested} bytes, less than snapshot {name}'s restore size {restore}"
                 )));
             }
             Ok(Source::Csi(csi::VolumeContentSource {
@@ -395,13 +390,7 @@ async fn content_source(ctx: &Ctx, pvc: &PersistentVolumeClaim, requested: u64) 
                         ctx.driver
                     ))
                 })?;
-            let size = src
-                .status
-                .as_ref()
-                .and_then(|s| s.capacity.as_ref())
-                .and_then(|c| c.get("storage"))
-                .map(params::parse_quantity)
-                .transpose()?;
+            let size = params::storage(src.status.as_ref().and_then(|s| s.capacity.as_ref()))?;
             if size.is_some_and(|s| s > requested) {
                 return Err(Error::Invalid(format!(
                     "the claim requests {requested} bytes, less than its source claim {name}"
@@ -636,18 +625,14 @@ async fn abandon(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
 }
 
 async fn expand(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
-    let storage = |m: Option<&BTreeMap<String, _>>| {
-        m.and_then(|m| m.get("storage"))
-            .map(params::parse_quantity)
-            .transpose()
-    };
     let spec = pvc.spec.clone().unwrap_or_default();
     let status = pvc.status.clone().unwrap_or_default();
-    let Some(want) = storage(spec.resources.as_ref().and_then(|r| r.requests.as_ref()))? else {
+    let Some(want) = params::storage(spec.resources.as_ref().and_then(|r| r.requests.as_ref()))?
+    else {
         return Ok(Action::await_change());
     };
-    let have = storage(status.capacity.as_ref())?.unwrap_or(0);
-    let allocated = storage(status.allocated_resources.as_ref())?.unwrap_or(0);
+    let have = params::storage(status.capacity.as_ref())?.unwrap_or(0);
+    let allocated = params::storage(status.allocated_resources.as_ref())?.unwrap_or(0);
     let resize_state = status
         .allocated_resource_statuses
         .as_ref()
@@ -689,10 +674,7 @@ async fn expand(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
     }}))
     .await?;
 
-    let secrets = match &source.controller_expand_secret_ref {
-        Some(r) => read_secret(ctx, r).await?,
-        None => HashMap::new(),
-    };
+    let secrets = read_secret(ctx, source.controller_expand_secret_ref.as_ref()).await?;
     let block = pv_spec.volume_mode.as_deref() == Some("Block");
     let caps = params::capabilities(
         &pv_spec.access_modes.clone().unwrap_or_default(),
@@ -733,7 +715,7 @@ async fn expand(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
         }
     };
     let new_size = (resp.capacity_bytes.max(0) as u64).max(want);
-    let pv_cap = storage(pv_spec.capacity.as_ref())?.unwrap_or(0);
+    let pv_cap = params::storage(pv_spec.capacity.as_ref())?.unwrap_or(0);
     if new_size > pv_cap {
         let patch = json!({"spec": {"capacity": {"storage": params::format_quantity(new_size)}}});
         pvs.patch(&volume, &PatchParams::default(), &Patch::Merge(&patch))

@@ -6,14 +6,14 @@ use crate::params::{self, SecretKind, TemplateVars};
 use crate::provision::read_secret;
 use crate::{Ctx, observe};
 use csi_core::csi;
-use k8s_openapi::api::core::v1::{ObjectReference, SecretReference};
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::core::object::Object;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -173,17 +173,8 @@ async fn find(ctx: &Ctx, id: &str) -> Result<Option<csi::Snapshot>> {
 }
 
 async fn delete(c: &Content, ctx: &Ctx, handle: &str) -> Result<()> {
-    let a = c.annotations();
-    let secrets = match (a.get(ANN_SECRET_NAME), a.get(ANN_SECRET_NAMESPACE)) {
-        (Some(n), Some(ns)) => {
-            let r = SecretReference {
-                name: Some(n.clone()),
-                namespace: Some(ns.clone()),
-            };
-            read_secret(ctx, &r).await?
-        }
-        _ => HashMap::new(),
-    };
+    let secret = params::annotated_secret(c.annotations(), ANN_SECRET_NAME, ANN_SECRET_NAMESPACE);
+    let secrets = read_secret(ctx, secret.as_ref()).await?;
     let req = csi::DeleteSnapshotRequest {
         snapshot_id: handle.into(),
         secrets,
@@ -240,10 +231,8 @@ async fn create(c: &Content, ctx: &Ctx, volume: &str) -> Result<Action> {
         snapshot_namespace: snap_ref.namespace.as_deref(),
         ..Default::default()
     };
-    let secrets = match params::secret_ref(&class_params, SecretKind::Snapshotter, &vars)? {
-        Some(r) => read_secret(ctx, &r).await?,
-        None => HashMap::new(),
-    };
+    let secret = params::secret_ref(&class_params, SecretKind::Snapshotter, &vars)?;
+    let secrets = read_secret(ctx, secret.as_ref()).await?;
     let mut parameters = params::driver_params(&class_params);
     for (k, v) in [
         ("volumesnapshot/name", snap_ref.name.clone()),
