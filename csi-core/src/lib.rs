@@ -15,6 +15,7 @@ pub mod pluginregistration {
     tonic::include_proto!("pluginregistration");
 }
 
+pub mod authority;
 pub mod backend;
 pub mod blockdev;
 pub mod client;

@@ -95,6 +95,34 @@ fn parse_line(line: &str) -> Option<MountInfo> {
     })
 }
 
+/// Every mount through which the file or directory `path` is visible as
+/// the root of that mount: `path` itself when it is a mount point, and each
+/// bind mount of it (bind mounts of those included). `path` must be
+/// canonical. This is the kernel's view, so it survives plugin restarts.
+pub fn exposures(mounts: &[MountInfo], path: &Path) -> Vec<MountInfo> {
+    // The topmost mount holding `path`: the last of the deepest mount points.
+    let Some(holder) = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count())
+    else {
+        return vec![];
+    };
+    let rel = path
+        .strip_prefix(&holder.mount_point)
+        .unwrap_or(Path::new(""));
+    let root = if rel.as_os_str().is_empty() {
+        holder.root.clone()
+    } else {
+        holder.root.join(rel)
+    };
+    mounts
+        .iter()
+        .filter(|m| m.dev == holder.dev && m.root == root)
+        .cloned()
+        .collect()
+}
+
 /// What is at a path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MountState {
@@ -316,6 +344,34 @@ mod tests {
         assert!(m[1].read_only());
         assert_eq!(unescape("tab\\011x\\012"), "tab\tx\n");
         assert_eq!(unescape("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn exposures_follow_binds_of_a_path() {
+        let text = "20 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                    30 20 8:1 /base/volumes/v1 /stage/v1 rw - ext4 /dev/sda1 rw\n\
+                    31 20 8:1 /base/volumes/v1 /pods/a rw - ext4 /dev/sda1 rw\n\
+                    32 20 8:1 /base/volumes/v2 /stage/v2 rw - ext4 /dev/sda1 rw\n\
+                    33 20 0:5 /loop3 /pods/blk rw - devtmpfs udev rw\n\
+                    34 20 0:5 / /dev rw - devtmpfs udev rw\n";
+        let m = parse_mountinfo(text);
+        let points = |p: &str| -> Vec<PathBuf> {
+            exposures(&m, Path::new(p))
+                .into_iter()
+                .map(|m| m.mount_point)
+                .collect()
+        };
+        assert_eq!(
+            points("/base/volumes/v1"),
+            [Path::new("/stage/v1"), Path::new("/pods/a")]
+        );
+        assert_eq!(
+            points("/stage/v1"),
+            [Path::new("/stage/v1"), Path::new("/pods/a")]
+        );
+        assert_eq!(points("/base/volumes/v3"), Vec::<PathBuf>::new());
+        assert_eq!(points("/dev/loop3"), [Path::new("/pods/blk")]);
+        assert_eq!(points("/"), [Path::new("/")]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Serving the CSI services on a unix or TCP endpoint, plus the metrics and
 //! health endpoint, with graceful shutdown.
 
+use crate::authority::AuthorityFix;
 use crate::backend::{ControllerBackend, NodeBackend, Plugin};
 use crate::controller::ControllerService;
 use crate::csi::{controller_server, identity_server, node_server};
@@ -140,6 +141,15 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).ctx(|| format!("binding {}", path.display()))
 }
 
+/// Accepted unix connections, each behind [`AuthorityFix`] so clients that
+/// send the socket path as `:authority` (grpcio, the kubelet) are served.
+pub fn unix_incoming(
+    listener: UnixListener,
+) -> impl futures::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::UnixListenerStream::new(listener).map(|c| c.map(AuthorityFix::new))
+}
+
 /// Serves until `shutdown` resolves, then lets in-flight calls finish.
 pub async fn serve(
     services: Services,
@@ -172,12 +182,9 @@ pub async fn serve(
             let mut stop = stop_rx.clone();
             let server = tonic::transport::Server::builder()
                 .add_service(RegistrationServer::new(svc.clone()))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                );
+                .serve_with_incoming_shutdown(unix_incoming(listener), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
             Some((svc, tokio::spawn(server), r.socket.clone()))
         }
         None => None,
@@ -194,10 +201,7 @@ pub async fn serve(
             let listener = bind_unix(path)?;
             info!(endpoint = %path.display(), "serving CSI");
             let r = router
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    shutdown,
-                )
+                .serve_with_incoming_shutdown(unix_incoming(listener), shutdown)
                 .await;
             let _ = std::fs::remove_file(path);
             r
@@ -253,11 +257,21 @@ async fn spawn_metrics(
                 let plugin = plugin.clone();
                 let registration = registration.clone();
                 async move {
-                    if let Some(RegistrationState::Failed(e)) = registration.map(|r| r.state()) {
-                        return (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("kubelet registration failed: {e}"),
-                        );
+                    match registration.map(|r| r.state()) {
+                        Some(RegistrationState::Failed(e)) => {
+                            return (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("kubelet registration failed: {e}"),
+                            );
+                        }
+                        Some(RegistrationState::Pending) => {
+                            return (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "not yet registered with the kubelet (no NotifyRegistrationStatus received)"
+                                    .to_owned(),
+                            );
+                        }
+                        _ => {}
                     }
                     match plugin.probe().await {
                         Ok(true) => (StatusCode::OK, "ok".to_owned()),

@@ -151,7 +151,10 @@ async fn serves_metrics_health_and_drains_on_shutdown() {
     assert_eq!(e.code(), tonic::Code::Unimplemented);
 
     let health = http_get(port, "/healthz");
-    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(
+        health.starts_with("HTTP/1.1 503") && health.contains("not yet registered"),
+        "healthy before the kubelet registered the plugin: {health}"
+    );
 
     // The kubelet's side of plugin registration.
     let reg = csi_core::client::connect(&Endpoint::Unix(reg_sock.clone()))
