@@ -79,15 +79,15 @@ impl<S> AuthorityFix<S> {
 
     fn passthrough(&mut self) {
         self.mode = Mode::Passthrough;
+        self.dump_raw();
+    }
+
+    /// Hands over the partial block and unparsed input as they were, so
+    /// HTTP/2 fails the way it would have without us.
+    fn dump_raw(&mut self) {
         if let Some(b) = self.block.take() {
-            // Give HTTP/2 the partial block as it was, so it fails the way it would have.
-            frame(
-                &mut self.output,
-                HEADERS,
-                b.flags & !PRIORITY,
-                b.stream,
-                &b.fragment,
-            );
+            let flags = b.flags & !PRIORITY;
+            frame(&mut self.output, HEADERS, flags, b.stream, &b.fragment);
         }
         let rest = self.input.split();
         self.output.extend_from_slice(&rest);
@@ -299,18 +299,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
             if rb.filled().is_empty() {
                 this.eof = true;
-                // A truncated stream: hand over what is left as it was.
-                if let Some(b) = this.block.take() {
-                    frame(
-                        &mut this.output,
-                        HEADERS,
-                        b.flags & !PRIORITY,
-                        b.stream,
-                        &b.fragment,
-                    );
-                }
-                let rest = this.input.split();
-                this.output.extend_from_slice(&rest);
+                this.dump_raw();
                 continue;
             }
             this.input.extend_from_slice(rb.filled());
