@@ -1,7 +1,7 @@
 //! Loop devices and filesystems on block devices, behind a narrow trait.
 
 use crate::exec::{Command, Exec};
-use crate::{Error, Result};
+use crate::{Error, IoContext, Result};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,21 +42,29 @@ impl SystemBlockDevices {
     }
 }
 
-fn loop_backing_files() -> Vec<(PathBuf, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return vec![];
-    };
-    entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
-        .filter_map(|e| {
-            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            Some((
+/// Every attached loop device and its backing file. A read error is an
+/// error, never "no loop devices": callers decide from this whether data is
+/// still in use.
+fn loop_backing_files() -> Result<Vec<(PathBuf, PathBuf)>> {
+    let entries = std::fs::read_dir("/sys/block").ctx(|| "reading /sys/block".into())?;
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.ctx(|| "reading /sys/block".into())?;
+        if !e.file_name().to_string_lossy().starts_with("loop") {
+            continue;
+        }
+        let file = e.path().join("loop/backing_file");
+        match std::fs::read_to_string(&file) {
+            Ok(backing) => out.push((
                 Path::new("/dev").join(e.file_name()),
                 PathBuf::from(backing.trim_end_matches('\n')),
-            ))
-        })
-        .collect()
+            )),
+            // An unattached loop device has no backing_file.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(Error::io(format!("reading {}", file.display()), err)),
+        }
+    }
+    Ok(out)
 }
 
 #[async_trait]
@@ -88,9 +96,13 @@ impl BlockDevices for SystemBlockDevices {
 
     async fn find_loop(&self, file: &Path) -> Result<Option<PathBuf>> {
         let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-        Ok(tokio::task::spawn_blocking(loop_backing_files)
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
+        let all = crate::fsutil::blocking(
+            "listing loop devices",
+            crate::fsutil::FS_TIMEOUT,
+            loop_backing_files,
+        );
+        Ok(all
+            .await?
             .into_iter()
             .find(|(_, b)| *b == file)
             .map(|(d, _)| d))
@@ -200,11 +212,15 @@ impl BlockDevices for SystemBlockDevices {
     async fn size(&self, dev: &Path) -> Result<u64> {
         let name = dev.file_name().unwrap_or_default();
         let p = Path::new("/sys/class/block").join(name).join("size");
-        let s = std::fs::read_to_string(&p)
-            .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
-        s.trim()
-            .parse::<u64>()
-            .map(|sectors| sectors * 512)
-            .map_err(|e| Error::Internal(format!("{}: {e}", p.display())))
+        let what = format!("reading {}", p.display());
+        crate::fsutil::blocking(what, crate::fsutil::FS_TIMEOUT, move || {
+            let s = std::fs::read_to_string(&p)
+                .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
+            s.trim()
+                .parse::<u64>()
+                .map(|sectors| sectors * 512)
+                .map_err(|e| Error::Internal(format!("{}: {e}", p.display())))
+        })
+        .await
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::backend::{ControllerBackend, ControllerRpc, SnapshotFilter};
 use crate::csi;
-use crate::locks::OpLocks;
+use crate::locks::Operations;
 use crate::observe::Observer;
 use crate::types::{
     Capability, CapacityRange, ContentSource, CreateVolume, Secrets, check_id, check_name,
@@ -17,18 +17,19 @@ use tonic::{Request, Response, Status};
 pub struct ControllerService {
     backend: Arc<dyn ControllerBackend>,
     caps: Vec<ControllerRpc>,
-    locks: OpLocks,
+    ops: Operations,
     obs: Arc<Observer>,
 }
 
 impl ControllerService {
-    /// Wraps a backend; its capabilities are read once here.
-    pub fn new(backend: Arc<dyn ControllerBackend>, obs: Arc<Observer>) -> Self {
+    /// Wraps a backend; its capabilities are read once here. `ops` is the
+    /// process's one lock table, shared with the Node service.
+    pub fn new(backend: Arc<dyn ControllerBackend>, ops: Operations, obs: Arc<Observer>) -> Self {
         let caps = backend.controller_capabilities();
         Self {
             backend,
             caps,
-            locks: OpLocks::default(),
+            ops,
             obs,
         }
     }
@@ -50,24 +51,30 @@ impl ControllerService {
     ) -> Result<csi::CreateVolumeResponse> {
         self.require(ControllerRpc::CreateDeleteVolume, "CreateVolume")?;
         let req = CreateVolume::from_proto(r)?;
-        let _source_guard = match &req.source {
-            Some(ContentSource::Snapshot(_)) => {
+        // A restore or clone reads its source: others may read it too, but
+        // it must not be deleted or changed meanwhile.
+        let mut guards = match &req.source {
+            Some(ContentSource::Snapshot(id)) => {
                 if !self.caps.contains(&ControllerRpc::CreateDeleteSnapshot) {
                     return Err(invalid!("{} cannot restore snapshots", self.backend.name()));
                 }
-                None
+                vec![self.ops.lock_shared("snapshot", id)?]
             }
             Some(ContentSource::Volume(id)) => {
                 if !self.caps.contains(&ControllerRpc::CloneVolume) {
                     return Err(invalid!("{} cannot clone volumes", self.backend.name()));
                 }
-                Some(self.locks.try_lock("volume", id)?)
+                vec![self.ops.lock_shared("volume", id)?]
             }
-            None => None,
+            None => vec![],
         };
-        let _guard = self.locks.try_lock("volume name", &req.name)?;
+        guards.push(self.ops.lock("volume name", &req.name)?);
         let range = req.capacity;
-        let volume = self.backend.create_volume(req).await?;
+        let backend = self.backend.clone();
+        let volume = self
+            .ops
+            .run(guards, async move { backend.create_volume(req).await })
+            .await?;
         if volume.volume_id.is_empty() {
             return Err(Error::Internal(
                 "driver returned a volume without an id".into(),
@@ -110,9 +117,12 @@ impl csi::controller_server::Controller for ControllerService {
             .call("DeleteVolume", &r.volume_id, &r, async {
                 self.require(ControllerRpc::CreateDeleteVolume, "DeleteVolume")?;
                 let id = volume_id(&r.volume_id)?;
-                let _g = self.locks.try_lock("volume", &id)?;
-                self.backend
-                    .delete_volume(&id, &Secrets(r.secrets.clone()))
+                let g = self.ops.lock("volume", &id)?;
+                let (backend, secrets) = (self.backend.clone(), Secrets(r.secrets.clone()));
+                self.ops
+                    .run(vec![g], async move {
+                        backend.delete_volume(&id, &secrets).await
+                    })
                     .await?;
                 Ok(csi::DeleteVolumeResponse {})
             })
@@ -277,12 +287,19 @@ impl csi::controller_server::Controller for ControllerService {
                 self.require(ControllerRpc::CreateDeleteSnapshot, "CreateSnapshot")?;
                 let name = check_name(&r.name, "name")?;
                 let source = check_id(&r.source_volume_id, "source_volume_id")?;
-                let _n = self.locks.try_lock("snapshot name", &name)?;
-                let _v = self.locks.try_lock("volume", &source)?;
+                let guards = vec![
+                    self.ops.lock("snapshot name", &name)?,
+                    self.ops.lock("volume", &source)?,
+                ];
                 let params = r.parameters.clone().into_iter().collect();
+                let (backend, secrets) = (self.backend.clone(), Secrets(r.secrets.clone()));
                 let snapshot = self
-                    .backend
-                    .create_snapshot(&source, &name, &params, &Secrets(r.secrets.clone()))
+                    .ops
+                    .run(guards, async move {
+                        backend
+                            .create_snapshot(&source, &name, &params, &secrets)
+                            .await
+                    })
                     .await?;
                 Ok(csi::CreateSnapshotResponse {
                     snapshot: Some(snapshot),
@@ -300,9 +317,12 @@ impl csi::controller_server::Controller for ControllerService {
             .call("DeleteSnapshot", "", &r, async {
                 self.require(ControllerRpc::CreateDeleteSnapshot, "DeleteSnapshot")?;
                 let id = check_id(&r.snapshot_id, "snapshot_id")?;
-                let _g = self.locks.try_lock("snapshot", &id)?;
-                self.backend
-                    .delete_snapshot(&id, &Secrets(r.secrets.clone()))
+                let g = self.ops.lock("snapshot", &id)?;
+                let (backend, secrets) = (self.backend.clone(), Secrets(r.secrets.clone()));
+                self.ops
+                    .run(vec![g], async move {
+                        backend.delete_snapshot(&id, &secrets).await
+                    })
                     .await?;
                 Ok(csi::DeleteSnapshotResponse {})
             })
@@ -388,10 +408,15 @@ impl csi::controller_server::Controller for ControllerService {
                     .as_ref()
                     .map(|c| Capability::from_proto(c, "volume_capability"))
                     .transpose()?;
-                let _g = self.locks.try_lock("volume", &id)?;
+                let g = self.ops.lock("volume", &id)?;
+                let (backend, secrets) = (self.backend.clone(), Secrets(r.secrets.clone()));
                 let (size, node) = self
-                    .backend
-                    .expand_volume(&id, range, cap.as_ref(), &Secrets(r.secrets.clone()))
+                    .ops
+                    .run(vec![g], async move {
+                        backend
+                            .expand_volume(&id, range, cap.as_ref(), &secrets)
+                            .await
+                    })
                     .await?;
                 Ok(csi::ControllerExpandVolumeResponse {
                     capacity_bytes: proto_i64(size),

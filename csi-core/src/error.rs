@@ -74,6 +74,31 @@ impl Error {
         }
     }
 
+    /// A copy of this error with the same code and message (for answering
+    /// every caller of one failed batch).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::AlreadyExists(m) => Error::AlreadyExists(m.clone()),
+            Error::Aborted(m) => Error::Aborted(m.clone()),
+            Error::OutOfRange(m) => Error::OutOfRange(m.clone()),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+            Error::Unimplemented(m) => Error::Unimplemented(m.clone()),
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m.clone()),
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: match source.raw_os_error() {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
+
     /// Wraps an OS error with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

@@ -5,6 +5,32 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+/// How long filesystem work on the node may take before the call fails
+/// with DeadlineExceeded (a hung NFS or FUSE mount, a dying disk).
+pub const FS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs blocking filesystem or mount work on tokio's blocking pool with a
+/// deadline, so a slow disk or a hung mount never stalls the async runtime
+/// (and with it Probe and the liveness check). `what` names the work in the
+/// error. On timeout the work is abandoned on its thread, never awaited.
+pub async fn blocking<T: Send + 'static>(
+    what: impl Into<String>,
+    timeout: std::time::Duration,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(Error::Internal(format!(
+            "{}: worker failed: {e}",
+            what.into()
+        ))),
+        Err(_) => Err(Error::DeadlineExceeded(format!(
+            "{} did not finish within {timeout:?}",
+            what.into()
+        ))),
+    }
+}
+
 /// Writes `data` to `path` atomically: temp file, fsync, rename, fsync dir.
 pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
     write_unsynced_then_rename(path, data, true)
@@ -129,6 +155,20 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn blocking_work_has_a_deadline() {
+        let ok = blocking("quick", FS_TIMEOUT, || Ok(7)).await.unwrap();
+        assert_eq!(ok, 7);
+        let slow = blocking("a hung stat", std::time::Duration::from_millis(20), || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(slow, Error::DeadlineExceeded(_)), "{slow}");
+        assert!(slow.to_string().contains("a hung stat"));
     }
 
     #[test]

@@ -25,6 +25,7 @@ mod error;
 pub mod exec;
 pub mod fsutil;
 pub mod identity;
+pub mod journal;
 pub mod locks;
 pub mod mount;
 pub mod node;

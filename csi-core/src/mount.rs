@@ -204,14 +204,7 @@ impl SystemMounter {
         what: String,
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, tokio::task::spawn_blocking(f)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(Error::Internal(format!("{what}: worker failed: {e}"))),
-            Err(_) => Err(Error::DeadlineExceeded(format!(
-                "{what} did not finish within {:?}",
-                self.timeout
-            ))),
-        }
+        crate::fsutil::blocking(what, self.timeout, f).await
     }
 }
 

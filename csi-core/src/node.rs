@@ -3,12 +3,13 @@
 
 use crate::backend::{NodeBackend, NodeRpc};
 use crate::csi;
-use crate::locks::OpLocks;
+use crate::locks::Operations;
 use crate::observe::Observer;
 use crate::types::{
     Capability, CapacityRange, PublishVolume, Secrets, StageVolume, check_id, check_path, proto_i64,
 };
 use crate::{Error, Result, invalid};
+use std::path::PathBuf;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -16,18 +17,19 @@ use tonic::{Request, Response, Status};
 pub struct NodeService {
     backend: Arc<dyn NodeBackend>,
     caps: Vec<NodeRpc>,
-    locks: OpLocks,
+    ops: Operations,
     obs: Arc<Observer>,
 }
 
 impl NodeService {
-    /// Wraps a backend; its capabilities are read once here.
-    pub fn new(backend: Arc<dyn NodeBackend>, obs: Arc<Observer>) -> Self {
+    /// Wraps a backend; its capabilities are read once here. `ops` is the
+    /// process's one lock table, shared with the Controller service.
+    pub fn new(backend: Arc<dyn NodeBackend>, ops: Operations, obs: Arc<Observer>) -> Self {
         let caps = backend.node_capabilities();
         Self {
             backend,
             caps,
-            locks: OpLocks::default(),
+            ops,
             obs,
         }
     }
@@ -48,6 +50,20 @@ impl NodeService {
     }
 }
 
+/// The path a volume is said to be at (NodeGetVolumeStats, NodeExpandVolume):
+/// missing is InvalidArgument, but a path that cannot hold it (relative,
+/// with `..`) is NotFound, as the spec and the reference drivers answer.
+fn volume_path(volume_id: &str, value: &str, field: &str) -> Result<PathBuf> {
+    if value.is_empty() {
+        return Err(invalid!("{field} is required"));
+    }
+    check_path(value, field).map_err(|e| {
+        Error::NotFound(format!(
+            "volume {volume_id:?} is not at {field} {value:?}: {e}"
+        ))
+    })
+}
+
 fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability> {
     let cap = cap.ok_or_else(|| invalid!("volume_capability is required"))?;
     Capability::from_proto(cap, "volume_capability")
@@ -66,16 +82,18 @@ impl csi::node_server::Node for NodeService {
                 let volume_id = check_id(&r.volume_id, "volume_id")?;
                 let staging_path = check_path(&r.staging_target_path, "staging_target_path")?;
                 let capability = capability(r.volume_capability.as_ref())?;
-                let _g = self.locks.try_lock("volume", &volume_id)?;
-                self.backend
-                    .stage(StageVolume {
-                        volume_id,
-                        staging_path,
-                        capability,
-                        publish_context: r.publish_context.clone(),
-                        volume_context: r.volume_context.clone(),
-                        secrets: Secrets(r.secrets.clone()),
-                    })
+                let g = self.ops.lock("volume", &volume_id)?;
+                let backend = self.backend.clone();
+                let req = StageVolume {
+                    volume_id,
+                    staging_path,
+                    capability,
+                    publish_context: r.publish_context.clone(),
+                    volume_context: r.volume_context.clone(),
+                    secrets: Secrets(r.secrets.clone()),
+                };
+                self.ops
+                    .run(vec![g], async move { backend.stage(req).await })
                     .await?;
                 Ok(csi::NodeStageVolumeResponse {})
             })
@@ -92,8 +110,13 @@ impl csi::node_server::Node for NodeService {
                 self.require(NodeRpc::StageUnstageVolume, "NodeUnstageVolume")?;
                 let volume_id = check_id(&r.volume_id, "volume_id")?;
                 let staging_path = check_path(&r.staging_target_path, "staging_target_path")?;
-                let _g = self.locks.try_lock("volume", &volume_id)?;
-                self.backend.unstage(&volume_id, &staging_path).await?;
+                let g = self.ops.lock("volume", &volume_id)?;
+                let backend = self.backend.clone();
+                self.ops
+                    .run(vec![g], async move {
+                        backend.unstage(&volume_id, &staging_path).await
+                    })
+                    .await?;
                 Ok(csi::NodeUnstageVolumeResponse {})
             })
             .await
@@ -108,24 +131,35 @@ impl csi::node_server::Node for NodeService {
             .call("NodePublishVolume", &r.volume_id, &r, async {
                 let volume_id = check_id(&r.volume_id, "volume_id")?;
                 let target_path = check_path(&r.target_path, "target_path")?;
-                let staging_path = if self.stages() {
-                    Some(check_path(&r.staging_target_path, "staging_target_path")?)
-                } else {
+                let staging_path = if !self.stages() {
                     None
+                } else if r.staging_target_path.is_empty() {
+                    // The spec's "Staging target path not set".
+                    return Err(Error::FailedPrecondition(format!(
+                        "{} stages volumes: staging_target_path is required; call NodeStageVolume first",
+                        self.backend.name()
+                    )));
+                } else {
+                    Some(check_path(&r.staging_target_path, "staging_target_path")?)
                 };
                 let capability = capability(r.volume_capability.as_ref())?;
-                let _g = self.locks.try_lock("target path", &r.target_path)?;
-                self.backend
-                    .publish(PublishVolume {
-                        volume_id,
-                        staging_path,
-                        target_path,
-                        readonly: r.readonly || capability.mode.is_read_only(),
-                        capability,
-                        publish_context: r.publish_context.clone(),
-                        volume_context: r.volume_context.clone(),
-                        secrets: Secrets(r.secrets.clone()),
-                    })
+                let guards = vec![
+                    self.ops.lock("volume", &volume_id)?,
+                    self.ops.lock("target path", &r.target_path)?,
+                ];
+                let backend = self.backend.clone();
+                let req = PublishVolume {
+                    volume_id,
+                    staging_path,
+                    target_path,
+                    readonly: r.readonly || capability.mode.is_read_only(),
+                    capability,
+                    publish_context: r.publish_context.clone(),
+                    volume_context: r.volume_context.clone(),
+                    secrets: Secrets(r.secrets.clone()),
+                };
+                self.ops
+                    .run(guards, async move { backend.publish(req).await })
                     .await?;
                 Ok(csi::NodePublishVolumeResponse {})
             })
@@ -141,8 +175,16 @@ impl csi::node_server::Node for NodeService {
             .call("NodeUnpublishVolume", &r.volume_id, &r, async {
                 let volume_id = check_id(&r.volume_id, "volume_id")?;
                 let target_path = check_path(&r.target_path, "target_path")?;
-                let _g = self.locks.try_lock("target path", &r.target_path)?;
-                self.backend.unpublish(&volume_id, &target_path).await?;
+                let guards = vec![
+                    self.ops.lock("volume", &volume_id)?,
+                    self.ops.lock("target path", &r.target_path)?,
+                ];
+                let backend = self.backend.clone();
+                self.ops
+                    .run(guards, async move {
+                        backend.unpublish(&volume_id, &target_path).await
+                    })
+                    .await?;
                 Ok(csi::NodeUnpublishVolumeResponse {})
             })
             .await
@@ -158,7 +200,7 @@ impl csi::node_server::Node for NodeService {
             .call("NodeGetVolumeStats", &r.volume_id, &r, async {
                 self.require(NodeRpc::GetVolumeStats, "NodeGetVolumeStats")?;
                 let volume_id = check_id(&r.volume_id, "volume_id")?;
-                let path = check_path(&r.volume_path, "volume_path")?;
+                let path = volume_path(&volume_id, &r.volume_path, "volume_path")?;
                 let s = self.backend.stats(&volume_id, &path).await?;
                 let usage = |(total, used, avail): (u64, u64, u64), unit: Unit| csi::VolumeUsage {
                     total: proto_i64(total),
@@ -193,7 +235,7 @@ impl csi::node_server::Node for NodeService {
             .call("NodeExpandVolume", &r.volume_id, &r, async {
                 self.require(NodeRpc::ExpandVolume, "NodeExpandVolume")?;
                 let volume_id = check_id(&r.volume_id, "volume_id")?;
-                let path = check_path(&r.volume_path, "volume_path")?;
+                let path = volume_path(&volume_id, &r.volume_path, "volume_path")?;
                 let staging = if r.staging_target_path.is_empty() {
                     None
                 } else {
@@ -205,10 +247,15 @@ impl csi::node_server::Node for NodeService {
                     .as_ref()
                     .map(|c| Capability::from_proto(c, "volume_capability"))
                     .transpose()?;
-                let _g = self.locks.try_lock("volume", &volume_id)?;
+                let g = self.ops.lock("volume", &volume_id)?;
+                let backend = self.backend.clone();
                 let size = self
-                    .backend
-                    .expand(&volume_id, &path, staging.as_deref(), range, cap.as_ref())
+                    .ops
+                    .run(vec![g], async move {
+                        backend
+                            .expand(&volume_id, &path, staging.as_deref(), range, cap.as_ref())
+                            .await
+                    })
                     .await?;
                 Ok(csi::NodeExpandVolumeResponse {
                     capacity_bytes: proto_i64(size),

@@ -93,25 +93,13 @@ impl Observer {
         };
         async {
             debug!(request = ?request, "call");
-            let gauge = self.in_flight.get_or_create(&labels).clone();
-            gauge.inc();
-            let start = Instant::now();
+            let mut call = InFlight::start(self, &labels);
             let result = fut.await;
-            let elapsed = start.elapsed();
-            gauge.dec();
-            self.latency
-                .get_or_create(&labels)
-                .observe(elapsed.as_secs_f64());
             let code = match &result {
                 Ok(_) => tonic::Code::Ok,
                 Err(e) => e.code(),
             };
-            self.calls
-                .get_or_create(&CallLabels {
-                    method: method.to_owned(),
-                    code: format!("{code:?}"),
-                })
-                .inc();
+            let elapsed = call.finish(code);
             let ms = elapsed.as_secs_f64() * 1e3;
             if elapsed > self.slow {
                 warn!(ms, "slow call");
@@ -129,6 +117,58 @@ impl Observer {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// One call in progress: counted as Cancelled if its future is dropped
+/// (the client's deadline passed or it reset the stream) before finishing.
+struct InFlight<'a> {
+    obs: &'a Observer,
+    labels: &'a MethodLabels,
+    start: Instant,
+    done: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(obs: &'a Observer, labels: &'a MethodLabels) -> Self {
+        obs.in_flight.get_or_create(labels).inc();
+        Self {
+            obs,
+            labels,
+            start: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Records the outcome; returns how long the call took.
+    fn finish(&mut self, code: tonic::Code) -> Duration {
+        self.done = true;
+        let elapsed = self.start.elapsed();
+        self.obs.in_flight.get_or_create(self.labels).dec();
+        self.obs
+            .latency
+            .get_or_create(self.labels)
+            .observe(elapsed.as_secs_f64());
+        self.obs
+            .calls
+            .get_or_create(&CallLabels {
+                method: self.labels.method.clone(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        elapsed
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let elapsed = self.finish(tonic::Code::Cancelled);
+            warn!(
+                ms = elapsed.as_secs_f64() * 1e3,
+                "client cancelled the call (deadline or reset); a mutating operation runs on to its end"
+            );
+        }
     }
 }
 
@@ -154,5 +194,30 @@ mod tests {
         );
         assert!(text.contains(r#"csi_rpc_requests_total{method="Probe",code="NotFound"} 1"#));
         assert!(text.contains("csi_rpc_duration_seconds_count{method=\"Probe\"} 2"));
+    }
+
+    #[tokio::test]
+    async fn dropped_calls_count_as_cancelled() {
+        let o = Observer::new(Duration::from_secs(1));
+        let never = o.call(
+            "CreateVolume",
+            "v",
+            &(),
+            std::future::pending::<Result<()>>(),
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), never)
+                .await
+                .is_err()
+        );
+        let text = o.encode();
+        assert!(
+            text.contains(r#"csi_rpc_requests_total{method="CreateVolume",code="Cancelled"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"csi_rpc_in_flight{method="CreateVolume"} 0"#),
+            "{text}"
+        );
     }
 }

@@ -6,6 +6,7 @@ use crate::backend::{ControllerBackend, NodeBackend, Plugin};
 use crate::controller::ControllerService;
 use crate::csi::{controller_server, identity_server, node_server};
 use crate::identity::IdentityService;
+use crate::locks::Operations;
 use crate::node::NodeService;
 use crate::observe::Observer;
 use crate::pluginregistration::registration_server::RegistrationServer;
@@ -157,21 +158,25 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let obs = Arc::new(Observer::new(opts.slow_call));
+    let ops = Operations::default();
     let identity = IdentityService::new(
         services.plugin.clone(),
         services.controller.is_some(),
         obs.clone(),
     );
-    let router = tonic::transport::Server::builder()
-        .add_service(identity_server::IdentityServer::new(identity))
-        .add_optional_service(services.controller.map(|c| {
-            controller_server::ControllerServer::new(ControllerService::new(c, obs.clone()))
-        }))
-        .add_optional_service(
-            services
-                .node
-                .map(|n| node_server::NodeServer::new(NodeService::new(n, obs.clone()))),
-        );
+    let router =
+        tonic::transport::Server::builder()
+            .add_service(identity_server::IdentityServer::new(identity))
+            .add_optional_service(services.controller.map(|c| {
+                controller_server::ControllerServer::new(ControllerService::new(
+                    c,
+                    ops.clone(),
+                    obs.clone(),
+                ))
+            }))
+            .add_optional_service(services.node.map(|n| {
+                node_server::NodeServer::new(NodeService::new(n, ops.clone(), obs.clone()))
+            }));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let registration = match &opts.registration {
@@ -219,6 +224,8 @@ pub async fn serve(
                 .await
         }
     };
+    // Operations whose clients went away still run; let them finish.
+    ops.wait().await;
     let _ = stop_tx.send(true);
     if let Some(m) = metrics {
         let _ = m.await;

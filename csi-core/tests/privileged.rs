@@ -173,3 +173,85 @@ async fn loop_attach_mkfs_once_grow_and_detach() {
             .exists()
     );
 }
+
+/// Fills `dir`'s filesystem with one file until ENOSPC; returns its path.
+fn fill_up(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let block = vec![0xa5u8; 64 << 10];
+    loop {
+        match f.write_all(&block) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", p.display()),
+        }
+    }
+    let _ = f.sync_all();
+    p
+}
+
+/// A small tmpfs, unmounted on drop (also when an assertion fails).
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+async fn names(j: &csi_core::journal::FileJournal) -> Vec<String> {
+    use csi_core::journal::NameJournal;
+    j.list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect()
+}
+
+#[tokio::test]
+async fn journal_on_a_full_disk_keeps_every_acknowledged_record() {
+    use csi_core::journal::{FileJournal, NameJournal, Reservation};
+    root();
+    let d = tempfile::tempdir().unwrap();
+    let fs = Tmpfs(d.path().join("fs"));
+    std::fs::create_dir(&fs.0).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &fs.0,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=8m"),
+    )
+    .unwrap();
+    let res = |name: &str, pad: usize| Reservation {
+        name: name.into(),
+        id: format!("id-{name}"),
+        attrs: [("pad".to_owned(), "x".repeat(pad))].into(),
+    };
+    let dir = fs.0.join("journal");
+    let j = FileJournal::open(&dir).unwrap();
+    j.reserve(res("before", 10)).await.unwrap();
+    let filler = fill_up(&fs.0);
+    // Preallocated journal space: records needing new pages (64 KiB here)
+    // still land on a full disk.
+    j.reserve(res("full-small", 64 << 10)).await.unwrap();
+    // A record larger than the reserve fails cleanly with ENOSPC...
+    let e = j.reserve(res("full-big", 6 << 20)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    // ...and leaves no torn bytes: the next record is fine.
+    j.reserve(res("after-failure", 64 << 10)).await.unwrap();
+    drop(j);
+    // Reopening on the full disk cannot compact, but loses nothing.
+    let j = FileJournal::open(&dir).unwrap();
+    assert_eq!(names(&j).await, ["after-failure", "before", "full-small"]);
+    std::fs::remove_file(filler).unwrap();
+    j.reserve(res("full-big", 6 << 20)).await.unwrap();
+    drop(j);
+    let j = FileJournal::open(&dir).unwrap();
+    assert_eq!(
+        names(&j).await,
+        ["after-failure", "before", "full-big", "full-small"]
+    );
+}

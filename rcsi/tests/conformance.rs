@@ -57,6 +57,7 @@ fn profile(name: &str, params: &[(&str, &str)], fs_type: &str, size: i64) -> Pro
         // Image files bound the size; directories need project quotas, which
         // this host kernel lacks (CONFIG_QUOTA off).
         enforces_size: params.iter().any(|(k, v)| *k == "backing" && *v == "file"),
+        controller_sees_node: true,
         ..Default::default()
     }
 }

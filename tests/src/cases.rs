@@ -76,6 +76,15 @@ pub fn all() -> Vec<Case> {
         case!(restart_mid_lifecycle, Controller(C::CreateDeleteVolume)),
         case!(crash_during_creates, Controller(C::CreateDeleteVolume)),
         case!(mount_group_applied, Node(N::VolumeMountGroup)),
+        case!(single_writer_publishes_once, Node(N::SingleNodeMultiWriter)),
+        case!(unstage_refused_while_published, Node(N::StageUnstageVolume)),
+        case!(delete_refused_while_in_use, ControllerSeesNode),
+        case!(stats_and_expand_judge_volume_first, Node(N::GetVolumeStats)),
+        case!(node_error_table_codes, Node(N::StageUnstageVolume)),
+        case!(
+            controller_lookups_of_unknown_ids,
+            Controller(C::CreateDeleteVolume)
+        ),
     ]
 }
 
@@ -1276,9 +1285,10 @@ async fn block_volume_lifecycle(c: &mut Ctx) -> Result<()> {
         .node
         .node_publish_volume(c.publish_req(&v, mount_cap, &staging, &c.path("blk-pod/fs"), false))
         .await;
+    // Spec, NodePublishVolume errors: "Exceeds capabilities" is FAILED_PRECONDITION.
     expect_code(
         r,
-        Code::InvalidArgument,
+        Code::FailedPrecondition,
         "mount a block volume as a filesystem",
     )?;
     c.unpublish(&v.volume_id, &target).await?;
@@ -1594,4 +1604,323 @@ async fn mount_group_applied(c: &mut Ctx) -> Result<()> {
     );
     c.unmount(&v, &staging, &target).await?;
     c.delete(&v.volume_id).await
+}
+
+/// A capability like `base` with another access mode.
+fn with_mode(
+    mut base: csi::VolumeCapability,
+    mode: vc::access_mode::Mode,
+) -> csi::VolumeCapability {
+    base.access_mode = Some(vc::AccessMode { mode: mode as i32 });
+    base
+}
+
+/// The capabilities a case should try: mount, and block when the profile has it.
+fn mount_and_block(c: &Ctx) -> Vec<(&'static str, csi::VolumeCapability)> {
+    let mut caps = vec![("mount", c.mount_cap())];
+    if c.profile.block {
+        caps.push(("block", c.block_cap()));
+    }
+    caps
+}
+
+/// Stages (when the node stages) a volume with `cap` at `<tag>-staging`;
+/// returns the staging path and a target path `<tag>-<n>` for each of `n`
+/// targets (created as the kubelet would: a directory, or a file's parent).
+async fn stage_for(
+    c: &mut Ctx,
+    v: &csi::Volume,
+    cap: &csi::VolumeCapability,
+    tag: &str,
+    targets: usize,
+) -> Result<(String, Vec<String>)> {
+    let staging = c.path(&format!("{tag}-staging"));
+    std::fs::create_dir_all(&staging)?;
+    if c.stages() {
+        c.node
+            .node_stage_volume(c.stage_req(v, cap.clone(), &staging))
+            .await
+            .context("NodeStageVolume")?;
+    }
+    let paths = (0..targets)
+        .map(|i| {
+            std::fs::create_dir_all(c.path(&format!("{tag}-pod{i}")))?;
+            Ok(c.path(&format!("{tag}-pod{i}/vol")))
+        })
+        .collect::<Result<_>>()?;
+    Ok((staging, paths))
+}
+
+/// Spec, NodePublishVolume: a SINGLE_NODE_SINGLE_WRITER volume published at
+/// one target cannot be published at another (FAILED_PRECONDITION), while
+/// the same target stays idempotent; after unpublishing, another target works.
+async fn single_writer_publishes_once(c: &mut Ctx) -> Result<()> {
+    use vc::access_mode::Mode;
+    for (kind, base) in mount_and_block(c) {
+        let cap = with_mode(base, Mode::SingleNodeSingleWriter);
+        let v = c
+            .create_with(c.create_req(&format!("snsw-{kind}"), cap.clone()))
+            .await?;
+        let (st, t) = stage_for(c, &v, &cap, &format!("snsw-{kind}"), 2).await?;
+        for _ in 0..2 {
+            c.node
+                .node_publish_volume(c.publish_req(&v, cap.clone(), &st, &t[0], false))
+                .await
+                .with_context(|| format!("{kind}: first publish"))?;
+        }
+        let r = c
+            .node
+            .node_publish_volume(c.publish_req(&v, cap.clone(), &st, &t[1], false))
+            .await;
+        expect_code(
+            r,
+            Code::FailedPrecondition,
+            &format!("{kind}: SINGLE_NODE_SINGLE_WRITER volume published at a second target"),
+        )?;
+        ensure!(!is_mounted(&t[1]), "{kind}: the refused target is mounted");
+        c.unpublish(&v.volume_id, &t[0]).await?;
+        c.node
+            .node_publish_volume(c.publish_req(&v, cap.clone(), &st, &t[1], false))
+            .await
+            .with_context(|| format!("{kind}: publish elsewhere after unpublish"))?;
+        c.unpublish(&v.volume_id, &t[1]).await?;
+        if c.stages() {
+            c.unstage(&v.volume_id, &st).await?;
+        }
+        c.delete(&v.volume_id).await?;
+    }
+    Ok(())
+}
+
+/// NodeUnstageVolume while a publish is still active must fail (the CO
+/// unpublishes first) and must leave the publish working.
+async fn unstage_refused_while_published(c: &mut Ctx) -> Result<()> {
+    for (kind, cap) in mount_and_block(c) {
+        let v = c
+            .create_with(c.create_req(&format!("busy-{kind}"), cap.clone()))
+            .await?;
+        let (st, t) = stage_for(c, &v, &cap, &format!("busy-{kind}"), 1).await?;
+        c.node
+            .node_publish_volume(c.publish_req(&v, cap.clone(), &st, &t[0], false))
+            .await
+            .context("publish")?;
+        if kind == "mount" {
+            write_data(&t[0], 21)?;
+        }
+        expect_code(
+            c.unstage(&v.volume_id, &st).await.map(tonic::Response::new),
+            Code::FailedPrecondition,
+            &format!("{kind}: NodeUnstageVolume with a publish still active"),
+        )?;
+        ensure!(is_mounted(&t[0]), "{kind}: the publish was torn down");
+        if kind == "mount" {
+            check_data(&t[0], 21)?;
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&t[0])
+                .with_context(|| format!("{kind}: device gone after refused unstage"))?;
+        }
+        c.unpublish(&v.volume_id, &t[0]).await?;
+        c.unstage(&v.volume_id, &st).await?;
+        c.delete(&v.volume_id).await?;
+    }
+    Ok(())
+}
+
+/// DeleteVolume of a volume still published or staged on the node must fail
+/// with FAILED_PRECONDITION and keep its data.
+async fn delete_refused_while_in_use(c: &mut Ctx) -> Result<()> {
+    for (kind, cap) in mount_and_block(c) {
+        let v = c
+            .create_with(c.create_req(&format!("inuse-{kind}"), cap.clone()))
+            .await?;
+        let (st, t) = stage_for(c, &v, &cap, &format!("inuse-{kind}"), 1).await?;
+        c.node
+            .node_publish_volume(c.publish_req(&v, cap.clone(), &st, &t[0], false))
+            .await
+            .context("publish")?;
+        if kind == "mount" {
+            write_data(&t[0], 22)?;
+        }
+        let del = csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets: c.profile.secrets("DeleteVolumeSecret"),
+        };
+        expect_code(
+            c.ctl.delete_volume(del.clone()).await,
+            Code::FailedPrecondition,
+            &format!("{kind}: DeleteVolume while published"),
+        )?;
+        if kind == "mount" {
+            check_data(&t[0], 22)?;
+        }
+        c.unpublish(&v.volume_id, &t[0]).await?;
+        if c.stages() {
+            expect_code(
+                c.ctl.delete_volume(del.clone()).await,
+                Code::FailedPrecondition,
+                &format!("{kind}: DeleteVolume while staged"),
+            )?;
+            c.unstage(&v.volume_id, &st).await?;
+        }
+        c.delete(&v.volume_id).await?;
+        ensure!(
+            !c.list_ids().await?.contains(&v.volume_id),
+            "{kind}: volume listed after delete"
+        );
+    }
+    Ok(())
+}
+
+/// NodeGetVolumeStats and NodeExpandVolume look the volume up before the
+/// path: an unknown volume, or a path (relative, missing, or another
+/// directory) that does not hold the volume, is NOT_FOUND; only a missing
+/// field is INVALID_ARGUMENT.
+async fn stats_and_expand_judge_volume_first(c: &mut Ctx) -> Result<()> {
+    let stats = |id: &str, path: &str| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.to_owned(),
+        volume_path: path.to_owned(),
+        staging_target_path: String::new(),
+    };
+    let expand = |id: &str, path: &str| csi::NodeExpandVolumeRequest {
+        volume_id: id.to_owned(),
+        volume_path: path.to_owned(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 1 << 30,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let v = c.create("judge").await?;
+    let (st, tg) = c.mount(&v, "judge").await?;
+    let other = c.path("not-this-volume");
+    std::fs::create_dir_all(&other)?;
+    let missing = c.path("missing/dir");
+    let unknown = "unknown-volume-0123456789";
+    let not_found = [
+        (unknown, "some/path"),
+        (unknown, missing.as_str()),
+        (unknown, tg.as_str()),
+        (v.volume_id.as_str(), "some/path"),
+        (v.volume_id.as_str(), missing.as_str()),
+        (v.volume_id.as_str(), other.as_str()),
+    ];
+    for (id, path) in not_found {
+        expect_code(
+            c.node.node_get_volume_stats(stats(id, path)).await,
+            Code::NotFound,
+            &format!("NodeGetVolumeStats({id}, {path})"),
+        )?;
+    }
+    expect_code(
+        c.node.node_get_volume_stats(stats("", "some/path")).await,
+        Code::InvalidArgument,
+        "NodeGetVolumeStats without a volume id",
+    )?;
+    expect_code(
+        c.node.node_get_volume_stats(stats(unknown, "")).await,
+        Code::InvalidArgument,
+        "NodeGetVolumeStats without a path",
+    )?;
+    if c.node_caps.contains(&N::ExpandVolume) {
+        for (id, path) in not_found {
+            expect_code(
+                c.node.node_expand_volume(expand(id, path)).await,
+                Code::NotFound,
+                &format!("NodeExpandVolume({id}, {path})"),
+            )?;
+        }
+        expect_code(
+            c.node.node_expand_volume(expand("", &tg)).await,
+            Code::InvalidArgument,
+            "NodeExpandVolume without a volume id",
+        )?;
+        expect_code(
+            c.node.node_expand_volume(expand(&v.volume_id, "")).await,
+            Code::InvalidArgument,
+            "NodeExpandVolume without a path",
+        )?;
+    }
+    c.node
+        .node_get_volume_stats(stats(&v.volume_id, &tg))
+        .await
+        .context("stats of the real target")?;
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await
+}
+
+/// The spec's NodeStageVolume and NodePublishVolume error tables: a
+/// capability the volume cannot serve is FAILED_PRECONDITION ("Exceeds
+/// capabilities"), and so is a publish without the staging path of a
+/// driver that stages ("Staging target path not set").
+async fn node_error_table_codes(c: &mut Ctx) -> Result<()> {
+    let v = c.create("codes").await?;
+    let (st, tg) = c.mount(&v, "codes").await?;
+    let mut r = c.publish_req(&v, c.mount_cap(), &st, &c.path("codes-2/vol"), false);
+    r.staging_target_path.clear();
+    expect_code(
+        c.node.node_publish_volume(r).await,
+        Code::FailedPrecondition,
+        "NodePublishVolume without staging_target_path on a staging driver",
+    )?;
+    c.unmount(&v, &st, &tg).await?;
+    c.delete(&v.volume_id).await?;
+    if c.profile.block {
+        let b = c
+            .create_with(c.create_req("codes-blk", c.block_cap()))
+            .await?;
+        let staging = c.path("codes-blk-staging");
+        std::fs::create_dir_all(&staging)?;
+        expect_code(
+            c.node
+                .node_stage_volume(c.stage_req(&b, c.mount_cap(), &staging))
+                .await,
+            Code::FailedPrecondition,
+            "NodeStageVolume of a block volume with a mount capability",
+        )?;
+        ensure!(!is_mounted(&staging), "the refused stage mounted something");
+        c.delete(&b.volume_id).await?;
+    }
+    Ok(())
+}
+
+/// Lookups of ids that do not exist are NOT_FOUND in every table that has
+/// them: ControllerGetVolume, GetSnapshot, ControllerExpandVolume, and a
+/// restore from an unknown snapshot.
+async fn controller_lookups_of_unknown_ids(c: &mut Ctx) -> Result<()> {
+    let unknown = "unknown-volume-0123456789";
+    if c.can(C::GetVolume) {
+        expect_code(
+            c.ctl
+                .controller_get_volume(csi::ControllerGetVolumeRequest {
+                    volume_id: unknown.into(),
+                })
+                .await,
+            Code::NotFound,
+            "ControllerGetVolume of an unknown id",
+        )?;
+    }
+    if c.can(C::GetSnapshot) {
+        expect_code(
+            c.ctl
+                .get_snapshot(csi::GetSnapshotRequest {
+                    snapshot_id: "unknown-snapshot-0123456789".into(),
+                    secrets: c.profile.secrets("GetSnapshotSecret"),
+                })
+                .await,
+            Code::NotFound,
+            "GetSnapshot of an unknown id",
+        )?;
+    }
+    if c.can(C::ExpandVolume) {
+        expect_code(
+            c.ctl
+                .controller_expand_volume(expand_req(unknown, Some(1 << 30)))
+                .await,
+            Code::NotFound,
+            "ControllerExpandVolume of an unknown id",
+        )?;
+    }
+    Ok(())
 }

@@ -36,6 +36,9 @@ pub struct Profile {
     pub online_expansion: bool,
     /// Whether writes beyond a volume's size must fail.
     pub enforces_size: bool,
+    /// Whether the controller sees the node's mounts (node-local drivers) and
+    /// so must refuse to delete a volume still staged or published there.
+    pub controller_sees_node: bool,
 }
 
 impl Profile {
@@ -667,6 +670,8 @@ pub enum Needs {
     Breakable,
     /// Volume sizes that the storage enforces.
     SizeEnforced,
+    /// A controller that sees the node's mounts.
+    ControllerSeesNode,
 }
 
 /// A named case.
@@ -728,6 +733,10 @@ pub fn run_suite(
                 }
                 Needs::SizeEnforced => {
                     profile.enforces_size && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
+                }
+                Needs::ControllerSeesNode => {
+                    profile.controller_sees_node
+                        && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
                 }
             };
             if !supported {

@@ -1,9 +1,11 @@
 //! Controller side of local-path: volumes, snapshots, capacity, expansion.
 
 use crate::meta::{Backing, SnapshotMeta, SourceMeta, VolumeMeta};
+use crate::quota::Quotas;
 use crate::store::Change;
 use crate::{
-    DEFAULT_SIZE, LocalPath, LocalPathError, TOPOLOGY_KEY, is_our_id, new_id, now, remove_any,
+    DEFAULT_SIZE, LocalPath, LocalPathError, PROMISED_TTL, TOPOLOGY_KEY, is_our_id, new_id, now,
+    tmp_name,
 };
 use csi_core::backend::{Capacity, ControllerBackend, ControllerRpc, SnapshotFilter, VolumeStatus};
 use csi_core::csi;
@@ -13,6 +15,8 @@ use csi_core::types::{
 use csi_core::{Error, IoContext, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// Smallest image that mkfs accepts, per filesystem.
 fn min_size(backing: &Backing) -> u64 {
@@ -170,44 +174,61 @@ impl LocalPath {
         }
     }
 
-    /// Bytes a volume occupies, when it can be known cheaply (image files,
-    /// quota-tracked directories).
-    pub(crate) fn used_bytes(&self, v: &VolumeMeta) -> Option<u64> {
-        use std::os::unix::fs::MetadataExt;
-        if v.backing.is_image() {
-            let p = self.volume_path(&v.id, &v.backing);
-            return std::fs::metadata(p).ok().map(|m| m.blocks() * 512);
-        }
-        let (q, p) = (self.quotas.as_ref()?, v.project_id?);
-        q.usage(p).ok().map(|(bytes, _)| bytes)
-    }
-
     /// Bytes still free for new volumes: statvfs minus the reserve minus the
     /// unwritten part of every size-enforced volume (those are promised in full).
-    fn available(&self) -> Result<u64> {
-        let st = csi_core::fsutil::statvfs(&self.cfg.base_path)?;
-        let enforced: Vec<VolumeMeta> = self
+    pub(crate) async fn available(&self) -> Result<u64> {
+        let base = self.cfg.base_path.clone();
+        let st = self
+            .fs("statvfs of the base path", move || {
+                csi_core::fsutil::statvfs(&base)
+            })
+            .await?;
+        Ok(st
+            .available_bytes
+            .saturating_sub(self.cfg.reserved_bytes)
+            .saturating_sub(self.promised().await?))
+    }
+
+    /// The unwritten part of every size-enforced volume: a stat or quotactl
+    /// per volume, so the sum is cached until a change or for [`PROMISED_TTL`].
+    async fn promised(&self) -> Result<u64> {
+        if let Some((at, sum)) = *self.promised.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < PROMISED_TTL
+        {
+            return Ok(sum);
+        }
+        let enforced: Vec<(PathBuf, VolumeMeta)> = self
             .index()
             .state
             .volumes
             .values()
             .filter(|v| v.backing.is_image() || v.project_id.is_some())
-            .cloned()
+            .map(|v| (self.volume_path(&v.id, &v.backing), v.clone()))
             .collect();
-        let promised: u64 = enforced
-            .iter()
-            .map(|v| v.capacity.saturating_sub(self.used_bytes(v).unwrap_or(0)))
-            .sum();
-        Ok(st
-            .available_bytes
-            .saturating_sub(self.cfg.reserved_bytes)
-            .saturating_sub(promised))
+        let quotas = self.quotas.clone();
+        let sum = self
+            .fs("summing the unwritten space of volumes", move || {
+                Ok(enforced
+                    .iter()
+                    .map(|(p, v)| {
+                        let used = used_bytes(p, v, quotas.as_ref()).unwrap_or(0);
+                        v.capacity.saturating_sub(used)
+                    })
+                    .sum())
+            })
+            .await?;
+        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), sum));
+        Ok(sum)
     }
 
     /// Drops the quota limit of a project that no longer has a volume.
-    fn release_project(&self, project: Option<u32>) {
-        if let (Some(q), Some(p)) = (&self.quotas, project)
-            && let Err(e) = q.set_limit(p, 0)
+    async fn release_project(&self, project: Option<u32>) {
+        let (Some(q), Some(p)) = (self.quotas.clone(), project) else {
+            return;
+        };
+        if let Err(e) = self
+            .fs("clearing a project quota", move || q.set_limit(p, 0))
+            .await
         {
             tracing::warn!(project = p, error = %e, "could not clear a project quota");
         }
@@ -260,31 +281,46 @@ impl LocalPath {
                 backing.describe()
             )));
         }
+        let (t, quotas) = (tmp.to_path_buf(), self.quotas.clone());
         if backing.is_image() {
-            match source {
-                Some((from, _)) => {
-                    self.copy_data(&from, tmp, true).await?;
-                    grow_file(tmp, size)
-                }
-                None => {
-                    let f =
-                        std::fs::File::create(tmp).ctx(|| format!("creating {}", tmp.display()))?;
-                    f.set_len(size).ctx(|| format!("sizing {}", tmp.display()))
-                }
+            if let Some((from, _)) = source {
+                self.copy_data(&from, tmp, true).await?;
+                return self
+                    .fs("growing a copied image", move || grow_file(&t, size))
+                    .await;
             }
+            self.fs("creating an image file", move || {
+                let f = std::fs::File::create(&t).ctx(|| format!("creating {}", t.display()))?;
+                f.set_len(size).ctx(|| format!("sizing {}", t.display()))
+            })
+            .await
         } else {
-            std::fs::create_dir(tmp).ctx(|| format!("creating {}", tmp.display()))?;
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
-                .ctx(|| format!("chmod {}", tmp.display()))?;
-            if let (Some(q), Some(p)) = (&self.quotas, project) {
-                q.assign(tmp, p, size)?;
-            }
+            self.fs("creating a volume directory", move || {
+                std::fs::create_dir(&t).ctx(|| format!("creating {}", t.display()))?;
+                std::fs::set_permissions(&t, std::fs::Permissions::from_mode(mode))
+                    .ctx(|| format!("chmod {}", t.display()))?;
+                match (quotas, project) {
+                    (Some(q), Some(p)) => q.assign(&t, p, size),
+                    _ => Ok(()),
+                }
+            })
+            .await?;
             match source {
                 Some((from, _)) => self.copy_data(&from, tmp, false).await,
                 None => Ok(()),
             }
         }
     }
+}
+
+/// Bytes a volume occupies, when it can be known cheaply (image files,
+/// quota-tracked directories).
+fn used_bytes(path: &Path, v: &VolumeMeta, quotas: Option<&Quotas>) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    if v.backing.is_image() {
+        return std::fs::metadata(path).ok().map(|m| m.blocks() * 512);
+    }
+    quotas?.usage(v.project_id?).ok().map(|(bytes, _)| bytes)
 }
 
 fn grow_file(p: &std::path::Path, size: u64) -> Result<()> {
@@ -332,7 +368,8 @@ impl ControllerBackend for LocalPath {
         if let Some(id) = existing {
             let existing = self.volume(&id)?;
             Self::compatible(&existing, &req, &backing)?;
-            self.settle(&existing.id, &existing.backing)?;
+            self.settle(&self.volume_path(&existing.id, &existing.backing))
+                .await?;
             return Ok(self.to_proto(&existing));
         }
 
@@ -369,7 +406,7 @@ impl ControllerBackend for LocalPath {
                 self.cfg.node_id, self.cfg.max_volumes
             )));
         }
-        let available = self.available()?;
+        let available = self.available().await?;
         if size > available {
             return Err(Error::ResourceExhausted(format!(
                 "{size} bytes requested but only {available} bytes are available on node {}",
@@ -379,10 +416,7 @@ impl ControllerBackend for LocalPath {
 
         let id = new_id("lv-");
         let final_path = self.volume_path(&id, &backing);
-        let tmp = final_path.with_file_name(format!(
-            ".tmp-{}",
-            final_path.file_name().unwrap_or_default().to_string_lossy()
-        ));
+        let tmp = tmp_name(&final_path);
         let project = (backing == Backing::Directory && self.quotas.is_some()).then(|| {
             self.next_project
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -416,12 +450,12 @@ impl ControllerBackend for LocalPath {
             Ok(meta) => {
                 // The commit is the point of no return: from here a failed
                 // rename is finished by a retry or by start-up recovery.
-                self.settle(&meta.id, &meta.backing)?;
+                self.settle(&final_path).await?;
                 Ok(self.to_proto(&meta))
             }
             Err(e) => {
-                let _ = remove_any(&tmp);
-                self.release_project(project);
+                self.cleanup(&tmp).await;
+                self.release_project(project).await;
                 Err(e)
             }
         }
@@ -435,6 +469,19 @@ impl ControllerBackend for LocalPath {
             return Ok(());
         };
         let path = self.volume_path(&v.id, &v.backing);
+        let mounted: Vec<String> = self
+            .exposures(&v)
+            .await?
+            .into_iter()
+            .map(|m| m.mount_point.display().to_string())
+            .collect();
+        if !mounted.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is still staged or published on node {} at {}; unpublish and unstage it first",
+                self.cfg.node_id,
+                mounted.join(", ")
+            )));
+        }
         if v.backing.is_image() && self.host.blockdev.find_loop(&path).await?.is_some() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {volume_id} is still staged on node {} (its loop device is attached); unstage it first",
@@ -445,18 +492,19 @@ impl ControllerBackend for LocalPath {
             ".trash-{}",
             path.file_name().unwrap_or_default().to_string_lossy()
         ));
-        match std::fs::rename(&path, &trash) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("moving {} to trash", path.display()), e)),
-        }
+        let (p, t) = (path.clone(), trash.clone());
+        self.fs("moving a volume to trash", move || {
+            match std::fs::rename(&p, &t) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io(format!("moving {} to trash", p.display()), e)),
+            }
+        })
+        .await?;
         self.commit(Change::DeleteVolume { id: v.id.clone() })
             .await?;
-        let t = trash.clone();
-        tokio::task::spawn_blocking(move || remove_any(&t))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
-        self.release_project(v.project_id);
+        self.remove(&trash).await?;
+        self.release_project(v.project_id).await;
         Ok(())
     }
 
@@ -520,7 +568,7 @@ impl ControllerBackend for LocalPath {
             return Ok(Capacity::default());
         }
         parse_params(parameters)?;
-        let available = self.available()?;
+        let available = self.available().await?;
         Ok(Capacity {
             available,
             maximum_volume_size: Some(available),
@@ -549,16 +597,15 @@ impl ControllerBackend for LocalPath {
                 .get(name)
                 .and_then(|id| idx.state.snapshots.get(id).cloned())
         };
-        {
-            if let Some(s) = existing {
-                if s.source_volume_id != source_volume_id {
-                    return Err(Error::AlreadyExists(format!(
-                        "snapshot {name:?} already exists for volume {}",
-                        s.source_volume_id
-                    )));
-                }
-                return Ok(Self::snapshot_proto(&s));
+        if let Some(s) = existing {
+            if s.source_volume_id != source_volume_id {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name:?} already exists for volume {}",
+                    s.source_volume_id
+                )));
             }
+            self.settle(&self.snapshot_path(&s)).await?;
+            return Ok(Self::snapshot_proto(&s));
         }
         let v = self.volume(source_volume_id)?;
         let (secs, nanos) = now();
@@ -572,29 +619,27 @@ impl ControllerBackend for LocalPath {
             created_nanos: nanos,
         };
         let dst = self.snapshot_path(&s);
-        let tmp = dst.with_file_name(format!(
-            ".tmp-{}",
-            dst.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        let result = async {
+        let tmp = tmp_name(&dst);
+        let copied = async {
             if !v.backing.is_image() {
-                std::fs::create_dir(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+                let t = tmp.clone();
+                self.fs("creating a snapshot directory", move || {
+                    std::fs::create_dir(&t).ctx(|| format!("creating {}", t.display()))
+                })
+                .await?;
             }
-            self.copy_data(
-                &self.volume_path(&v.id, &v.backing),
-                &tmp,
-                v.backing.is_image(),
-            )
-            .await?;
-            self.commit(Change::PutSnapshot(s.clone())).await?;
-            std::fs::rename(&tmp, &dst).ctx(|| format!("renaming {}", tmp.display()))
+            let from = self.volume_path(&v.id, &v.backing);
+            self.copy_data(&from, &tmp, v.backing.is_image()).await?;
+            self.commit(Change::PutSnapshot(s.clone())).await
         }
         .await;
-        if let Err(e) = result {
-            let _ = remove_any(&tmp);
-            let _ = remove_any(&dst);
+        if let Err(e) = copied {
+            self.cleanup(&tmp).await;
             return Err(e);
         }
+        // The commit is the point of no return: a failed rename is finished
+        // by the retry (above) or by start-up recovery, never undone.
+        self.settle(&dst).await?;
         Ok(Self::snapshot_proto(&s))
     }
 
@@ -604,9 +649,7 @@ impl ControllerBackend for LocalPath {
         let path = self.snapshot_path(&s);
         self.commit(Change::DeleteSnapshot { id: s.id.clone() })
             .await?;
-        tokio::task::spawn_blocking(move || remove_any(&path))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
+        self.remove(&path).await
     }
 
     async fn list_snapshots(&self, filter: &SnapshotFilter) -> Result<Vec<csi::Snapshot>> {
@@ -639,17 +682,28 @@ impl ControllerBackend for LocalPath {
             return Ok((v.capacity, v.backing.is_image()));
         }
         let grow = size - v.capacity;
-        let available = self.available()?;
+        let available = self.available().await?;
         if grow > available {
             return Err(Error::ResourceExhausted(format!(
                 "growing by {grow} bytes needs more than the {available} bytes available"
             )));
         }
-        if v.backing.is_image() {
-            grow_file(&self.volume_path(&v.id, &v.backing), size)?;
-        } else if let (Some(q), Some(p)) = (&self.quotas, v.project_id) {
-            q.set_limit(p, size)?;
-        }
+        let (img, quotas, backing, project) = (
+            self.volume_path(&v.id, &v.backing),
+            self.quotas.clone(),
+            v.backing.clone(),
+            v.project_id,
+        );
+        self.fs("growing a volume", move || {
+            if backing.is_image() {
+                grow_file(&img, size)
+            } else if let (Some(q), Some(p)) = (quotas, project) {
+                q.set_limit(p, size)
+            } else {
+                Ok(())
+            }
+        })
+        .await?;
         let meta = VolumeMeta {
             capacity: size,
             ..v.clone()

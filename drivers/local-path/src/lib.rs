@@ -11,15 +11,17 @@ pub mod store;
 pub use error::LocalPathError;
 
 use crate::meta::{Backing, SnapshotMeta, VolumeMeta};
-use crate::store::{Change, State, Store};
+use crate::store::{Change, Index};
 use csi_core::backend::Plugin;
 use csi_core::blockdev::BlockDevices;
 use csi_core::exec::{Command, Exec};
+use csi_core::fsutil::FS_TIMEOUT;
+use csi_core::journal::Log;
 use csi_core::mount::Mounter;
 use csi_core::{Error, IoContext, Result};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, RwLockReadGuard};
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// CSI driver name.
@@ -72,43 +74,24 @@ impl Host {
 pub struct LocalPath {
     cfg: Config,
     host: Host,
-    store: Store,
-    state: Mutex<Index>,
+    log: Log<Index>,
+    /// Cached sum of the unwritten space of size-enforced volumes.
+    promised: Mutex<Option<(Instant, u64)>>,
     base_fs: String,
     /// Project quotas, when the base filesystem enforces them.
     quotas: Option<quota::Quotas>,
     next_project: std::sync::atomic::AtomicU32,
 }
 
+/// Bound of copies and removals of a volume's data.
+const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Bound of Probe's look at the base path: a hung disk makes it fail, not hang.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the sum of promised space may be reused.
+pub(crate) const PROMISED_TTL: Duration = Duration::from_secs(5);
+
 /// First project id handed to a volume; lower ids are left to the operator.
 const FIRST_PROJECT: u32 = 1 << 20;
-
-#[derive(Default)]
-struct Index {
-    state: State,
-    volume_by_name: HashMap<String, String>,
-    snapshot_by_name: HashMap<String, String>,
-}
-
-impl Index {
-    fn from_state(state: State) -> Self {
-        let volume_by_name = state
-            .volumes
-            .values()
-            .map(|v| (v.name.clone(), v.id.clone()))
-            .collect();
-        let snapshot_by_name = state
-            .snapshots
-            .values()
-            .map(|s| (s.name.clone(), s.id.clone()))
-            .collect();
-        Self {
-            state,
-            volume_by_name,
-            snapshot_by_name,
-        }
-    }
-}
 
 impl LocalPath {
     /// Opens (or initializes) the base path and recovers from any crash.
@@ -120,13 +103,15 @@ impl LocalPath {
         let base_path = std::fs::canonicalize(&cfg.base_path)
             .ctx(|| format!("resolving {}", cfg.base_path.display()))?;
         let cfg = Config { base_path, ..cfg };
-        let (store, state) = Store::open(&cfg.base_path.join(".rcsi"))?;
+        let log = Log::<Index>::open(&cfg.base_path.join(".rcsi"))?;
         let base_fs = fs_type_of(&cfg.base_path).unwrap_or_else(|| "unknown".into());
         let (quotas, unenforced) = match quota::Quotas::probe(&cfg.base_path) {
             Ok(q) => (Some(q), None),
             Err(why) => (None, Some(why)),
         };
-        let next_project = state
+        let next_project = log
+            .read()
+            .state
             .volumes
             .values()
             .filter_map(|v| v.project_id)
@@ -135,8 +120,8 @@ impl LocalPath {
         let driver = Self {
             cfg,
             host,
-            store,
-            state: Mutex::new(Index::from_state(state)),
+            log,
+            promised: Mutex::new(None),
             base_fs,
             quotas,
             next_project: std::sync::atomic::AtomicU32::new(next_project),
@@ -160,8 +145,8 @@ impl LocalPath {
         Ok(driver)
     }
 
-    fn index(&self) -> MutexGuard<'_, Index> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn index(&self) -> RwLockReadGuard<'_, Index> {
+        self.log.read()
     }
 
     fn volumes_dir(&self) -> PathBuf {
@@ -190,44 +175,48 @@ impl LocalPath {
             .ok_or_else(|| LocalPathError::NoSuchVolume(id.to_owned()).into())
     }
 
+    /// Makes a change durable; the index reflects it once this returns.
     async fn commit(&self, change: Change) -> Result<()> {
-        self.store.commit(change.clone()).await?;
-        let mut idx = self.index();
-        match change {
-            Change::PutVolume(v) => {
-                idx.volume_by_name.insert(v.name.clone(), v.id.clone());
-                idx.state.volumes.insert(v.id.clone(), v);
-            }
-            Change::DeleteVolume { id } => {
-                if let Some(v) = idx.state.volumes.remove(&id) {
-                    idx.volume_by_name.remove(&v.name);
-                }
-            }
-            Change::PutSnapshot(s) => {
-                idx.snapshot_by_name.insert(s.name.clone(), s.id.clone());
-                idx.state.snapshots.insert(s.id.clone(), s);
-            }
-            Change::DeleteSnapshot { id } => {
-                if let Some(s) = idx.state.snapshots.remove(&id) {
-                    idx.snapshot_by_name.remove(&s.name);
-                }
-            }
-        }
-        Ok(())
+        let done = self.log.commit(change).await;
+        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        done
     }
 
-    /// Moves a committed volume's data from its temporary name into place
-    /// (after a crash or a failed rename between commit and rename).
-    fn settle(&self, id: &str, backing: &Backing) -> Result<()> {
-        let done = self.volume_path(id, backing);
-        let tmp = done.with_file_name(format!(
-            ".tmp-{}",
-            done.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        if !done.exists() && tmp.exists() {
-            std::fs::rename(&tmp, &done).ctx(|| format!("renaming {}", tmp.display()))?;
+    /// Runs filesystem work off the async runtime with [`FS_TIMEOUT`].
+    async fn fs<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        csi_core::fsutil::blocking(what, FS_TIMEOUT, f).await
+    }
+
+    /// Removes a volume's or snapshot's data (a tree may take long: the
+    /// bound is the one of copies).
+    async fn remove(&self, p: &Path) -> Result<()> {
+        let p = p.to_path_buf();
+        csi_core::fsutil::blocking("removing data", COPY_TIMEOUT, move || remove_any(&p)).await
+    }
+
+    /// Removes `p` after an error, logging (not returning) a failure.
+    async fn cleanup(&self, p: &Path) {
+        if let Err(e) = self.remove(p).await {
+            warn!(path = %p.display(), error = %e, "cleanup failed; start-up recovery will retry");
         }
-        Ok(())
+    }
+
+    /// Moves committed data (a volume's or a snapshot's) from its temporary
+    /// name into place, after a crash or a failed rename between commit and rename.
+    async fn settle(&self, done: &Path) -> Result<()> {
+        let done = done.to_path_buf();
+        self.fs("moving new data into place", move || {
+            let tmp = tmp_name(&done);
+            if !done.exists() && tmp.exists() {
+                std::fs::rename(&tmp, &done).ctx(|| format!("renaming {}", tmp.display()))?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Cleans up after a crash: creations and deletions that committed are
@@ -287,8 +276,8 @@ impl LocalPath {
     }
 
     /// Copies a directory tree (into the existing directory `to`) or an image
-    /// file, with reflinks when the filesystem has them. A mounted image is frozen during the copy so the
-    /// copy is consistent.
+    /// file, with reflinks when the filesystem has them. A mounted image is
+    /// frozen during the copy so the copy is consistent.
     async fn copy_data(&self, from: &Path, to: &Path, is_image: bool) -> Result<()> {
         let frozen = if is_image {
             self.freeze(from).await?
@@ -296,17 +285,14 @@ impl LocalPath {
             None
         };
         let result = self.copy_raw(from, to, is_image).await;
-        if let Some(mp) = frozen {
-            let thaw = Command::new("fsfreeze", ["-u".as_ref(), mp.as_os_str()]);
-            if let Err(e) = self.host.exec.run(&thaw).await {
-                warn!(mount = %mp.display(), error = %e, "thawing after copy failed");
-            }
+        if let Some(f) = frozen {
+            f.thaw().await;
         }
         result
     }
 
     /// Freezes the filesystem of an image if it is mounted on this node.
-    async fn freeze(&self, image: &Path) -> Result<Option<PathBuf>> {
+    async fn freeze(&self, image: &Path) -> Result<Option<Frozen>> {
         let Some(dev) = self.host.blockdev.find_loop(image).await? else {
             return Ok(None);
         };
@@ -316,7 +302,10 @@ impl LocalPath {
         };
         let cmd = Command::new("fsfreeze", ["-f".as_ref(), m.mount_point.as_os_str()]);
         self.host.exec.run(&cmd).await?;
-        Ok(Some(m.mount_point))
+        Ok(Some(Frozen {
+            mount: Some(m.mount_point),
+            exec: self.host.exec.clone(),
+        }))
     }
 
     async fn copy_raw(&self, from: &Path, to: &Path, is_image: bool) -> Result<()> {
@@ -345,10 +334,56 @@ impl LocalPath {
         };
         self.host
             .exec
-            .run(&cmd.timeout(std::time::Duration::from_secs(3600)))
+            .run(&cmd.timeout(COPY_TIMEOUT))
             .await
             .map(drop)
     }
+}
+
+/// A filesystem frozen for a consistent copy. It is thawed on drop too, so
+/// no failure or cancellation of the copy can leave a pod's filesystem frozen.
+pub(crate) struct Frozen {
+    mount: Option<PathBuf>,
+    exec: Arc<dyn Exec>,
+}
+
+fn thaw_cmd(mount: &Path) -> Command {
+    Command::new("fsfreeze", ["-u".as_ref(), mount.as_os_str()])
+}
+
+impl Frozen {
+    /// Thaws now, logging a failure.
+    pub(crate) async fn thaw(mut self) {
+        if let Some(mp) = self.mount.take()
+            && let Err(e) = self.exec.run(&thaw_cmd(&mp)).await
+        {
+            warn!(mount = %mp.display(), error = %e, "thawing after copy failed");
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let Some(mp) = self.mount.take() else { return };
+        let exec = self.exec.clone();
+        let thaw = async move {
+            if let Err(e) = exec.run(&thaw_cmd(&mp)).await {
+                warn!(mount = %mp.display(), error = %e, "thawing an abandoned freeze failed");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(thaw)),
+            Err(_) => warn!("no runtime to thaw an abandoned freeze on"),
+        }
+    }
+}
+
+/// Where data is prepared before its commit: `.tmp-<name>` beside `done`.
+fn tmp_name(done: &Path) -> PathBuf {
+    done.with_file_name(format!(
+        ".tmp-{}",
+        done.file_name().unwrap_or_default().to_string_lossy()
+    ))
 }
 
 /// Data location of an id with a given layout.
@@ -421,9 +456,10 @@ impl Plugin for LocalPath {
 
     async fn probe(&self) -> Result<bool> {
         let base = self.cfg.base_path.clone();
-        tokio::task::spawn_blocking(move || csi_core::fsutil::statvfs(&base))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+        csi_core::fsutil::blocking("statvfs of the base path", PROBE_TIMEOUT, move || {
+            csi_core::fsutil::statvfs(&base)
+        })
+        .await?;
         Ok(true)
     }
 }

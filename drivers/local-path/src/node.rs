@@ -2,11 +2,14 @@
 //! stats with volume condition, and filesystem growth.
 
 use crate::meta::{Backing, VolumeMeta};
+use crate::quota::Quotas;
 use crate::{LocalPath, TOPOLOGY_KEY};
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
 use csi_core::exec::Command;
-use csi_core::mount::{MountState, vfs_flags};
-use csi_core::types::{AccessType, Capability, CapacityRange, PublishVolume, StageVolume};
+use csi_core::mount::{MountInfo, MountState, exposures, vfs_flags};
+use csi_core::types::{
+    AccessMode, AccessType, Capability, CapacityRange, PublishVolume, StageVolume,
+};
 use csi_core::{Error, IoContext, Result};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -34,10 +37,11 @@ fn check_fits(v: &VolumeMeta, cap: &Capability) -> Result<()> {
         }
         (AccessType::Mount { .. }, Backing::Directory) => true,
     };
+    // The spec's node error tables: "Exceeds capabilities" is FAILED_PRECONDITION.
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!(
+        Err(Error::FailedPrecondition(format!(
             "volume {} is {} and cannot be used as {:?}",
             v.id,
             v.backing.describe(),
@@ -149,11 +153,12 @@ impl LocalPath {
             .mount(&dev.to_string_lossy(), &req.staging_path, fs_type, &options)
             .await?;
         if fresh {
-            std::fs::set_permissions(
-                &req.staging_path,
-                std::fs::Permissions::from_mode(Self::mode_of(v)),
-            )
-            .ctx(|| format!("chmod {}", req.staging_path.display()))?;
+            let (root, mode) = (req.staging_path.clone(), Self::mode_of(v));
+            self.fs("setting a new volume's mode", move || {
+                std::fs::set_permissions(&root, std::fs::Permissions::from_mode(mode))
+                    .ctx(|| format!("chmod {}", root.display()))
+            })
+            .await?;
         } else if !fs_type.starts_with("ext") {
             self.host
                 .blockdev
@@ -163,23 +168,147 @@ impl LocalPath {
         Ok(())
     }
 
-    fn apply_mount_group(&self, root: &Path, group: &str) -> Result<()> {
+    /// Mounts on this node through which the volume's data is reachable:
+    /// its staging mount and every publish (the kernel's view, so it holds
+    /// across plugin restarts). For raw block volumes, binds of its loop device.
+    pub(crate) async fn exposures(&self, v: &VolumeMeta) -> Result<Vec<MountInfo>> {
+        let data = self.volume_path(&v.id, &v.backing);
+        let dev = match v.backing {
+            Backing::Directory => None,
+            _ => match self.host.blockdev.find_loop(&data).await? {
+                Some(dev) => Some(dev),
+                None => return Ok(vec![]),
+            },
+        };
+        let mounts = self.host.mounter.mounts().await?;
+        Ok(match (&v.backing, dev) {
+            (Backing::Filesystem { .. }, Some(dev)) => mounts
+                .into_iter()
+                .filter(|m| Path::new(&m.source) == dev)
+                .collect(),
+            (_, Some(dev)) => exposures(&mounts, &dev),
+            (_, None) => exposures(&mounts, &data),
+        })
+    }
+
+    /// NotFound unless `path` is a mount of this volume (or, for a raw block
+    /// volume, its device node).
+    async fn check_holds(&self, v: &VolumeMeta, path: &Path) -> Result<()> {
+        if self
+            .exposures(v)
+            .await?
+            .iter()
+            .any(|m| m.mount_point == path)
+        {
+            return Ok(());
+        }
+        if v.backing == Backing::Block
+            && let Some(dev) = self
+                .host
+                .blockdev
+                .find_loop(&self.volume_path(&v.id, &v.backing))
+                .await?
+            && self.is_same_device(path, &dev).await?
+        {
+            return Ok(());
+        }
+        Err(Error::NotFound(format!(
+            "volume {} is not mounted at {}",
+            v.id,
+            path.display()
+        )))
+    }
+
+    async fn apply_mount_group(&self, root: &Path, group: &str) -> Result<()> {
         let gid: u32 = group.parse().map_err(|_| {
             Error::InvalidArgument(format!(
                 "volume_mount_group {group:?} is not a numeric group id"
             ))
         })?;
-        std::os::unix::fs::chown(root, None, Some(gid))
-            .ctx(|| format!("chgrp {gid} {}", root.display()))?;
-        let mode = std::fs::metadata(root)
-            .ctx(|| format!("stat {}", root.display()))?
-            .mode();
-        std::fs::set_permissions(
-            root,
-            std::fs::Permissions::from_mode((mode & 0o7777) | 0o2070),
-        )
-        .ctx(|| format!("chmod g+rwxs {}", root.display()))
+        let root = root.to_path_buf();
+        self.fs("giving the volume to its fsGroup", move || {
+            std::os::unix::fs::chown(&root, None, Some(gid))
+                .ctx(|| format!("chgrp {gid} {}", root.display()))?;
+            let mode = std::fs::metadata(&root)
+                .ctx(|| format!("stat {}", root.display()))?
+                .mode();
+            std::fs::set_permissions(
+                &root,
+                std::fs::Permissions::from_mode((mode & 0o7777) | 0o2070),
+            )
+            .ctx(|| format!("chmod g+rwxs {}", root.display()))
+        })
+        .await
     }
+
+    /// `same_file`, off the runtime.
+    async fn is_same_file(&self, a: &Path, b: &Path) -> Result<bool> {
+        let (a, b) = (a.to_path_buf(), b.to_path_buf());
+        self.fs("comparing mount sources", move || Ok(same_file(&a, &b)))
+            .await
+    }
+
+    /// `same_device`, off the runtime.
+    async fn is_same_device(&self, a: &Path, b: &Path) -> Result<bool> {
+        let (a, b) = (a.to_path_buf(), b.to_path_buf());
+        self.fs("comparing devices", move || Ok(same_device(&a, &b)))
+            .await
+    }
+
+    /// `mkdir -p`, off the runtime.
+    async fn mkdirs(&self, dir: &Path) -> Result<()> {
+        let dir = dir.to_path_buf();
+        self.fs("creating a directory", move || {
+            std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))
+        })
+        .await
+    }
+}
+
+/// Usage of a healthy volume mounted at `path` (blocking).
+fn measure(
+    v: &VolumeMeta,
+    data: &Path,
+    path: &Path,
+    base: &Path,
+    quotas: Option<&Quotas>,
+) -> Result<VolumeStats> {
+    let mut stats = VolumeStats::default();
+    match &v.backing {
+        Backing::Directory => {
+            // Without a project quota the only measure is a walk of the tree.
+            let (used, inodes) = match (quotas, v.project_id) {
+                (Some(q), Some(p)) => q.usage(p)?,
+                _ => csi_core::fsutil::tree_usage(data)?,
+            };
+            let fs = csi_core::fsutil::statvfs(base)?;
+            let avail = v.capacity.saturating_sub(used).min(fs.available_bytes);
+            stats.bytes = Some((v.capacity, used, avail));
+            // Filesystems without a fixed inode table (btrfs) report 0: omit inodes.
+            stats.inodes =
+                (fs.total_inodes > 0).then_some((fs.total_inodes, inodes, fs.free_inodes));
+        }
+        Backing::Filesystem { .. } => {
+            let fs = csi_core::fsutil::statvfs(path)?;
+            stats.bytes = Some((fs.total_bytes, fs.used_bytes, fs.available_bytes));
+            stats.inodes = (fs.total_inodes > 0).then_some((
+                fs.total_inodes,
+                fs.total_inodes.saturating_sub(fs.free_inodes),
+                fs.free_inodes,
+            ));
+        }
+        Backing::Block => {
+            let used = std::fs::metadata(data)
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0);
+            stats.bytes = Some((
+                v.capacity,
+                used.min(v.capacity),
+                v.capacity.saturating_sub(used),
+            ));
+        }
+    }
+    Ok(stats)
 }
 
 #[async_trait::async_trait]
@@ -213,13 +342,16 @@ impl NodeBackend for LocalPath {
                 .await?;
             return Ok(());
         }
-        std::fs::create_dir_all(&req.staging_path)
-            .ctx(|| format!("creating {}", req.staging_path.display()))?;
+        self.mkdirs(&req.staging_path).await?;
         match &v.backing {
             Backing::Filesystem { fs_type } => self.stage_filesystem(&v, fs_type, &req).await,
             _ => {
                 let data = self.volume_path(&v.id, &v.backing);
-                if !data.is_dir() {
+                let d = data.clone();
+                if !self
+                    .fs("looking at volume data", move || Ok(d.is_dir()))
+                    .await?
+                {
                     return Err(Error::FailedPrecondition(format!(
                         "the data directory of volume {} is missing ({})",
                         v.id,
@@ -227,12 +359,16 @@ impl NodeBackend for LocalPath {
                     )));
                 }
                 match self.host.mounter.state(&req.staging_path).await? {
-                    MountState::Mounted(_) if same_file(&req.staging_path, &data) => Ok(()),
-                    MountState::Mounted(m) => Err(Error::AlreadyExists(format!(
-                        "{} already has {} mounted",
-                        req.staging_path.display(),
-                        m.source
-                    ))),
+                    MountState::Mounted(m) => {
+                        if self.is_same_file(&req.staging_path, &data).await? {
+                            return Ok(());
+                        }
+                        Err(Error::AlreadyExists(format!(
+                            "{} already has {} mounted",
+                            req.staging_path.display(),
+                            m.source
+                        )))
+                    }
                     state => {
                         if matches!(state, MountState::Dead(_)) {
                             self.host.mounter.unmount(&req.staging_path).await?;
@@ -248,8 +384,24 @@ impl NodeBackend for LocalPath {
     }
 
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let volume = self.volume(volume_id).ok();
+        if let Some(v) = &volume {
+            let published: Vec<String> = self
+                .exposures(v)
+                .await?
+                .into_iter()
+                .filter(|m| m.mount_point != staging_path)
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if !published.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id} is still published at {}; call NodeUnpublishVolume first",
+                    published.join(", ")
+                )));
+            }
+        }
         self.host.mounter.unmount(staging_path).await?;
-        if let Ok(v) = self.volume(volume_id)
+        if let Some(v) = volume
             && v.backing.is_image()
         {
             let img = self.volume_path(&v.id, &v.backing);
@@ -264,20 +416,43 @@ impl NodeBackend for LocalPath {
         let v = self.volume(&req.volume_id)?;
         check_fits(&v, &req.capability)?;
         let target = &req.target_path;
+        if req.capability.mode == AccessMode::SingleNodeSingleWriter {
+            let elsewhere: Vec<String> = self
+                .exposures(&v)
+                .await?
+                .into_iter()
+                .map(|m| m.mount_point)
+                .filter(|p| p != target && Some(p) != req.staging_path.as_ref())
+                .map(|p| p.display().to_string())
+                .collect();
+            if !elsewhere.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod) and already published at {}",
+                    v.id,
+                    elsewhere.join(", ")
+                )));
+            }
+        }
         if v.backing == Backing::Block {
             let img = self.volume_path(&v.id, &v.backing);
             let dev = self.host.blockdev.find_loop(&img).await?.ok_or_else(|| {
                 Error::FailedPrecondition(format!("volume {} is not staged on this node", v.id))
             })?;
-            if let Some(dir) = target.parent() {
-                std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-            }
-            if !target.exists() {
-                std::fs::File::create(target).ctx(|| format!("creating {}", target.display()))?;
-            }
+            let t = target.clone();
+            self.fs("creating the block target", move || {
+                if let Some(dir) = t.parent() {
+                    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+                }
+                if !t.exists() {
+                    std::fs::File::create(&t).ctx(|| format!("creating {}", t.display()))?;
+                }
+                Ok(())
+            })
+            .await?;
             return match self.host.mounter.state(target).await? {
                 MountState::Mounted(m)
-                    if same_device(target, &dev) && m.read_only() == req.readonly =>
+                    if m.read_only() == req.readonly
+                        && self.is_same_device(target, &dev).await? =>
                 {
                     Ok(())
                 }
@@ -321,10 +496,10 @@ impl NodeBackend for LocalPath {
                 mount_flags(&req.capability).to_vec()
             }
         };
-        std::fs::create_dir_all(target).ctx(|| format!("creating {}", target.display()))?;
+        self.mkdirs(target).await?;
         match self.host.mounter.state(target).await? {
             MountState::Mounted(m) => {
-                if same_file(target, &staging) && m.read_only() == req.readonly {
+                if m.read_only() == req.readonly && self.is_same_file(target, &staging).await? {
                     return Ok(());
                 }
                 return Err(Error::AlreadyExists(format!(
@@ -341,7 +516,7 @@ impl NodeBackend for LocalPath {
         } = &req.capability.access
             && !req.readonly
         {
-            self.apply_mount_group(&staging, g)?;
+            self.apply_mount_group(&staging, g).await?;
         }
         self.host
             .mounter
@@ -351,97 +526,67 @@ impl NodeBackend for LocalPath {
 
     async fn unpublish(&self, _volume_id: &str, target_path: &Path) -> Result<()> {
         self.host.mounter.unmount(target_path).await?;
-        let r = match std::fs::symlink_metadata(target_path) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir(target_path),
-            Ok(_) => std::fs::remove_file(target_path),
-            Err(e) => Err(e),
-        };
-        match r {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::io(format!("removing {}", target_path.display()), e))
+        let t = target_path.to_path_buf();
+        self.fs("removing the target", move || {
+            let r = match std::fs::symlink_metadata(&t) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir(&t),
+                Ok(_) => std::fs::remove_file(&t),
+                Err(e) => Err(e),
+            };
+            match r {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io(format!("removing {}", t.display()), e))
+                }
+                _ => Ok(()),
             }
-            _ => Ok(()),
-        }
+        })
+        .await
     }
 
     async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let v = self.volume(volume_id)?;
-        match std::fs::symlink_metadata(path) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-                return Ok(VolumeStats {
-                    abnormal: Some(format!(
-                        "the mount at {} is dead (ENOTCONN)",
-                        path.display()
-                    )),
-                    ..Default::default()
-                });
-            }
-            Err(_) => {
+        let data = self.volume_path(&v.id, &v.backing);
+        let (p, d) = (path.to_path_buf(), data.clone());
+        let look = self
+            .fs("looking at the volume path", move || {
+                Ok((std::fs::symlink_metadata(&p).map(drop), d.exists()))
+            })
+            .await?;
+        let abnormal = match look {
+            (Err(e), _) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(format!(
+                "the mount at {} is dead (ENOTCONN)",
+                path.display()
+            )),
+            (Err(_), _) => {
                 return Err(Error::NotFound(format!(
                     "volume path {} does not exist",
                     path.display()
                 )));
             }
-        }
-        let data = self.volume_path(&v.id, &v.backing);
-        let mut abnormal = None;
-        if !data.exists() {
-            abnormal = Some(format!("the volume's data ({}) is gone", data.display()));
-        } else if let MountState::Dead(_) = self.host.mounter.state(path).await? {
-            abnormal = Some(format!("the mount at {} no longer answers", path.display()));
-        }
-        let mut stats = VolumeStats {
-            abnormal,
-            ..Default::default()
+            (Ok(()), false) => Some(format!("the volume's data ({}) is gone", data.display())),
+            (Ok(()), true) => match self.host.mounter.state(path).await? {
+                MountState::Dead(_) => {
+                    Some(format!("the mount at {} no longer answers", path.display()))
+                }
+                _ => None,
+            },
         };
-        if stats.abnormal.is_some() {
-            return Ok(stats);
+        if abnormal.is_some() {
+            return Ok(VolumeStats {
+                abnormal,
+                ..Default::default()
+            });
         }
-        match &v.backing {
-            Backing::Directory => {
-                let (d, base) = (data.clone(), self.cfg.base_path.clone());
-                let quota = match (&self.quotas, v.project_id) {
-                    (Some(q), Some(p)) => Some(q.usage(p)?),
-                    _ => None,
-                };
-                let (used, inodes, fs) = tokio::task::spawn_blocking(move || {
-                    // Without a project quota the only measure is a walk of the tree.
-                    let (used, inodes) = match quota {
-                        Some(u) => u,
-                        None => csi_core::fsutil::tree_usage(&d)?,
-                    };
-                    Ok::<_, Error>((used, inodes, csi_core::fsutil::statvfs(&base)?))
-                })
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
-                let avail = v.capacity.saturating_sub(used).min(fs.available_bytes);
-                stats.bytes = Some((v.capacity, used, avail));
-                // Filesystems without a fixed inode table (btrfs) report 0: omit inodes.
-                stats.inodes =
-                    (fs.total_inodes > 0).then_some((fs.total_inodes, inodes, fs.free_inodes));
-            }
-            Backing::Filesystem { .. } => {
-                let fs = csi_core::fsutil::statvfs(path)?;
-                stats.bytes = Some((fs.total_bytes, fs.used_bytes, fs.available_bytes));
-                stats.inodes = (fs.total_inodes > 0).then_some((
-                    fs.total_inodes,
-                    fs.total_inodes.saturating_sub(fs.free_inodes),
-                    fs.free_inodes,
-                ));
-            }
-            Backing::Block => {
-                let used = std::fs::metadata(&data)
-                    .map(|m| m.blocks() * 512)
-                    .unwrap_or(0);
-                stats.bytes = Some((
-                    v.capacity,
-                    used.min(v.capacity),
-                    v.capacity.saturating_sub(used),
-                ));
-            }
-        }
-        Ok(stats)
+        self.check_holds(&v, path).await?;
+        let (p, base, quotas) = (
+            path.to_path_buf(),
+            self.cfg.base_path.clone(),
+            self.quotas.clone(),
+        );
+        self.fs("measuring volume usage", move || {
+            measure(&v, &data, &p, &base, quotas.as_ref())
+        })
+        .await
     }
 
     async fn expand(
@@ -453,12 +598,7 @@ impl NodeBackend for LocalPath {
         _capability: Option<&Capability>,
     ) -> Result<u64> {
         let v = self.volume(volume_id)?;
-        if !path.exists() {
-            return Err(Error::NotFound(format!(
-                "volume path {} does not exist",
-                path.display()
-            )));
-        }
+        self.check_holds(&v, path).await?;
         if v.backing == Backing::Directory {
             return Ok(v.capacity);
         }

@@ -80,7 +80,7 @@ fn qcmd(cmd: u32, kind: u32) -> libc::c_int {
 }
 
 /// Project-quota control of one filesystem.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Quotas {
     base: PathBuf,
 }

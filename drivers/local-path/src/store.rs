@@ -1,16 +1,10 @@
-//! Crash-safe metadata: an append-only journal made durable with one
-//! fdatasync per batch of concurrent changes (group commit), compacted into
-//! an atomically written snapshot (temp file, fsync, rename).
+//! What local-path persists: its volume and snapshot records, kept in the
+//! core's crash-safe journal ([`csi_core::journal::Log`]).
 
 use crate::meta::{SnapshotMeta, VolumeMeta};
-use csi_core::fsutil::atomic_write;
-use csi_core::{Error, IoContext, Result};
+use csi_core::journal::LogState;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use tokio::sync::oneshot;
+use std::collections::{BTreeMap, HashMap};
 
 /// One metadata change.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,7 +26,7 @@ pub enum Change {
     },
 }
 
-/// Everything the driver persists.
+/// Everything the driver persists (the snapshot file's format).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
     /// Volumes by id.
@@ -41,158 +35,66 @@ pub struct State {
     pub snapshots: BTreeMap<String, SnapshotMeta>,
 }
 
-impl State {
-    fn apply(&mut self, c: Change) {
-        match c {
+/// [`State`] plus lookups by name, kept in step by [`LogState::apply`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(from = "State", into = "State")]
+pub struct Index {
+    /// The persisted records.
+    pub state: State,
+    /// Volume id by name.
+    pub volume_by_name: HashMap<String, String>,
+    /// Snapshot id by name.
+    pub snapshot_by_name: HashMap<String, String>,
+}
+
+impl From<State> for Index {
+    fn from(state: State) -> Self {
+        let volume_by_name = state
+            .volumes
+            .values()
+            .map(|v| (v.name.clone(), v.id.clone()))
+            .collect();
+        let snapshot_by_name = state
+            .snapshots
+            .values()
+            .map(|s| (s.name.clone(), s.id.clone()))
+            .collect();
+        Self {
+            state,
+            volume_by_name,
+            snapshot_by_name,
+        }
+    }
+}
+
+impl From<Index> for State {
+    fn from(i: Index) -> Self {
+        i.state
+    }
+}
+
+impl LogState for Index {
+    type Change = Change;
+
+    fn apply(&mut self, change: Change) {
+        match change {
             Change::PutVolume(v) => {
-                self.volumes.insert(v.id.clone(), v);
+                self.volume_by_name.insert(v.name.clone(), v.id.clone());
+                self.state.volumes.insert(v.id.clone(), v);
             }
             Change::DeleteVolume { id } => {
-                self.volumes.remove(&id);
+                if let Some(v) = self.state.volumes.remove(&id) {
+                    self.volume_by_name.remove(&v.name);
+                }
             }
             Change::PutSnapshot(s) => {
-                self.snapshots.insert(s.id.clone(), s);
+                self.snapshot_by_name.insert(s.name.clone(), s.id.clone());
+                self.state.snapshots.insert(s.id.clone(), s);
             }
             Change::DeleteSnapshot { id } => {
-                self.snapshots.remove(&id);
-            }
-        }
-    }
-}
-
-const SNAPSHOT: &str = "state.json";
-const JOURNAL: &str = "journal.log";
-/// Journal entries after which the committer writes a fresh snapshot.
-const COMPACT_EVERY: usize = 4096;
-
-type Pending = (Change, oneshot::Sender<Result<()>>);
-
-/// Handle to the committer thread.
-pub struct Store {
-    tx: mpsc::Sender<Pending>,
-}
-
-impl Store {
-    /// Loads the state under `dir` (snapshot plus journal), compacts it and
-    /// starts the committer.
-    pub fn open(dir: &Path) -> Result<(Self, State)> {
-        std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-        let mut state = match std::fs::read(dir.join(SNAPSHOT)) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                Error::Internal(format!("{} is corrupt: {e}", dir.join(SNAPSHOT).display()))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => {
-                return Err(Error::io(
-                    format!("reading {}", dir.join(SNAPSHOT).display()),
-                    e,
-                ));
-            }
-        };
-        let journal_path = dir.join(JOURNAL);
-        replay(&journal_path, &mut state)?;
-        compact(dir, &state)?;
-        let journal = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&journal_path)
-            .ctx(|| format!("opening {}", journal_path.display()))?;
-        let (tx, rx) = mpsc::channel();
-        let mirror = state.clone();
-        let dir = dir.to_path_buf();
-        std::thread::Builder::new()
-            .name("rcsi-committer".into())
-            .spawn(move || committer(dir, journal, mirror, rx))
-            .map_err(|e| Error::io("starting the committer thread", e))?;
-        Ok((Self { tx }, state))
-    }
-
-    /// Makes `change` durable; returns once it is on stable storage.
-    pub async fn commit(&self, change: Change) -> Result<()> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send((change, done))
-            .map_err(|_| Error::Internal("metadata committer has stopped".into()))?;
-        wait.await
-            .map_err(|_| Error::Internal("metadata committer has stopped".into()))?
-    }
-}
-
-fn replay(path: &Path, state: &mut State) -> Result<()> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
-    };
-    let lines: Vec<String> = std::io::BufReader::new(f)
-        .lines()
-        .collect::<std::io::Result<_>>()
-        .ctx(|| format!("reading {}", path.display()))?;
-    let last = lines.len().saturating_sub(1);
-    for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str::<Change>(line) {
-            Ok(c) => state.apply(c),
-            // A torn final line is a write that was never acknowledged.
-            Err(_) if i == last => {
-                tracing::warn!(path = %path.display(), "ignoring torn journal tail")
-            }
-            Err(e) => {
-                return Err(Error::Internal(format!(
-                    "{} line {} is corrupt: {e}",
-                    path.display(),
-                    i + 1
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn compact(dir: &Path, state: &State) -> Result<()> {
-    let bytes = serde_json::to_vec(state).map_err(|e| Error::Internal(e.to_string()))?;
-    atomic_write(&dir.join(SNAPSHOT), &bytes)?;
-    let j = dir.join(JOURNAL);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&j)
-        .ctx(|| format!("truncating {}", j.display()))?;
-    f.sync_all().ctx(|| format!("fsync {}", j.display()))
-}
-
-fn committer(
-    dir: PathBuf,
-    mut journal: std::fs::File,
-    mut mirror: State,
-    rx: mpsc::Receiver<Pending>,
-) {
-    let mut since_compact = 0usize;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-        }
-        let mut buf = Vec::with_capacity(batch.len() * 256);
-        for (c, _) in &batch {
-            serde_json::to_writer(&mut buf, c).expect("metadata serializes");
-            buf.push(b'\n');
-        }
-        let written = journal
-            .write_all(&buf)
-            .and_then(|_| journal.sync_data())
-            .map_err(|e| format!("appending to {}: {e}", dir.join(JOURNAL).display()));
-        since_compact += batch.len();
-        for (c, done) in batch {
-            if written.is_ok() {
-                mirror.apply(c);
-            }
-            let _ = done.send(written.clone().map_err(Error::Internal));
-        }
-        if written.is_ok() && since_compact >= COMPACT_EVERY {
-            match compact(&dir, &mirror) {
-                Ok(()) => since_compact = 0,
-                Err(e) => tracing::warn!(error = %e, "journal compaction failed; will retry"),
+                if let Some(s) = self.state.snapshots.remove(&id) {
+                    self.snapshot_by_name.remove(&s.name);
+                }
             }
         }
     }
@@ -201,7 +103,8 @@ fn committer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{Backing, VolumeMeta};
+    use crate::meta::Backing;
+    use csi_core::journal::Log;
 
     fn vol(id: &str) -> VolumeMeta {
         VolumeMeta {
@@ -217,45 +120,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn changes_survive_reopen_and_torn_tails_are_ignored() {
+    async fn metadata_of_the_line_journal_is_read_and_indexed_by_name() {
         let d = tempfile::tempdir().unwrap();
-        {
-            let (s, st) = Store::open(d.path()).unwrap();
-            assert!(st.volumes.is_empty());
-            s.commit(Change::PutVolume(vol("a"))).await.unwrap();
-            s.commit(Change::PutVolume(vol("b"))).await.unwrap();
-            s.commit(Change::DeleteVolume { id: "a".into() })
-                .await
-                .unwrap();
+        // The format written before the core journal: a snapshot plus JSON lines.
+        let state = State {
+            volumes: [("a".to_owned(), vol("a"))].into(),
+            snapshots: BTreeMap::new(),
+        };
+        std::fs::write(
+            d.path().join("state.json"),
+            serde_json::to_vec(&state).unwrap(),
+        )
+        .unwrap();
+        let mut lines = Vec::new();
+        for c in [
+            Change::PutVolume(vol("b")),
+            Change::DeleteVolume { id: "a".into() },
+        ] {
+            serde_json::to_writer(&mut lines, &c).unwrap();
+            lines.push(b'\n');
         }
-        // Simulate a crash in the middle of an append.
-        let mut j = std::fs::OpenOptions::new()
-            .append(true)
-            .open(d.path().join(JOURNAL))
-            .unwrap();
-        j.write_all(b"{\"op\":\"put_vol").unwrap();
-        let (_s, st) = Store::open(d.path()).unwrap();
-        assert_eq!(st.volumes.keys().collect::<Vec<_>>(), ["b"]);
-    }
-
-    #[tokio::test]
-    async fn concurrent_commits_all_land() {
-        let d = tempfile::tempdir().unwrap();
-        let (s, _) = Store::open(d.path()).unwrap();
-        let s = std::sync::Arc::new(s);
-        let tasks: Vec<_> = (0..64)
-            .map(|i| {
-                let s = s.clone();
-                tokio::spawn(
-                    async move { s.commit(Change::PutVolume(vol(&format!("v{i}")))).await },
-                )
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
-        drop(s);
-        let (_s, st) = Store::open(d.path()).unwrap();
-        assert_eq!(st.volumes.len(), 64);
+        std::fs::write(d.path().join("journal.log"), lines).unwrap();
+        let log = Log::<Index>::open(d.path()).unwrap();
+        log.commit(Change::PutVolume(vol("c"))).await.unwrap();
+        let idx = log.read();
+        assert_eq!(idx.state.volumes.keys().collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(idx.volume_by_name["name-c"], "c");
+        assert!(!idx.volume_by_name.contains_key("name-a"));
     }
 }
