@@ -1,7 +1,10 @@
 //! The small traits a driver implements; the core owns all CSI plumbing.
 
 use crate::csi;
-use crate::types::{Capability, CapacityRange, CreateVolume, PublishVolume, Secrets, StageVolume};
+use crate::types::{
+    Capability, CapacityRange, ControllerPublish, CreateVolume, NodeExpand, PublishVolume, Secrets,
+    StageVolume,
+};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap};
@@ -27,6 +30,14 @@ pub trait Plugin: Send + Sync + 'static {
     async fn probe(&self) -> Result<bool> {
         Ok(true)
     }
+    /// Checks a volume or snapshot id beyond the core's rule (non-empty, at
+    /// most 128 bytes, no NUL). The default also refuses anything that could
+    /// act as a path; a driver whose ids hold paths (a static NFS handle
+    /// `server:/share/dir`) loosens it and must then keep them inside its
+    /// storage itself.
+    fn check_id(&self, id: &str, field: &str) -> Result<()> {
+        crate::types::check_id(id, field).map(drop)
+    }
 }
 
 /// What GetCapacity reports.
@@ -47,6 +58,8 @@ pub struct SnapshotFilter {
     pub snapshot_id: Option<String>,
     /// Only snapshots of this volume.
     pub source_volume_id: Option<String>,
+    /// Secrets of the ListSnapshots or GetSnapshot request.
+    pub secrets: Secrets,
 }
 
 /// Status of a volume as ListVolumes and ControllerGetVolume report it.
@@ -80,9 +93,34 @@ pub trait ControllerBackend: Plugin {
         volume_id: &str,
         caps: &[Capability],
         parameters: &HashMap<String, String>,
+        secrets: &Secrets,
     ) -> Result<()> {
-        let _ = (caps, parameters);
+        let _ = (caps, parameters, secrets);
         self.get_volume(volume_id).await.map(drop)
+    }
+
+    /// Makes a volume usable on a node (attach, fence a previous node) and
+    /// returns the publish context NodeStageVolume will get; called only
+    /// when the driver declares PublishUnpublishVolume.
+    async fn controller_publish(&self, req: ControllerPublish) -> Result<HashMap<String, String>> {
+        let _ = req;
+        Err(Error::Unimplemented(
+            "ControllerPublishVolume is not supported".into(),
+        ))
+    }
+
+    /// Undoes `controller_publish` for `node_id` (every node when None);
+    /// success when the volume or the publish is already gone.
+    async fn controller_unpublish(
+        &self,
+        volume_id: &str,
+        node_id: Option<&str>,
+        secrets: &Secrets,
+    ) -> Result<()> {
+        let _ = (volume_id, node_id, secrets);
+        Err(Error::Unimplemented(
+            "ControllerUnpublishVolume is not supported".into(),
+        ))
     }
 
     /// All volumes, sorted by id (the core paginates).
@@ -207,16 +245,9 @@ pub trait NodeBackend: Plugin {
         ))
     }
 
-    /// Grows the filesystem of a volume at `path`; returns the new size.
-    async fn expand(
-        &self,
-        volume_id: &str,
-        path: &Path,
-        staging_path: Option<&Path>,
-        range: CapacityRange,
-        capability: Option<&Capability>,
-    ) -> Result<u64> {
-        let _ = (volume_id, path, staging_path, range, capability);
+    /// Grows the filesystem of a volume; returns the new size.
+    async fn expand(&self, req: NodeExpand) -> Result<u64> {
+        let _ = req;
         Err(Error::Unimplemented(
             "NodeExpandVolume is not supported".into(),
         ))

@@ -6,8 +6,8 @@ use crate::csi;
 use crate::locks::Operations;
 use crate::observe::Observer;
 use crate::types::{
-    Capability, CapacityRange, ContentSource, CreateVolume, Secrets, check_id, check_name,
-    proto_i64,
+    Capability, CapacityRange, ContentSource, ControllerPublish, CreateVolume, Secrets,
+    check_id_basic, check_name, proto_i64,
 };
 use crate::{Error, Result, invalid, paging};
 use std::sync::Arc;
@@ -34,6 +34,13 @@ impl ControllerService {
         }
     }
 
+    /// Checks an id: the core's rule, then the driver's hook.
+    fn id(&self, value: &str, field: &str) -> Result<String> {
+        check_id_basic(value, field)?;
+        self.backend.check_id(value, field)?;
+        Ok(value.to_owned())
+    }
+
     fn require(&self, cap: ControllerRpc, what: &str) -> Result<()> {
         if self.caps.contains(&cap) {
             Ok(())
@@ -50,7 +57,8 @@ impl ControllerService {
         r: &csi::CreateVolumeRequest,
     ) -> Result<csi::CreateVolumeResponse> {
         self.require(ControllerRpc::CreateDeleteVolume, "CreateVolume")?;
-        let req = CreateVolume::from_proto(r)?;
+        let ids = |v: &str, f: &str| self.id(v, f).map(drop);
+        let req = CreateVolume::from_proto(r, &ids)?;
         // A restore or clone reads its source: others may read it too, but
         // it must not be deleted or changed meanwhile.
         let mut guards = match &req.source {
@@ -92,10 +100,6 @@ impl ControllerService {
     }
 }
 
-fn volume_id(id: &str) -> Result<String> {
-    check_id(id, "volume_id")
-}
-
 #[tonic::async_trait]
 impl csi::controller_server::Controller for ControllerService {
     async fn create_volume(
@@ -116,7 +120,7 @@ impl csi::controller_server::Controller for ControllerService {
         self.obs
             .call("DeleteVolume", &r.volume_id, &r, async {
                 self.require(ControllerRpc::CreateDeleteVolume, "DeleteVolume")?;
-                let id = volume_id(&r.volume_id)?;
+                let id = self.id(&r.volume_id, "volume_id")?;
                 let g = self.ops.lock("volume", &id)?;
                 let (backend, secrets) = (self.backend.clone(), Secrets(r.secrets.clone()));
                 self.ops
@@ -136,10 +140,36 @@ impl csi::controller_server::Controller for ControllerService {
         let r = request.into_inner();
         self.obs
             .call("ControllerPublishVolume", &r.volume_id, &r, async {
-                Err::<csi::ControllerPublishVolumeResponse, _>(Error::Unimplemented(format!(
-                    "ControllerPublishVolume is not needed by {}: its volumes have no attach step",
-                    self.backend.name()
-                )))
+                self.require(
+                    ControllerRpc::PublishUnpublishVolume,
+                    "ControllerPublishVolume",
+                )?;
+                let volume_id = self.id(&r.volume_id, "volume_id")?;
+                if r.node_id.is_empty() {
+                    return Err(invalid!("node_id is required"));
+                }
+                let cap = r
+                    .volume_capability
+                    .as_ref()
+                    .ok_or_else(|| invalid!("volume_capability is required"))?;
+                let req = ControllerPublish {
+                    volume_id,
+                    node_id: r.node_id.clone(),
+                    readonly: r.readonly,
+                    capability: Capability::from_proto(cap, "volume_capability")?,
+                    volume_context: r.volume_context.clone(),
+                    secrets: Secrets(r.secrets.clone()),
+                };
+                let g = self.ops.lock("volume", &req.volume_id)?;
+                let backend = self.backend.clone();
+                let publish_context = self
+                    .ops
+                    .run(
+                        vec![g],
+                        async move { backend.controller_publish(req).await },
+                    )
+                    .await?;
+                Ok(csi::ControllerPublishVolumeResponse { publish_context })
             })
             .await
     }
@@ -151,10 +181,22 @@ impl csi::controller_server::Controller for ControllerService {
         let r = request.into_inner();
         self.obs
             .call("ControllerUnpublishVolume", &r.volume_id, &r, async {
-                Err::<csi::ControllerUnpublishVolumeResponse, _>(Error::Unimplemented(format!(
-                    "ControllerUnpublishVolume is not needed by {}: its volumes have no attach step",
-                    self.backend.name()
-                )))
+                self.require(
+                    ControllerRpc::PublishUnpublishVolume,
+                    "ControllerUnpublishVolume",
+                )?;
+                let id = self.id(&r.volume_id, "volume_id")?;
+                let g = self.ops.lock("volume", &id)?;
+                let (backend, secrets) = (self.backend.clone(), Secrets(r.secrets.clone()));
+                let node = (!r.node_id.is_empty()).then(|| r.node_id.clone());
+                self.ops
+                    .run(vec![g], async move {
+                        backend
+                            .controller_unpublish(&id, node.as_deref(), &secrets)
+                            .await
+                    })
+                    .await?;
+                Ok(csi::ControllerUnpublishVolumeResponse {})
             })
             .await
     }
@@ -166,12 +208,17 @@ impl csi::controller_server::Controller for ControllerService {
         let r = request.into_inner();
         self.obs
             .call("ValidateVolumeCapabilities", &r.volume_id, &r, async {
-                let id = volume_id(&r.volume_id)?;
+                let id = self.id(&r.volume_id, "volume_id")?;
                 let caps =
                     Capability::list_from_proto(&r.volume_capabilities, "volume_capabilities")?;
                 match self
                     .backend
-                    .validate_volume_capabilities(&id, &caps, &r.parameters)
+                    .validate_volume_capabilities(
+                        &id,
+                        &caps,
+                        &r.parameters,
+                        &Secrets(r.secrets.clone()),
+                    )
                     .await
                 {
                     Ok(()) => Ok(csi::ValidateVolumeCapabilitiesResponse {
@@ -286,7 +333,7 @@ impl csi::controller_server::Controller for ControllerService {
             .call("CreateSnapshot", &r.source_volume_id, &r, async {
                 self.require(ControllerRpc::CreateDeleteSnapshot, "CreateSnapshot")?;
                 let name = check_name(&r.name, "name")?;
-                let source = check_id(&r.source_volume_id, "source_volume_id")?;
+                let source = self.id(&r.source_volume_id, "source_volume_id")?;
                 let guards = vec![
                     self.ops.lock("snapshot name", &name)?,
                     self.ops.lock("volume", &source)?,
@@ -316,7 +363,7 @@ impl csi::controller_server::Controller for ControllerService {
         self.obs
             .call("DeleteSnapshot", "", &r, async {
                 self.require(ControllerRpc::CreateDeleteSnapshot, "DeleteSnapshot")?;
-                let id = check_id(&r.snapshot_id, "snapshot_id")?;
+                let id = self.id(&r.snapshot_id, "snapshot_id")?;
                 let g = self.ops.lock("snapshot", &id)?;
                 let (backend, secrets) = (self.backend.clone(), Secrets(r.secrets.clone()));
                 self.ops
@@ -338,7 +385,7 @@ impl csi::controller_server::Controller for ControllerService {
             .call("ListSnapshots", &r.source_volume_id, &r, async {
                 self.require(ControllerRpc::ListSnapshots, "ListSnapshots")?;
                 // An id that cannot exist matches nothing: an empty list, per spec.
-                let valid = |s: &str, f| s.is_empty() || check_id(s, f).is_ok();
+                let valid = |s: &str, f| s.is_empty() || self.id(s, f).is_ok();
                 if !valid(&r.snapshot_id, "snapshot_id")
                     || !valid(&r.source_volume_id, "source_volume_id")
                 {
@@ -348,6 +395,7 @@ impl csi::controller_server::Controller for ControllerService {
                     snapshot_id: (!r.snapshot_id.is_empty()).then(|| r.snapshot_id.clone()),
                     source_volume_id: (!r.source_volume_id.is_empty())
                         .then(|| r.source_volume_id.clone()),
+                    secrets: Secrets(r.secrets.clone()),
                 };
                 let all = self.backend.list_snapshots(&filter).await?;
                 let (page, next_token) =
@@ -371,10 +419,11 @@ impl csi::controller_server::Controller for ControllerService {
         self.obs
             .call("GetSnapshot", "", &r, async {
                 self.require(ControllerRpc::GetSnapshot, "GetSnapshot")?;
-                let id = check_id(&r.snapshot_id, "snapshot_id")?;
+                let id = self.id(&r.snapshot_id, "snapshot_id")?;
                 let filter = SnapshotFilter {
                     snapshot_id: Some(id.clone()),
                     source_volume_id: None,
+                    secrets: Secrets(r.secrets.clone()),
                 };
                 let snapshot = self
                     .backend
@@ -398,7 +447,7 @@ impl csi::controller_server::Controller for ControllerService {
         self.obs
             .call("ControllerExpandVolume", &r.volume_id, &r, async {
                 self.require(ControllerRpc::ExpandVolume, "ControllerExpandVolume")?;
-                let id = volume_id(&r.volume_id)?;
+                let id = self.id(&r.volume_id, "volume_id")?;
                 if r.capacity_range.is_none() {
                     return Err(invalid!("capacity_range is required"));
                 }
@@ -434,7 +483,7 @@ impl csi::controller_server::Controller for ControllerService {
         self.obs
             .call("ControllerGetVolume", &r.volume_id, &r, async {
                 self.require(ControllerRpc::GetVolume, "ControllerGetVolume")?;
-                let id = volume_id(&r.volume_id)?;
+                let id = self.id(&r.volume_id, "volume_id")?;
                 let (volume, status) = self.backend.get_volume(&id).await?;
                 Ok(csi::ControllerGetVolumeResponse {
                     volume: Some(volume),

@@ -6,7 +6,8 @@ use crate::csi;
 use crate::locks::Operations;
 use crate::observe::Observer;
 use crate::types::{
-    Capability, CapacityRange, PublishVolume, Secrets, StageVolume, check_id, check_path, proto_i64,
+    Capability, CapacityRange, NodeExpand, PublishVolume, Secrets, StageVolume, check_id_basic,
+    check_path, proto_i64,
 };
 use crate::{Error, Result, invalid};
 use std::path::PathBuf;
@@ -32,6 +33,13 @@ impl NodeService {
             ops,
             obs,
         }
+    }
+
+    /// Checks an id: the core's rule, then the driver's hook.
+    fn id(&self, value: &str, field: &str) -> Result<String> {
+        check_id_basic(value, field)?;
+        self.backend.check_id(value, field)?;
+        Ok(value.to_owned())
     }
 
     fn require(&self, cap: NodeRpc, what: &str) -> Result<()> {
@@ -79,7 +87,7 @@ impl csi::node_server::Node for NodeService {
         self.obs
             .call("NodeStageVolume", &r.volume_id, &r, async {
                 self.require(NodeRpc::StageUnstageVolume, "NodeStageVolume")?;
-                let volume_id = check_id(&r.volume_id, "volume_id")?;
+                let volume_id = self.id(&r.volume_id, "volume_id")?;
                 let staging_path = check_path(&r.staging_target_path, "staging_target_path")?;
                 let capability = capability(r.volume_capability.as_ref())?;
                 let g = self.ops.lock("volume", &volume_id)?;
@@ -108,7 +116,7 @@ impl csi::node_server::Node for NodeService {
         self.obs
             .call("NodeUnstageVolume", &r.volume_id, &r, async {
                 self.require(NodeRpc::StageUnstageVolume, "NodeUnstageVolume")?;
-                let volume_id = check_id(&r.volume_id, "volume_id")?;
+                let volume_id = self.id(&r.volume_id, "volume_id")?;
                 let staging_path = check_path(&r.staging_target_path, "staging_target_path")?;
                 let g = self.ops.lock("volume", &volume_id)?;
                 let backend = self.backend.clone();
@@ -129,7 +137,7 @@ impl csi::node_server::Node for NodeService {
         let r = request.into_inner();
         self.obs
             .call("NodePublishVolume", &r.volume_id, &r, async {
-                let volume_id = check_id(&r.volume_id, "volume_id")?;
+                let volume_id = self.id(&r.volume_id, "volume_id")?;
                 let target_path = check_path(&r.target_path, "target_path")?;
                 let staging_path = if !self.stages() {
                     None
@@ -173,7 +181,7 @@ impl csi::node_server::Node for NodeService {
         let r = request.into_inner();
         self.obs
             .call("NodeUnpublishVolume", &r.volume_id, &r, async {
-                let volume_id = check_id(&r.volume_id, "volume_id")?;
+                let volume_id = self.id(&r.volume_id, "volume_id")?;
                 let target_path = check_path(&r.target_path, "target_path")?;
                 let guards = vec![
                     self.ops.lock("volume", &volume_id)?,
@@ -199,7 +207,7 @@ impl csi::node_server::Node for NodeService {
         self.obs
             .call("NodeGetVolumeStats", &r.volume_id, &r, async {
                 self.require(NodeRpc::GetVolumeStats, "NodeGetVolumeStats")?;
-                let volume_id = check_id(&r.volume_id, "volume_id")?;
+                let volume_id = self.id(&r.volume_id, "volume_id")?;
                 let path = volume_path(&volume_id, &r.volume_path, "volume_path")?;
                 let s = self.backend.stats(&volume_id, &path).await?;
                 let usage = |(total, used, avail): (u64, u64, u64), unit: Unit| csi::VolumeUsage {
@@ -234,7 +242,7 @@ impl csi::node_server::Node for NodeService {
         self.obs
             .call("NodeExpandVolume", &r.volume_id, &r, async {
                 self.require(NodeRpc::ExpandVolume, "NodeExpandVolume")?;
-                let volume_id = check_id(&r.volume_id, "volume_id")?;
+                let volume_id = self.id(&r.volume_id, "volume_id")?;
                 let path = volume_path(&volume_id, &r.volume_path, "volume_path")?;
                 let staging = if r.staging_target_path.is_empty() {
                     None
@@ -249,13 +257,17 @@ impl csi::node_server::Node for NodeService {
                     .transpose()?;
                 let g = self.ops.lock("volume", &volume_id)?;
                 let backend = self.backend.clone();
+                let req = NodeExpand {
+                    volume_id,
+                    path,
+                    staging_path: staging,
+                    range,
+                    capability: cap,
+                    secrets: Secrets(r.secrets.clone()),
+                };
                 let size = self
                     .ops
-                    .run(vec![g], async move {
-                        backend
-                            .expand(&volume_id, &path, staging.as_deref(), range, cap.as_ref())
-                            .await
-                    })
+                    .run(vec![g], async move { backend.expand(req).await })
                     .await?;
                 Ok(csi::NodeExpandVolumeResponse {
                     capacity_bytes: proto_i64(size),

@@ -242,19 +242,24 @@ pub enum ContentSource {
 }
 
 impl ContentSource {
-    /// Parses an optional content source.
-    pub fn from_proto(src: Option<&csi::VolumeContentSource>) -> Result<Option<Self>> {
+    /// Parses an optional content source, checking its id with `ids`.
+    pub fn from_proto(
+        src: Option<&csi::VolumeContentSource>,
+        ids: IdCheck<'_>,
+    ) -> Result<Option<Self>> {
         use csi::volume_content_source::Type;
         let Some(src) = src else { return Ok(None) };
         match &src.r#type {
-            Some(Type::Snapshot(s)) => Ok(Some(Self::Snapshot(check_id(
-                &s.snapshot_id,
-                "volume_content_source.snapshot.snapshot_id",
-            )?))),
-            Some(Type::Volume(v)) => Ok(Some(Self::Volume(check_id(
-                &v.volume_id,
-                "volume_content_source.volume.volume_id",
-            )?))),
+            Some(Type::Snapshot(s)) => {
+                let f = "volume_content_source.snapshot.snapshot_id";
+                ids(&s.snapshot_id, f)?;
+                Ok(Some(Self::Snapshot(s.snapshot_id.clone())))
+            }
+            Some(Type::Volume(v)) => {
+                let f = "volume_content_source.volume.volume_id";
+                ids(&v.volume_id, f)?;
+                Ok(Some(Self::Volume(v.volume_id.clone())))
+            }
             None => Err(invalid!(
                 "volume_content_source must name a snapshot or a volume"
             )),
@@ -301,13 +306,13 @@ pub struct CreateVolume {
 }
 
 impl CreateVolume {
-    /// Validates a CreateVolumeRequest.
-    pub fn from_proto(r: &csi::CreateVolumeRequest) -> Result<Self> {
+    /// Validates a CreateVolumeRequest; `ids` checks the source's id.
+    pub fn from_proto(r: &csi::CreateVolumeRequest, ids: IdCheck<'_>) -> Result<Self> {
         let name = check_name(&r.name, "name")?;
         let capabilities =
             Capability::list_from_proto(&r.volume_capabilities, "volume_capabilities")?;
         let capacity = CapacityRange::from_proto(r.capacity_range.as_ref())?;
-        let source = ContentSource::from_proto(r.volume_content_source.as_ref())?;
+        let source = ContentSource::from_proto(r.volume_content_source.as_ref(), ids)?;
         let (metadata, parameters) = r
             .parameters
             .iter()
@@ -341,6 +346,40 @@ pub struct StageVolume {
     /// From CreateVolume.
     pub volume_context: HashMap<String, String>,
     /// Secrets for the backend.
+    pub secrets: Secrets,
+}
+
+/// A validated ControllerPublishVolume request.
+#[derive(Clone, Debug)]
+pub struct ControllerPublish {
+    /// Volume id.
+    pub volume_id: String,
+    /// Node to make it available on (a NodeGetInfo node_id).
+    pub node_id: String,
+    /// How the volume will be used.
+    pub capability: Capability,
+    /// Publish read-only.
+    pub readonly: bool,
+    /// From CreateVolume.
+    pub volume_context: HashMap<String, String>,
+    /// Secrets for the backend.
+    pub secrets: Secrets,
+}
+
+/// A validated NodeExpandVolume request.
+#[derive(Clone, Debug)]
+pub struct NodeExpand {
+    /// Volume id.
+    pub volume_id: String,
+    /// Where the volume is published (or staged).
+    pub path: PathBuf,
+    /// Its staging path, when given.
+    pub staging_path: Option<PathBuf>,
+    /// Requested size.
+    pub range: CapacityRange,
+    /// How the volume is used, when given.
+    pub capability: Option<Capability>,
+    /// Secrets for the backend (an encrypted volume needs them).
     pub secrets: Secrets,
 }
 
@@ -393,10 +432,33 @@ pub fn check_name(value: &str, field: &str) -> Result<String> {
     Ok(value.to_owned())
 }
 
-/// Checks a plugin-issued id (volume or snapshot): same rules as names.
+/// The core's rule for every plugin-issued id (volume or snapshot):
+/// non-empty, at most 128 bytes, no NUL. What else an id may hold is the
+/// driver's call ([`crate::backend::Plugin::check_id`]).
+pub fn check_id_basic(value: &str, field: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(invalid!("{field} is required"));
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(invalid!(
+            "{field} is {} bytes long; the limit is {MAX_ID_BYTES}",
+            value.len()
+        ));
+    }
+    if value.contains('\0') {
+        return Err(invalid!("{field} contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// The strict id rule (the default of the driver hook): the rules of names,
+/// so an id can never act as a path.
 pub fn check_id(value: &str, field: &str) -> Result<String> {
     check_name(value, field)
 }
+
+/// Checks ids: the core's rule, then the driver's.
+pub type IdCheck<'a> = &'a (dyn Fn(&str, &str) -> Result<()> + Sync);
 
 /// Checks a node path: absolute, normalized, no NUL, at most 4096 bytes.
 pub fn check_path(value: &str, field: &str) -> Result<PathBuf> {

@@ -518,6 +518,7 @@ impl ControllerBackend for LocalPath {
         volume_id: &str,
         caps: &[Capability],
         parameters: &HashMap<String, String>,
+        _secrets: &Secrets,
     ) -> Result<()> {
         let v = self.volume(volume_id)?;
         parse_params(parameters)?;

@@ -7,9 +7,7 @@ use crate::{LocalPath, TOPOLOGY_KEY};
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
 use csi_core::exec::Command;
 use csi_core::mount::{MountInfo, MountState, exposures, vfs_flags};
-use csi_core::types::{
-    AccessMode, AccessType, Capability, CapacityRange, PublishVolume, StageVolume,
-};
+use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -589,14 +587,9 @@ impl NodeBackend for LocalPath {
         .await
     }
 
-    async fn expand(
-        &self,
-        volume_id: &str,
-        path: &Path,
-        staging_path: Option<&Path>,
-        _range: CapacityRange,
-        _capability: Option<&Capability>,
-    ) -> Result<u64> {
+    async fn expand(&self, req: NodeExpand) -> Result<u64> {
+        let (volume_id, path) = (req.volume_id.as_str(), req.path.as_path());
+        let staging_path = req.staging_path.as_deref();
         let v = self.volume(volume_id)?;
         self.check_holds(&v, path).await?;
         if v.backing == Backing::Directory {

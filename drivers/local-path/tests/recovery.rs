@@ -46,7 +46,7 @@ async fn create(d: &LocalPath, name: &str) -> String {
         }],
         ..Default::default()
     };
-    d.create_volume(CreateVolume::from_proto(&req).unwrap())
+    d.create_volume(CreateVolume::from_proto(&req, &|_, _| Ok(())).unwrap())
         .await
         .unwrap()
         .volume_id
