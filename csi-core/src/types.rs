@@ -404,26 +404,13 @@ pub struct PublishVolume {
     pub secrets: Secrets,
 }
 
-fn check_text(value: &str, field: &str, max: usize) -> Result<()> {
-    if value.is_empty() {
-        return Err(invalid!("{field} is required"));
-    }
-    if value.len() > max {
-        return Err(invalid!(
-            "{field} is {} bytes long; the limit is {max}",
-            value.len()
-        ));
-    }
-    if let Some(c) = value.chars().find(|c| c.is_control()) {
-        return Err(invalid!("{field} contains the control character {:?}", c));
-    }
-    Ok(())
-}
-
 /// Checks a CO-chosen name: non-empty, at most 128 bytes, no control
 /// characters, and nothing that could act as a path (`/`, `.`, `..`).
 pub fn check_name(value: &str, field: &str) -> Result<String> {
-    check_text(value, field, MAX_ID_BYTES)?;
+    check_id_basic(value, field)?;
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(invalid!("{field} contains the control character {:?}", c));
+    }
     if value.contains('/') || value.contains('\\') || value == "." || value == ".." {
         return Err(invalid!(
             "{field} {value:?} must not contain '/' or be '.' or '..'"
