@@ -1,14 +1,14 @@
 //! `rcsi`: one binary for every rcsi CSI driver.
 
 mod demo;
+mod drivers;
 
-use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use anyhow::bail;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use csi_core::registration::RegistrationOptions;
-use csi_core::server::{Endpoint, ServeOptions, Services, serve, shutdown_signal};
+use csi_core::server::{Endpoint, ServeOptions, serve, shutdown_signal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -50,17 +50,13 @@ enum Cmd {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Driver {
-    /// local.rcsi.io: node-local directories and loop-device volumes.
-    LocalPath,
-}
-
 #[derive(Args)]
 struct CommonArgs {
-    /// Storage backend to serve.
-    #[arg(long, value_enum)]
-    driver: Driver,
+    /// Storage backend to serve (its own flags: --driver NAME --help).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+        drivers::DRIVERS.iter().map(|d| d.name)
+    ))]
+    driver: String,
     /// gRPC endpoint: unix:///path/csi.sock or tcp://host:port.
     #[arg(long, env = "CSI_ENDPOINT")]
     endpoint: Endpoint,
@@ -79,15 +75,6 @@ struct NodeArgs {
     /// This node's name (Kubernetes node name).
     #[arg(long, env = "NODE_ID")]
     node_id: String,
-    /// local-path: directory that holds the volumes of this node.
-    #[arg(long, default_value = "/var/lib/rcsi/local")]
-    base_path: PathBuf,
-    /// local-path: most volumes on this node (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    max_volumes: u64,
-    /// local-path: bytes of the base filesystem never handed out to volumes.
-    #[arg(long, default_value_t = 0)]
-    reserved_bytes: u64,
     /// Register with the kubelet, which reaches the CSI socket at this host path
     /// (e.g. /var/lib/kubelet/plugins/local.rcsi.io/csi.sock); replaces node-driver-registrar.
     #[arg(long, env = "KUBELET_REGISTRATION_PATH")]
@@ -140,19 +127,6 @@ fn init_logging(format: LogFormat, default: &str) {
     }
 }
 
-fn local_path(args: &NodeArgs) -> anyhow::Result<Arc<rcsi_local_path::LocalPath>> {
-    let host = rcsi_local_path::Host::system(Duration::from_secs(120));
-    let cfg = rcsi_local_path::Config {
-        node_id: args.node_id.clone(),
-        base_path: args.base_path.clone(),
-        max_volumes: args.max_volumes,
-        reserved_bytes: args.reserved_bytes,
-    };
-    Ok(Arc::new(
-        rcsi_local_path::LocalPath::open(cfg, host).context("opening the local-path base path")?,
-    ))
-}
-
 fn options(c: &CommonArgs) -> ServeOptions {
     ServeOptions {
         endpoint: c.endpoint.clone(),
@@ -164,14 +138,35 @@ fn options(c: &CommonArgs) -> ServeOptions {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Only the named driver's flags are added, so help lists what applies.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let driver = drivers::named_in(&argv);
+    let cmd = Cli::command()
+        .mut_subcommand("node", |c| match driver {
+            Some(d) => (d.node_flags)(c),
+            None => c.after_help(drivers::overview("node")),
+        })
+        .mut_subcommand("controller", |c| match driver.map(|d| &d.controller) {
+            Some(Ok(entry)) => (entry.flags)(c),
+            Some(Err(_)) => c,
+            None => c.after_help(drivers::overview("controller")),
+        });
+    let matches = cmd.get_matches_from(&argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let sub = |name| {
+        matches
+            .subcommand_matches(name)
+            .expect("the parsed subcommand")
+    };
     let quiet = matches!(cli.command, Cmd::Demo { .. });
     init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     match cli.command {
         Cmd::Node(args) => {
-            let services = match args.common.driver {
-                Driver::LocalPath => Services::all(local_path(&args)?),
+            let d = drivers::find(&args.common.driver).expect("parser accepts only known drivers");
+            let common = drivers::NodeCommon {
+                node_id: args.node_id.clone(),
             };
+            let services = (d.node)(sub("node"), common)?;
             let mut opts = options(&args.common);
             opts.registration =
                 args.kubelet_registration_path
@@ -184,11 +179,16 @@ async fn main() -> anyhow::Result<()> {
                     });
             serve(services, opts, shutdown_signal()).await?;
         }
-        Cmd::Controller(args) => match args.driver {
-            Driver::LocalPath => bail!(
-                "local-path keeps its data on each node, so its controller runs inside `rcsi node`; no separate controller is needed"
-            ),
-        },
+        Cmd::Controller(args) => {
+            let d = drivers::find(&args.driver).expect("parser accepts only known drivers");
+            match &d.controller {
+                Ok(entry) => {
+                    let services = (entry.build)(sub("controller"))?;
+                    serve(services, options(&args), shutdown_signal()).await?;
+                }
+                Err(why) => bail!("{why}"),
+            }
+        }
         Cmd::Provisioner(a) => {
             let cfg = rcsi_provisioner::run::Config {
                 csi_endpoint: a.csi_address,
