@@ -96,22 +96,24 @@ pub enum RandAlgo {
                   File mode: files or block devices (ranges like /data/f[1-4]); each file's range is split across threads."
 )]
 pub struct Args {
-    /// Directory (dir mode), or files / block devices (file mode).
+    /// Directory (dir mode), or files / block devices (file mode). With
+    /// --service: the only directories and files coordinators may use.
     #[arg(required_unless_present = "service", value_name = "PATH")]
     pub paths: Vec<String>,
-    /// Run as a service that coordinators (--hosts) drive.
+    /// Run as a service that coordinators (--hosts) drive, on the PATHs given.
     #[arg(long)]
     pub service: bool,
     /// TCP port of the service (with --service) or the default port of --hosts.
     #[arg(long, default_value_t = 1611)]
     pub port: u16,
-    /// Address the service listens on.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address the service listens on; any other than loopback needs --secret.
+    #[arg(long, default_value = "127.0.0.1")]
     pub bind: String,
     /// Run on these services (host or host:port, comma-separated) instead of locally.
     #[arg(long, value_delimiter = ',')]
     pub hosts: Vec<String>,
-    /// Shared secret between coordinator and services.
+    /// Shared secret between coordinator and services (never sent: the
+    /// coordinator proves it knows it with an HMAC of a fresh challenge).
     #[arg(
         long,
         env = "RBENCH_SECRET",

@@ -1,9 +1,14 @@
-//! Distributed mode: `rbench --service` on each host, `rbench --hosts` as
-//! the coordinator. One JSON message per line over TCP. The coordinator
-//! sends its own command line; every service checks it against its own
-//! paths, then each phase starts on all hosts at once and the coordinator
-//! merges the results (latency histograms included, so percentiles are
-//! exact over all hosts).
+//! Distributed mode: `rbench --service PATH...` on each host, `rbench
+//! --hosts` as the coordinator. One JSON message per line over TCP.
+//!
+//! A service writes and deletes files as whoever runs it (often root), so:
+//! it listens on 127.0.0.1 unless told otherwise, refuses to listen beyond
+//! this host without a secret, never receives the secret (it sends a fresh
+//! challenge, and the coordinator answers with an HMAC-SHA256 of it and of
+//! the command line, so neither can be replayed or altered), and works only
+//! under the PATHs it was started with. Then each phase starts on all hosts
+//! at once and the coordinator merges the results (latency histograms
+//! included, so percentiles are exact over all hosts).
 
 use crate::config::{Args, Config};
 use crate::error::{BenchError, Result};
@@ -21,9 +26,10 @@ use std::time::Duration;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Request {
-    /// Authenticate and hand over the command line, with this host's rank.
+    /// Answer the challenge and hand over the command line, with this host's rank.
     Hello {
-        secret: String,
+        /// HMAC-SHA256 (hex) over the challenge and the rest of this message.
+        proof: String,
         args: Vec<String>,
         rank: usize,
         hosts: usize,
@@ -36,6 +42,8 @@ enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Reply {
+    /// Sent on connect: a fresh random nonce (hex) to prove the secret against.
+    Challenge { nonce: String },
     /// The command line is valid here; these are its phases.
     Ready { phases: usize },
     /// Results of a phase, each with its histogram (deflated V2, hex).
@@ -73,28 +81,72 @@ fn encode_hdr(h: &Histogram<u64>) -> String {
     V2DeflateSerializer::new()
         .serialize(h, &mut bytes)
         .expect("histogram serializes");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&bytes)
 }
 
 fn decode_hdr(hex: &str) -> Option<Histogram<u64>> {
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<_>>()?;
+    let bytes = unhex(hex)?;
     Deserializer::new().deserialize(&mut bytes.as_slice()).ok()
 }
 
-/// Constant-time comparison, so a wrong secret reveals nothing by timing.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// What the HMAC covers: the challenge and everything the Hello asks for.
+fn transcript(nonce: &str, args: &[String], rank: usize, hosts: usize) -> Vec<u8> {
+    let body = serde_json::to_string(&(args, rank, hosts)).expect("serializes");
+    format!("rbench-hello-v1\n{nonce}\n{body}").into_bytes()
+}
+
+fn key(secret: &str) -> ring::hmac::Key {
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes())
+}
+
+/// How a service is started.
+pub struct ServiceOptions<'a> {
+    /// Address to listen on.
+    pub bind: &'a str,
+    /// TCP port.
+    pub port: u16,
+    /// Shared secret (may be empty on loopback only).
+    pub secret: &'a str,
+    /// Directories and files coordinators may work on.
+    pub roots: &'a [String],
 }
 
 /// Serves coordinators one at a time, forever.
-pub fn serve(bind: &str, port: u16, secret: &str) -> Result<()> {
+pub fn serve(opts: &ServiceOptions<'_>) -> Result<()> {
+    let (bind, port, secret) = (opts.bind, opts.port, opts.secret);
+    let addrs: Vec<std::net::SocketAddr> = (bind, port)
+        .to_socket_addrs()
+        .map_err(|e| BenchError::Usage(format!("--bind {bind}: {e}")))?
+        .collect();
+    if secret.is_empty() && addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(BenchError::Usage(format!(
+            "--bind {bind} accepts work from other hosts, which may then write and delete files here: set --secret (or RBENCH_SECRET), or bind to 127.0.0.1"
+        )));
+    }
+    if opts.roots.is_empty() {
+        return Err(BenchError::Usage(
+            "rbench --service needs the directories or files coordinators may use: rbench --service [options] PATH...".into(),
+        ));
+    }
+    let roots = opts
+        .roots
+        .iter()
+        .map(|r| {
+            std::fs::canonicalize(r)
+                .map_err(|e| BenchError::Usage(format!("service path {r}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let listener = TcpListener::bind((bind, port))
         .map_err(|e| BenchError::io(format!("listening on {bind}:{port}"), e))?;
     eprintln!(
@@ -109,18 +161,51 @@ pub fn serve(bind: &str, port: u16, secret: &str) -> Result<()> {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        if let Err(e) = session(stream, secret) {
+        if let Err(e) = session(stream, secret, &roots) {
             eprintln!("rbench: session with {peer} ended: {e}");
         }
     }
     Ok(())
 }
 
-fn session(stream: TcpStream, secret: &str) -> std::io::Result<()> {
+/// Where `p` is once symlinks are resolved (its parent's, for a file yet to be made).
+fn resolved(p: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::canonicalize(p).ok().or_else(|| {
+        Some(
+            std::fs::canonicalize(p.parent()?)
+                .ok()?
+                .join(p.file_name()?),
+        )
+    })
+}
+
+/// The first target of `cfg` outside every root, if any.
+fn outside(cfg: &Config, roots: &[std::path::PathBuf]) -> Option<String> {
+    let targets = match &cfg.mode {
+        crate::config::Mode::Dir(d) => std::slice::from_ref(d),
+        crate::config::Mode::File(f) => f.as_slice(),
+    };
+    targets
+        .iter()
+        .find(|t| !resolved(t).is_some_and(|r| roots.iter().any(|root| r.starts_with(root))))
+        .map(|t| t.display().to_string())
+}
+
+fn session(stream: TcpStream, secret: &str, roots: &[std::path::PathBuf]) -> std::io::Result<()> {
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
+    let mut nonce = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| std::io::Error::other("no randomness for the challenge"))?;
+    let nonce = hex(&nonce);
+    send(
+        &mut out,
+        &Reply::Challenge {
+            nonce: nonce.clone(),
+        },
+    )?;
     let Some(Request::Hello {
-        secret: given,
+        proof,
         args,
         rank,
         hosts,
@@ -134,7 +219,10 @@ fn session(stream: TcpStream, secret: &str) -> std::io::Result<()> {
             },
         );
     };
-    if !same_secret(&given, secret) {
+    let genuine = unhex(&proof).is_some_and(|p| {
+        ring::hmac::verify(&key(secret), &transcript(&nonce, &args, rank, hosts), &p).is_ok()
+    });
+    if !genuine {
         return send(
             &mut out,
             &Reply::Error {
@@ -147,6 +235,19 @@ fn session(stream: TcpStream, secret: &str) -> std::io::Result<()> {
         .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_owned())
         .and_then(Config::from_args)
     {
+        Ok(c) if let Some(t) = outside(&c, roots) => {
+            let allowed: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            return send(
+                &mut out,
+                &Reply::Error {
+                    message: format!(
+                        "{t} is outside the paths this service works on ({})",
+                        allowed.join(", ")
+                    ),
+                    usage: true,
+                },
+            );
+        }
         Ok(c) if rank < hosts => Config { rank, hosts, ..c },
         Ok(_) => {
             return send(
@@ -210,6 +311,8 @@ struct Host {
     name: String,
     out: TcpStream,
     reader: BufReader<TcpStream>,
+    /// The service's challenge.
+    nonce: String,
 }
 
 impl Host {
@@ -229,11 +332,17 @@ impl Host {
         let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(5))
             .map_err(|e| fail("unreachable", e))?;
         stream.set_nodelay(true).map_err(|e| fail("socket", e))?;
-        Ok(Self {
+        let mut host = Self {
             name: addr.clone(),
             out: stream.try_clone().map_err(|e| fail("socket", e))?,
             reader: BufReader::new(stream),
-        })
+            nonce: String::new(),
+        };
+        match host.recv("the challenge")? {
+            Reply::Challenge { nonce } => host.nonce = nonce,
+            _ => return Err(host_error(&addr, "did not send a challenge".into(), false)),
+        }
+        Ok(host)
     }
 
     fn send(&mut self, msg: &Request) -> Result<()> {
@@ -282,8 +391,9 @@ pub fn coordinate(
         .collect::<Result<Vec<_>>>()?;
     let n = conns.len();
     for (rank, h) in conns.iter_mut().enumerate() {
+        let mac = ring::hmac::sign(&key(secret), &transcript(&h.nonce, &args, rank, n));
         h.send(&Request::Hello {
-            secret: secret.to_owned(),
+            proof: hex(mac.as_ref()),
             args: args.clone(),
             rank,
             hosts: n,
@@ -293,8 +403,8 @@ pub fn coordinate(
         match h.recv("set-up")? {
             Reply::Ready { .. } => {}
             Reply::Error { message, usage } => return Err(host_error(&h.name, message, usage)),
-            Reply::Results { .. } => {
-                return Err(host_error(&h.name, "unexpected results".into(), false));
+            Reply::Results { .. } | Reply::Challenge { .. } => {
+                return Err(host_error(&h.name, "unexpected reply".into(), false));
             }
         }
     }
@@ -324,7 +434,7 @@ pub fn coordinate(
                     Reply::Error { message, usage } => {
                         return Err(host_error(&h.name, message, usage));
                     }
-                    Reply::Ready { .. } => {
+                    Reply::Ready { .. } | Reply::Challenge { .. } => {
                         return Err(host_error(&h.name, "unexpected reply".into(), false));
                     }
                 }

@@ -72,7 +72,12 @@ fn service_args() -> Vec<String> {
 
 fn execute(args: Args) -> Result<(), BenchError> {
     if args.service {
-        return rbench::dist::serve(&args.bind, args.port, &args.secret);
+        return rbench::dist::serve(&rbench::dist::ServiceOptions {
+            bind: &args.bind,
+            port: args.port,
+            secret: &args.secret,
+            roots: &args.paths,
+        });
     }
     let mut results = Vec::new();
     let mut sink = |r: &rbench::stats::PhaseResult| {

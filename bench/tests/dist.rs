@@ -22,7 +22,8 @@ struct Service {
 }
 
 impl Service {
-    fn start(secret: &str) -> Self {
+    /// A service that may work under `root`.
+    fn start(secret: &str, root: &std::path::Path) -> Self {
         let port = free_port();
         let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("rbench"))
             .args([
@@ -34,6 +35,7 @@ impl Service {
                 "--secret",
                 secret,
             ])
+            .arg(root)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -67,8 +69,8 @@ fn hosts(services: &[&Service]) -> String {
 
 #[test]
 fn three_services_add_up_and_report_per_host() {
-    let s: Vec<Service> = (0..3).map(|_| Service::start("s3cr3t")).collect();
     let d = tempfile::tempdir().unwrap();
+    let s: Vec<Service> = (0..3).map(|_| Service::start("s3cr3t", d.path())).collect();
     let json = d.path().join("r.json");
     let out = Command::cargo_bin("rbench")
         .unwrap()
@@ -155,8 +157,8 @@ fn one_line_failure(args: &[&str], code: i32) -> String {
 
 #[test]
 fn wrong_secret_unreachable_host_and_bad_remote_input() {
-    let s = Service::start("right");
     let d = tempfile::tempdir().unwrap();
+    let s = Service::start("right", d.path());
     let dir = d.path().to_str().unwrap();
     let err = one_line_failure(
         &[
@@ -228,8 +230,8 @@ fn wrong_secret_unreachable_host_and_bad_remote_input() {
 
 #[test]
 fn a_host_dying_mid_run_is_a_clean_error() {
-    let mut s = Service::start("k");
     let d = tempfile::tempdir().unwrap();
+    let mut s = Service::start("k", d.path());
     let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("rbench"))
         .args([
             "-w",
@@ -259,4 +261,102 @@ fn a_host_dying_mid_run_is_a_clean_error() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn services_work_only_under_their_paths_and_never_see_the_secret() {
+    let root = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let s = Service::start("k", root.path());
+    let args = |dir: &std::path::Path| -> Vec<String> {
+        [
+            "-w",
+            "-s",
+            "64k",
+            "-b",
+            "4k",
+            "--hosts",
+            &s.addr(),
+            "--secret",
+            "k",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([dir.display().to_string()])
+        .collect()
+    };
+    let a = args(elsewhere.path());
+    let err = one_line_failure(&a.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    assert!(
+        err.contains("outside the paths this service works on"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(elsewhere.path())
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    // A symlink inside the root that leads out of it is outside too.
+    let link = root.path().join("out");
+    std::os::unix::fs::symlink(elsewhere.path(), &link).unwrap();
+    let a = args(&link);
+    let err = one_line_failure(&a.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    assert!(err.contains("outside"), "{err}");
+    let inside = root.path().join("in");
+    std::fs::create_dir(&inside).unwrap();
+    let a = args(&inside);
+    Command::cargo_bin("rbench")
+        .unwrap()
+        .args(&a)
+        .assert()
+        .success();
+
+    // On the wire: a challenge, then an HMAC; the secret itself never travels.
+    use std::io::{BufRead, BufReader, Write};
+    let conn = std::net::TcpStream::connect(s.addr()).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let challenge: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(challenge["type"], "challenge");
+    assert_eq!(challenge["nonce"].as_str().unwrap().len(), 64);
+    // Replaying a proof made for another challenge fails.
+    let mut out = conn;
+    writeln!(
+        out,
+        r#"{{"type":"hello","proof":"{}","args":["-w","-s","64k","-b","4k","{}"],"rank":0,"hosts":1}}"#,
+        "00".repeat(32),
+        inside.display()
+    )
+    .unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("wrong secret"), "{line}");
+}
+
+#[test]
+fn a_service_beyond_loopback_needs_a_secret_and_paths() {
+    let d = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::cargo_bin("rbench")
+            .unwrap()
+            .env_remove("RBENCH_SECRET")
+            .args(args)
+            .timeout(Duration::from_secs(5))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let dir = d.path().to_str().unwrap();
+    let port = free_port().to_string();
+    let (code, err) = run(&["--service", "--bind", "0.0.0.0", "--port", &port, dir]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--secret"), "{err}");
+    let (code, err) = run(&["--service", "--port", &port]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("PATH"), "{err}");
 }
