@@ -1,4 +1,7 @@
-//! Loop devices and filesystems on block devices, behind a narrow trait.
+//! Block devices behind two narrow traits: [`LoopDevices`] (how a file
+//! becomes a device; rbd map, rbd-nbd and rbd-fuse+loop plug in beside it)
+//! and [`BlockDevices`] (what is done with any device: blkid, mkfs only when
+//! blank, fsck, growth).
 
 use crate::exec::{Command, Exec};
 use crate::{Error, IoContext, Result};
@@ -6,9 +9,9 @@ use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Block-device operations a driver may perform on the node.
+/// Files attached as block devices on the node.
 #[async_trait]
-pub trait BlockDevices: Send + Sync {
+pub trait LoopDevices: Send + Sync {
     /// Attaches `file` to a loop device, reusing an existing attachment.
     async fn attach_loop(&self, file: &Path) -> Result<PathBuf>;
     /// The loop device backed by `file`, if any.
@@ -17,6 +20,11 @@ pub trait BlockDevices: Send + Sync {
     async fn detach_loop(&self, dev: &Path) -> Result<()>;
     /// Makes a loop device pick up its backing file's new size.
     async fn refresh_loop(&self, dev: &Path) -> Result<()>;
+}
+
+/// What a driver does with any block device, however it was attached.
+#[async_trait]
+pub trait BlockDevices: Send + Sync {
     /// Filesystem type found on `dev` by blkid, None when blank.
     async fn fs_type(&self, dev: &Path) -> Result<Option<String>>;
     /// Creates `fs_type` on `dev` unless blkid finds a filesystem; returns the type in use.
@@ -25,18 +33,36 @@ pub trait BlockDevices: Send + Sync {
     async fn grow_fs(&self, dev: &Path, fs_type: &str, mount_point: Option<&Path>) -> Result<()>;
     /// Size of a block device in bytes.
     async fn size(&self, dev: &Path) -> Result<u64>;
+    /// Size in bytes of the `fs_type` filesystem on `dev`, when the tools
+    /// can tell it unmounted (ext2/3/4); None otherwise.
+    async fn fs_size(&self, dev: &Path, fs_type: &str) -> Result<Option<u64>>;
+    /// Checks an unmounted filesystem and repairs what is safe to repair
+    /// (before an offline grow); an error when problems remain.
+    async fn fsck(&self, dev: &Path, fs_type: &str) -> Result<()>;
 }
 
 /// Filesystems rcsi can create.
 pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs", "ext3", "btrfs"];
 
-/// Real implementation using losetup, blkid, mkfs and the grow tools.
+/// Real block devices: blkid, mkfs, fsck and the grow tools.
 pub struct SystemBlockDevices {
     exec: Arc<dyn Exec>,
 }
 
 impl SystemBlockDevices {
     /// Runs tools through `exec`.
+    pub fn new(exec: Arc<dyn Exec>) -> Self {
+        Self { exec }
+    }
+}
+
+/// Real loop devices: losetup and /sys/block.
+pub struct SystemLoopDevices {
+    exec: Arc<dyn Exec>,
+}
+
+impl SystemLoopDevices {
+    /// Runs losetup through `exec`.
     pub fn new(exec: Arc<dyn Exec>) -> Self {
         Self { exec }
     }
@@ -68,7 +94,7 @@ fn loop_backing_files() -> Result<Vec<(PathBuf, PathBuf)>> {
 }
 
 #[async_trait]
-impl BlockDevices for SystemBlockDevices {
+impl LoopDevices for SystemLoopDevices {
     async fn attach_loop(&self, file: &Path) -> Result<PathBuf> {
         if let Some(dev) = self.find_loop(file).await? {
             return Ok(dev);
@@ -138,7 +164,10 @@ impl BlockDevices for SystemBlockDevices {
             .await
             .map(drop)
     }
+}
 
+#[async_trait]
+impl BlockDevices for SystemBlockDevices {
     async fn fs_type(&self, dev: &Path) -> Result<Option<String>> {
         let out = self
             .exec
@@ -222,5 +251,49 @@ impl BlockDevices for SystemBlockDevices {
                 .map_err(|e| Error::Internal(format!("{}: {e}", p.display())))
         })
         .await
+    }
+
+    async fn fs_size(&self, dev: &Path, fs_type: &str) -> Result<Option<u64>> {
+        if !fs_type.starts_with("ext") {
+            return Ok(None);
+        }
+        let out = self
+            .exec
+            .run(&Command::new("dumpe2fs", ["-h".as_ref(), dev.as_os_str()]))
+            .await?;
+        let field = |name: &str| {
+            out.stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        match (field("Block count:"), field("Block size:")) {
+            (Some(blocks), Some(bs)) => Ok(Some(blocks * bs)),
+            _ => Err(Error::Internal(format!(
+                "cannot read the size of the filesystem on {}",
+                dev.display()
+            ))),
+        }
+    }
+
+    async fn fsck(&self, dev: &Path, fs_type: &str) -> Result<()> {
+        let cmd = match fs_type {
+            "ext2" | "ext3" | "ext4" => {
+                Command::new("e2fsck", ["-f".as_ref(), "-p".as_ref(), dev.as_os_str()])
+            }
+            "xfs" => Command::new("xfs_repair", ["-n".as_ref(), dev.as_os_str()]),
+            _ => return Ok(()),
+        };
+        let out = self.exec.output(&cmd).await?;
+        // e2fsck: 1 means errors were fixed.
+        if out.code > 1 || (fs_type == "xfs" && out.code != 0) {
+            return Err(Error::Internal(format!(
+                "`{}` found problems it could not fix (exit {}): {}",
+                cmd.display(),
+                out.code,
+                out.stderr.trim()
+            )));
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! The real Mounter and BlockDevices, exercised as root on this machine.
 
 use csi_core::Error;
-use csi_core::blockdev::{BlockDevices, SystemBlockDevices};
+use csi_core::blockdev::{BlockDevices, LoopDevices, SystemBlockDevices, SystemLoopDevices};
 use csi_core::exec::{Command, Exec, Output, SystemExec};
 use csi_core::mount::{MountState, Mounter, SystemMounter};
 use std::os::fd::AsRawFd;
@@ -124,15 +124,16 @@ async fn loop_attach_mkfs_once_grow_and_detach() {
         .unwrap();
     let rec = Arc::new(Recording::default());
     let bd = SystemBlockDevices::new(rec.clone());
+    let loops = SystemLoopDevices::new(rec.clone());
 
-    let dev = bd.attach_loop(&img).await.unwrap();
+    let dev = loops.attach_loop(&img).await.unwrap();
     assert_eq!(
-        bd.attach_loop(&img).await.unwrap(),
+        loops.attach_loop(&img).await.unwrap(),
         dev,
         "second attach must reuse the device"
     );
     assert_eq!(
-        bd.find_loop(&img).await.unwrap().as_deref(),
+        loops.find_loop(&img).await.unwrap().as_deref(),
         Some(dev.as_path())
     );
     assert_eq!(bd.size(&dev).await.unwrap(), 64 << 20);
@@ -159,13 +160,17 @@ async fn loop_attach_mkfs_once_grow_and_detach() {
         .unwrap()
         .set_len(96 << 20)
         .unwrap();
-    bd.refresh_loop(&dev).await.unwrap();
+    loops.refresh_loop(&dev).await.unwrap();
     assert_eq!(bd.size(&dev).await.unwrap(), 96 << 20);
+    assert_eq!(bd.fs_size(&dev, "ext4").await.unwrap(), Some(64 << 20));
+    bd.fsck(&dev, "ext4").await.unwrap();
     bd.grow_fs(&dev, "ext4", None).await.unwrap();
+    assert_eq!(bd.fs_size(&dev, "ext4").await.unwrap(), Some(96 << 20));
+    assert_eq!(bd.fs_size(&dev, "xfs").await.unwrap(), None);
 
-    bd.detach_loop(&dev).await.unwrap();
-    bd.detach_loop(&dev).await.unwrap();
-    assert_eq!(bd.find_loop(&img).await.unwrap(), None);
+    loops.detach_loop(&dev).await.unwrap();
+    loops.detach_loop(&dev).await.unwrap();
+    assert_eq!(loops.find_loop(&img).await.unwrap(), None);
     assert!(
         !Path::new("/sys/block")
             .join(dev.file_name().unwrap())

@@ -482,7 +482,7 @@ impl ControllerBackend for LocalPath {
                 mounted.join(", ")
             )));
         }
-        if v.backing.is_image() && self.host.blockdev.find_loop(&path).await?.is_some() {
+        if v.backing.is_image() && self.host.loops.find_loop(&path).await?.is_some() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {volume_id} is still staged on node {} (its loop device is attached); unstage it first",
                 self.cfg.node_id

@@ -13,7 +13,7 @@ pub use error::LocalPathError;
 use crate::meta::{Backing, SnapshotMeta, VolumeMeta};
 use crate::store::{Change, Index};
 use csi_core::backend::Plugin;
-use csi_core::blockdev::BlockDevices;
+use csi_core::blockdev::{BlockDevices, LoopDevices};
 use csi_core::exec::{Command, Exec};
 use csi_core::fsutil::FS_TIMEOUT;
 use csi_core::journal::Log;
@@ -49,7 +49,9 @@ pub struct Config {
 pub struct Host {
     /// Mount operations.
     pub mounter: Arc<dyn Mounter>,
-    /// Loop devices and filesystems.
+    /// Image files attached as devices.
+    pub loops: Arc<dyn LoopDevices>,
+    /// Filesystems on devices.
     pub blockdev: Arc<dyn BlockDevices>,
     /// External programs (cp).
     pub exec: Arc<dyn Exec>,
@@ -64,6 +66,7 @@ impl Host {
                 exec.clone(),
                 mount_timeout,
             )),
+            loops: Arc::new(csi_core::blockdev::SystemLoopDevices::new(exec.clone())),
             blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec.clone())),
             exec,
         }
@@ -293,7 +296,7 @@ impl LocalPath {
 
     /// Freezes the filesystem of an image if it is mounted on this node.
     async fn freeze(&self, image: &Path) -> Result<Option<Frozen>> {
-        let Some(dev) = self.host.blockdev.find_loop(image).await? else {
+        let Some(dev) = self.host.loops.find_loop(image).await? else {
             return Ok(None);
         };
         let mounts = self.host.mounter.mounts().await?;

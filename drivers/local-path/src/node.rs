@@ -5,7 +5,6 @@ use crate::meta::{Backing, VolumeMeta};
 use crate::quota::Quotas;
 use crate::{LocalPath, TOPOLOGY_KEY};
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
-use csi_core::exec::Command;
 use csi_core::mount::{MountInfo, MountState, exposures, vfs_flags};
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
@@ -63,50 +62,21 @@ impl LocalPath {
             .unwrap_or(0o777)
     }
 
-    /// True when the ext filesystem on `dev` is smaller than the device.
-    async fn ext_needs_growth(&self, dev: &Path) -> Result<bool> {
-        let out = self
-            .host
-            .exec
-            .run(&Command::new("dumpe2fs", ["-h".as_ref(), dev.as_os_str()]))
-            .await?;
-        let field = |name: &str| {
-            out.stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let (Some(blocks), Some(bs)) = (field("Block count:"), field("Block size:")) else {
-            return Err(Error::Internal(format!(
-                "cannot read the size of the filesystem on {}",
-                dev.display()
-            )));
-        };
-        Ok(blocks * bs < self.host.blockdev.size(dev).await?)
+    /// True when the filesystem on `dev` is known to be smaller than the device.
+    async fn needs_growth(&self, dev: &Path, fs_type: &str) -> Result<bool> {
+        Ok(match self.host.blockdev.fs_size(dev, fs_type).await? {
+            Some(fs) => fs < self.host.blockdev.size(dev).await?,
+            None => false,
+        })
     }
 
     /// Grows an unmounted ext filesystem to fill its device, so volumes
     /// expanded while unstaged are full size at the next stage.
     async fn grow_ext_offline(&self, dev: &Path) -> Result<()> {
-        if !self.ext_needs_growth(dev).await? {
+        if !self.needs_growth(dev, "ext4").await? {
             return Ok(());
         }
-        let fsck = self
-            .host
-            .exec
-            .output(&Command::new(
-                "e2fsck",
-                ["-f".as_ref(), "-p".as_ref(), dev.as_os_str()],
-            ))
-            .await?;
-        if fsck.code > 1 {
-            return Err(Error::Internal(format!(
-                "e2fsck {} found problems it could not fix (exit {}): {}",
-                dev.display(),
-                fsck.code,
-                fsck.stderr.trim()
-            )));
-        }
+        self.host.blockdev.fsck(dev, "ext4").await?;
         self.host.blockdev.grow_fs(dev, "ext4", None).await
     }
 
@@ -117,7 +87,7 @@ impl LocalPath {
         req: &StageVolume,
     ) -> Result<()> {
         let img = self.volume_path(&v.id, &v.backing);
-        let dev = self.host.blockdev.attach_loop(&img).await?;
+        let dev = self.host.loops.attach_loop(&img).await?;
         match self.host.mounter.state(&req.staging_path).await? {
             MountState::Mounted(m) if Path::new(&m.source) == dev => return Ok(()),
             MountState::Mounted(m) => {
@@ -173,7 +143,7 @@ impl LocalPath {
         let data = self.volume_path(&v.id, &v.backing);
         let dev = match v.backing {
             Backing::Directory => None,
-            _ => match self.host.blockdev.find_loop(&data).await? {
+            _ => match self.host.loops.find_loop(&data).await? {
                 Some(dev) => Some(dev),
                 None => return Ok(vec![]),
             },
@@ -203,7 +173,7 @@ impl LocalPath {
         if v.backing == Backing::Block
             && let Some(dev) = self
                 .host
-                .blockdev
+                .loops
                 .find_loop(&self.volume_path(&v.id, &v.backing))
                 .await?
             && self.is_same_device(path, &dev).await?
@@ -335,7 +305,7 @@ impl NodeBackend for LocalPath {
         check_fits(&v, &req.capability)?;
         if v.backing == Backing::Block {
             self.host
-                .blockdev
+                .loops
                 .attach_loop(&self.volume_path(&v.id, &v.backing))
                 .await?;
             return Ok(());
@@ -403,8 +373,8 @@ impl NodeBackend for LocalPath {
             && v.backing.is_image()
         {
             let img = self.volume_path(&v.id, &v.backing);
-            if let Some(dev) = self.host.blockdev.find_loop(&img).await? {
-                self.host.blockdev.detach_loop(&dev).await?;
+            if let Some(dev) = self.host.loops.find_loop(&img).await? {
+                self.host.loops.detach_loop(&dev).await?;
             }
         }
         Ok(())
@@ -433,7 +403,7 @@ impl NodeBackend for LocalPath {
         }
         if v.backing == Backing::Block {
             let img = self.volume_path(&v.id, &v.backing);
-            let dev = self.host.blockdev.find_loop(&img).await?.ok_or_else(|| {
+            let dev = self.host.loops.find_loop(&img).await?.ok_or_else(|| {
                 Error::FailedPrecondition(format!("volume {} is not staged on this node", v.id))
             })?;
             let t = target.clone();
@@ -596,12 +566,12 @@ impl NodeBackend for LocalPath {
             return Ok(v.capacity);
         }
         let img = self.volume_path(&v.id, &v.backing);
-        let dev = self.host.blockdev.find_loop(&img).await?.ok_or_else(|| {
+        let dev = self.host.loops.find_loop(&img).await?.ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {} is not staged on this node", v.id))
         })?;
-        self.host.blockdev.refresh_loop(&dev).await?;
+        self.host.loops.refresh_loop(&dev).await?;
         if let Backing::Filesystem { fs_type } = &v.backing {
-            if fs_type.starts_with("ext") && !self.ext_needs_growth(&dev).await? {
+            if fs_type.starts_with("ext") && !self.needs_growth(&dev, fs_type).await? {
                 return Ok(v.capacity);
             }
             let mp = staging_path.unwrap_or(path);

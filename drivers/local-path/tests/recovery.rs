@@ -16,6 +16,7 @@ fn open(base: &Path) -> LocalPath {
             exec.clone(),
             Duration::from_secs(5),
         )),
+        loops: Arc::new(csi_core::blockdev::SystemLoopDevices::new(exec.clone())),
         blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec.clone())),
         exec,
     };
