@@ -184,6 +184,37 @@ pub trait ControllerBackend: Plugin {
     }
 }
 
+/// Volume group snapshots: every member cut at the same point in time.
+#[async_trait]
+pub trait GroupControllerBackend: Plugin {
+    /// Creates (or returns the existing) group snapshot `name` of these
+    /// volumes, write-order consistent across them or FailedPrecondition.
+    async fn create_group_snapshot(
+        &self,
+        name: &str,
+        source_volume_ids: &[String],
+        parameters: &BTreeMap<String, String>,
+        secrets: &Secrets,
+    ) -> Result<csi::VolumeGroupSnapshot>;
+
+    /// Deletes a group snapshot and its members; unknown is success.
+    /// `snapshot_ids`, when given, must be its members (InvalidArgument).
+    async fn delete_group_snapshot(
+        &self,
+        group_snapshot_id: &str,
+        snapshot_ids: &[String],
+        secrets: &Secrets,
+    ) -> Result<()>;
+
+    /// A group snapshot (NotFound when unknown); `snapshot_ids` as for delete.
+    async fn get_group_snapshot(
+        &self,
+        group_snapshot_id: &str,
+        snapshot_ids: &[String],
+        secrets: &Secrets,
+    ) -> Result<csi::VolumeGroupSnapshot>;
+}
+
 /// Usage and health of a published volume.
 #[derive(Clone, Debug, Default)]
 pub struct VolumeStats {

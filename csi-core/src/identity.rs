@@ -10,15 +10,23 @@ use tonic::{Request, Response, Status};
 pub struct IdentityService {
     plugin: Arc<dyn Plugin>,
     serves_controller: bool,
+    serves_group: bool,
     obs: Arc<Observer>,
 }
 
 impl IdentityService {
-    /// `serves_controller` advertises CONTROLLER_SERVICE when this process also serves it.
-    pub fn new(plugin: Arc<dyn Plugin>, serves_controller: bool, obs: Arc<Observer>) -> Self {
+    /// `serves_controller` and `serves_group` advertise CONTROLLER_SERVICE
+    /// and GROUP_CONTROLLER_SERVICE when this process also serves them.
+    pub fn new(
+        plugin: Arc<dyn Plugin>,
+        serves_controller: bool,
+        serves_group: bool,
+        obs: Arc<Observer>,
+    ) -> Self {
         Self {
             plugin,
             serves_controller,
+            serves_group,
             obs,
         }
     }
@@ -30,6 +38,9 @@ impl IdentityService {
         let mut caps = Vec::new();
         if self.serves_controller {
             caps.push(service(pc::service::Type::ControllerService));
+        }
+        if self.serves_group {
+            caps.push(service(pc::service::Type::GroupControllerService));
         }
         if self.plugin.has_topology() {
             caps.push(service(pc::service::Type::VolumeAccessibilityConstraints));

@@ -24,6 +24,7 @@ pub mod controller;
 mod error;
 pub mod exec;
 pub mod fsutil;
+pub mod group;
 pub mod identity;
 pub mod journal;
 pub mod locks;

@@ -2,9 +2,10 @@
 //! health endpoint, with graceful shutdown.
 
 use crate::authority::AuthorityFix;
-use crate::backend::{ControllerBackend, NodeBackend, Plugin};
+use crate::backend::{ControllerBackend, GroupControllerBackend, NodeBackend, Plugin};
 use crate::controller::ControllerService;
-use crate::csi::{controller_server, identity_server, node_server};
+use crate::csi::{controller_server, group_controller_server, identity_server, node_server};
+use crate::group::GroupControllerService;
 use crate::identity::IdentityService;
 use crate::locks::Operations;
 use crate::node::NodeService;
@@ -65,6 +66,8 @@ pub struct Services {
     pub controller: Option<Arc<dyn ControllerBackend>>,
     /// Node service, when this process serves it.
     pub node: Option<Arc<dyn NodeBackend>>,
+    /// GroupController service, when the driver has one.
+    pub group: Option<Arc<dyn GroupControllerBackend>>,
 }
 
 /// Settings for [`serve`].
@@ -86,7 +89,14 @@ impl Services {
             plugin: backend.clone(),
             controller: Some(backend.clone()),
             node: Some(backend),
+            group: None,
         }
+    }
+
+    /// Adds the GroupController service.
+    pub fn with_group(mut self, backend: Arc<dyn GroupControllerBackend>) -> Self {
+        self.group = Some(backend);
+        self
     }
 }
 
@@ -162,6 +172,7 @@ pub async fn serve(
     let identity = IdentityService::new(
         services.plugin.clone(),
         services.controller.is_some(),
+        services.group.is_some(),
         obs.clone(),
     );
     let router =
@@ -170,6 +181,13 @@ pub async fn serve(
             .add_optional_service(services.controller.map(|c| {
                 controller_server::ControllerServer::new(ControllerService::new(
                     c,
+                    ops.clone(),
+                    obs.clone(),
+                ))
+            }))
+            .add_optional_service(services.group.map(|g| {
+                group_controller_server::GroupControllerServer::new(GroupControllerService::new(
+                    g,
                     ops.clone(),
                     obs.clone(),
                 ))

@@ -113,6 +113,7 @@ async fn serves_metrics_health_and_drains_on_shutdown() {
             plugin: fake.clone(),
             controller: Some(fake.clone()),
             node: Some(fake),
+            group: None,
         },
         ServeOptions {
             endpoint: Endpoint::Unix(sock.clone()),
@@ -259,6 +260,7 @@ async fn serves_on_tcp() {
             plugin: fake.clone(),
             controller: None,
             node: Some(fake),
+            group: None,
         },
         ServeOptions {
             slow_call: Duration::from_secs(1),

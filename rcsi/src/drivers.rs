@@ -103,5 +103,6 @@ fn local_path_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Service
     };
     let driver =
         rcsi_local_path::LocalPath::open(cfg, host).context("opening the local-path base path")?;
-    Ok(Services::all(Arc::new(driver)))
+    let driver = Arc::new(driver);
+    Ok(Services::all(driver.clone()).with_group(driver))
 }

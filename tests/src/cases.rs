@@ -4,7 +4,7 @@ use crate::harness::{Case, Ctx, Needs, expect_code, expect_one_of};
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use csi_core::backend::{ControllerRpc as C, NodeRpc as N};
 use csi_core::csi::{self, volume_capability as vc};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use tonic::Code;
 
@@ -85,6 +85,7 @@ pub fn all() -> Vec<Case> {
             controller_lookups_of_unknown_ids,
             Controller(C::CreateDeleteVolume)
         ),
+        case!(group_snapshots_cut_together, GroupSnapshots),
     ]
 }
 
@@ -1923,4 +1924,209 @@ async fn controller_lookups_of_unknown_ids(c: &mut Ctx) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+fn group_req(name: &str, sources: &[&str]) -> csi::CreateVolumeGroupSnapshotRequest {
+    csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: sources.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// GroupController: a group snapshot of two volumes with data, taken while
+/// they are in use (or, when the driver cannot make that consistent, after
+/// FailedPrecondition and unmounting); idempotent by name, AlreadyExists for
+/// other sources, members listed with their group, restorable with the data
+/// of the instant of the cut, member lists checked on Get and Delete, and
+/// the spec's required fields.
+async fn group_snapshots_cut_together(c: &mut Ctx) -> Result<()> {
+    let a = c.create("grp-a").await?;
+    let b = c.create("grp-b").await?;
+    let (sa, ta) = c.mount(&a, "grp-a").await?;
+    let (sb, tb) = c.mount(&b, "grp-b").await?;
+    write_data(&ta, 31)?;
+    write_data(&tb, 32)?;
+    let (ida, idb) = (a.volume_id.as_str(), b.volume_id.as_str());
+
+    for (r, what) in [
+        (group_req("", &[ida]), "no name"),
+        (group_req("g", &[]), "no sources"),
+        (group_req("g", &[ida, ida]), "a source twice"),
+    ] {
+        expect_code(
+            c.group.create_volume_group_snapshot(r).await,
+            Code::InvalidArgument,
+            what,
+        )?;
+    }
+    expect_code(
+        c.group
+            .create_volume_group_snapshot(group_req("g", &[ida, "unknown-volume-0123456789"]))
+            .await,
+        Code::NotFound,
+        "unknown source volume",
+    )?;
+
+    let mut mounted = true;
+    let group = match c
+        .group
+        .create_volume_group_snapshot(group_req("g", &[ida, idb]))
+        .await
+    {
+        Ok(r) => r.into_inner().group_snapshot,
+        Err(s) if s.code() == Code::FailedPrecondition => {
+            // The driver cannot cut these consistently while in use.
+            c.unmount(&a, &sa, &ta).await?;
+            c.unmount(&b, &sb, &tb).await?;
+            mounted = false;
+            c.group
+                .create_volume_group_snapshot(group_req("g", &[ida, idb]))
+                .await
+                .context("group snapshot after unmounting")?
+                .into_inner()
+                .group_snapshot
+        }
+        Err(s) => bail!("CreateVolumeGroupSnapshot: {s}"),
+    }
+    .ok_or_else(|| anyhow!("no group_snapshot in the response"))?;
+    ensure!(group.snapshots.len() == 2, "{group:?}");
+    ensure!(
+        group.creation_time.is_some() && group.ready_to_use,
+        "{group:?}"
+    );
+    for snap in &group.snapshots {
+        ensure!(
+            snap.group_snapshot_id == group.group_snapshot_id,
+            "member without its group id: {snap:?}"
+        );
+    }
+    let mut members: Vec<String> = group
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    members.sort();
+    if mounted {
+        // Writes after the cut must not show in the snapshot.
+        write_data(&ta, 33)?;
+    }
+
+    let again = c
+        .group
+        .create_volume_group_snapshot(group_req("g", &[idb, ida]))
+        .await?
+        .into_inner()
+        .group_snapshot
+        .unwrap_or_default();
+    ensure!(
+        again.group_snapshot_id == group.group_snapshot_id,
+        "not idempotent"
+    );
+    let mut again_ids: Vec<String> = again
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    again_ids.sort();
+    ensure!(again_ids == members, "members changed: {again_ids:?}");
+    expect_code(
+        c.group
+            .create_volume_group_snapshot(group_req("g", &[ida]))
+            .await,
+        Code::AlreadyExists,
+        "same name, other sources",
+    )?;
+
+    let gid = group.group_snapshot_id.clone();
+    let get = |ids: Vec<String>| csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: gid.clone(),
+        snapshot_ids: ids,
+        secrets: HashMap::new(),
+    };
+    c.group
+        .get_volume_group_snapshot(get(members.clone()))
+        .await?;
+    expect_code(
+        c.group
+            .get_volume_group_snapshot(get(vec![members[0].clone()]))
+            .await,
+        Code::InvalidArgument,
+        "GetVolumeGroupSnapshot with a wrong member list",
+    )?;
+    let listed = list_snaps(c, "", "").await?;
+    for id in &members {
+        let s = listed
+            .iter()
+            .find(|s| &s.snapshot_id == id)
+            .ok_or_else(|| anyhow!("member {id} not listed"))?;
+        ensure!(s.group_snapshot_id == gid, "{s:?}");
+    }
+    expect_code(
+        c.ctl
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: members[0].clone(),
+                secrets: HashMap::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "DeleteSnapshot of a group member (the spec's \"Snapshot is part of a group\")",
+    )?;
+
+    // Each member restores to the data of the instant of the cut.
+    for snap in &group.snapshots {
+        let seed = if snap.source_volume_id == a.volume_id {
+            31
+        } else {
+            32
+        };
+        let mut req = c.create_req(&format!("from-{}", snap.snapshot_id), c.mount_cap());
+        req.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(
+                csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        });
+        let r = c.create_with(req).await?;
+        let (st, tg) = c.mount(&r, &format!("grp-r{seed}")).await?;
+        check_data(&tg, seed)?;
+        c.unmount(&r, &st, &tg).await?;
+        c.delete(&r.volume_id).await?;
+    }
+
+    let del = |ids: Vec<String>| csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: gid.clone(),
+        snapshot_ids: ids,
+        secrets: HashMap::new(),
+    };
+    expect_code(
+        c.group
+            .delete_volume_group_snapshot(del(vec!["ls-not-a-member".into()]))
+            .await,
+        Code::InvalidArgument,
+        "DeleteVolumeGroupSnapshot with a wrong member list",
+    )?;
+    for _ in 0..2 {
+        c.group
+            .delete_volume_group_snapshot(del(members.clone()))
+            .await
+            .context("DeleteVolumeGroupSnapshot")?;
+    }
+    expect_code(
+        c.group.get_volume_group_snapshot(get(vec![])).await,
+        Code::NotFound,
+        "GetVolumeGroupSnapshot after delete",
+    )?;
+    let listed = list_snaps(c, "", "").await?;
+    ensure!(
+        !listed.iter().any(|s| members.contains(&s.snapshot_id)),
+        "members listed after the group was deleted"
+    );
+    if mounted {
+        c.unmount(&a, &sa, &ta).await?;
+        c.unmount(&b, &sb, &tb).await?;
+    }
+    c.delete(ida).await?;
+    c.delete(idb).await
 }

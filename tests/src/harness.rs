@@ -4,8 +4,8 @@ use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use async_trait::async_trait;
 use csi_core::backend::{ControllerRpc, NodeRpc};
 use csi_core::csi::{
-    self, controller_client::ControllerClient, identity_client::IdentityClient,
-    node_client::NodeClient, volume_capability as vc,
+    self, controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+    identity_client::IdentityClient, node_client::NodeClient, volume_capability as vc,
 };
 use csi_core::server::Endpoint;
 use std::collections::HashMap;
@@ -294,6 +294,8 @@ pub struct Ctx {
     pub node: NodeClient<Channel>,
     /// Identity client.
     pub ident: IdentityClient<Channel>,
+    /// GroupController client.
+    pub group: GroupControllerClient<Channel>,
     /// Storage profile.
     pub profile: Arc<Profile>,
     /// Scratch directory for staging and target paths.
@@ -304,6 +306,8 @@ pub struct Ctx {
     pub node_caps: Vec<NodeRpc>,
     /// Whether the Controller service is advertised.
     pub has_controller: bool,
+    /// Whether the GroupController service is advertised.
+    pub has_group: bool,
 }
 
 impl Ctx {
@@ -314,14 +318,22 @@ impl Ctx {
             ctl: ControllerClient::new(channel.clone()),
             node: NodeClient::new(channel.clone()),
             ident: IdentityClient::new(channel.clone()),
+            group: GroupControllerClient::new(channel.clone()),
             channel,
             profile,
             scratch: tempfile::Builder::new().prefix("rcsi-scratch-").tempdir()?,
             ctl_caps: vec![],
             node_caps: vec![],
             has_controller: false,
+            has_group: false,
         };
-        (ctx.ctl_caps, ctx.node_caps, ctx.has_controller) = query_caps(ctx.channel.clone()).await?;
+        let caps = query_caps(ctx.channel.clone()).await?;
+        (
+            ctx.ctl_caps,
+            ctx.node_caps,
+            ctx.has_controller,
+            ctx.has_group,
+        ) = caps;
         Ok(ctx)
     }
 
@@ -342,6 +354,7 @@ impl Ctx {
         self.ctl = ControllerClient::new(self.channel.clone());
         self.node = NodeClient::new(self.channel.clone());
         self.ident = IdentityClient::new(self.channel.clone());
+        self.group = GroupControllerClient::new(self.channel.clone());
         Ok(())
     }
 
@@ -557,15 +570,22 @@ impl Ctx {
     }
 }
 
-/// Controller caps, node caps and whether a controller is served.
-async fn query_caps(channel: Channel) -> Result<(Vec<ControllerRpc>, Vec<NodeRpc>, bool)> {
+/// Controller caps, node caps and whether a controller and a group controller are served.
+async fn query_caps(channel: Channel) -> Result<(Vec<ControllerRpc>, Vec<NodeRpc>, bool, bool)> {
     use csi::plugin_capability::{Type as PT, service::Type as ST};
     let plugin = IdentityClient::new(channel.clone())
         .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
         .await?
         .into_inner();
-    let has_controller = plugin.capabilities.iter().any(
-        |c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == ST::ControllerService as i32),
+    let serves = |t: ST| {
+        plugin
+            .capabilities
+            .iter()
+            .any(|c| matches!(&c.r#type, Some(PT::Service(s)) if s.r#type == t as i32))
+    };
+    let (has_controller, has_group) = (
+        serves(ST::ControllerService),
+        serves(ST::GroupControllerService),
     );
     let mut ctl_caps = Vec::new();
     if has_controller {
@@ -596,7 +616,7 @@ async fn query_caps(channel: Channel) -> Result<(Vec<ControllerRpc>, Vec<NodeRpc
             None => None,
         })
         .collect();
-    Ok((ctl_caps, node_caps, has_controller))
+    Ok((ctl_caps, node_caps, has_controller, has_group))
 }
 
 /// Builds a capability.
@@ -672,6 +692,8 @@ pub enum Needs {
     SizeEnforced,
     /// A controller that sees the node's mounts.
     ControllerSeesNode,
+    /// The GroupController service (volume group snapshots).
+    GroupSnapshots,
 }
 
 /// A named case.
@@ -711,7 +733,7 @@ pub fn run_suite(
             inst.stop().await?;
             caps.map(|c| (c, breakable))
         });
-        let ((ctl_caps, node_caps, has_controller), breakable) = match probe {
+        let ((ctl_caps, node_caps, has_controller, has_group), breakable) = match probe {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("{}: cannot start the driver: {e:#}", profile.name);
@@ -733,6 +755,9 @@ pub fn run_suite(
                 }
                 Needs::SizeEnforced => {
                     profile.enforces_size && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
+                }
+                Needs::GroupSnapshots => {
+                    has_group && ctl_caps.contains(&ControllerRpc::CreateDeleteSnapshot)
                 }
                 Needs::ControllerSeesNode => {
                     profile.controller_sees_node

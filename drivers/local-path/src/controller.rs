@@ -163,14 +163,14 @@ impl LocalPath {
         }
     }
 
-    fn snapshot_proto(s: &SnapshotMeta) -> csi::Snapshot {
+    pub(crate) fn snapshot_proto(s: &SnapshotMeta) -> csi::Snapshot {
         csi::Snapshot {
             size_bytes: s.size as i64,
             snapshot_id: s.id.clone(),
             source_volume_id: s.source_volume_id.clone(),
             creation_time: Some(prost_timestamp(s.created_unix, s.created_nanos)),
             ready_to_use: true,
-            group_snapshot_id: String::new(),
+            group_snapshot_id: s.group_id.clone().unwrap_or_default(),
         }
     }
 
@@ -335,7 +335,20 @@ fn grow_file(p: &std::path::Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn prost_timestamp(secs: u64, nanos: u32) -> prost_types::Timestamp {
+/// InvalidArgument for any parameter but Kubernetes' own: `what`s take none.
+pub(crate) fn no_parameters(parameters: &BTreeMap<String, String>, what: &str) -> Result<()> {
+    match parameters
+        .keys()
+        .find(|k| !k.starts_with(csi_core::types::K8S_PARAM_PREFIX))
+    {
+        Some(k) => Err(Error::InvalidArgument(format!(
+            "unknown {what} parameter {k:?}; local.rcsi.io {what}s take no parameters"
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn prost_timestamp(secs: u64, nanos: u32) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: secs as i64,
         nanos: nanos as i32,
@@ -584,14 +597,7 @@ impl ControllerBackend for LocalPath {
         parameters: &BTreeMap<String, String>,
         _secrets: &Secrets,
     ) -> Result<csi::Snapshot> {
-        if let Some(k) = parameters
-            .keys()
-            .find(|k| !k.starts_with(csi_core::types::K8S_PARAM_PREFIX))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "unknown snapshot parameter {k:?}; local.rcsi.io snapshots take no parameters"
-            )));
-        }
+        no_parameters(parameters, "snapshot")?;
         let existing = {
             let idx = self.index();
             idx.snapshot_by_name
@@ -618,6 +624,7 @@ impl ControllerBackend for LocalPath {
             backing: v.backing.clone(),
             created_unix: secs,
             created_nanos: nanos,
+            group_id: None,
         };
         let dst = self.snapshot_path(&s);
         let tmp = tmp_name(&dst);
@@ -647,6 +654,11 @@ impl ControllerBackend for LocalPath {
     async fn delete_snapshot(&self, snapshot_id: &str, _secrets: &Secrets) -> Result<()> {
         let s = self.index().state.snapshots.get(snapshot_id).cloned();
         let Some(s) = s else { return Ok(()) };
+        if let Some(g) = &s.group_id {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {snapshot_id} is part of group snapshot {g} and is deleted with it (DeleteVolumeGroupSnapshot)"
+            )));
+        }
         let path = self.snapshot_path(&s);
         self.commit(Change::DeleteSnapshot { id: s.id.clone() })
             .await?;

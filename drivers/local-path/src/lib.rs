@@ -3,6 +3,7 @@
 
 mod controller;
 mod error;
+mod group;
 pub mod meta;
 mod node;
 mod quota;

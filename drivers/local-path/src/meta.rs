@@ -101,4 +101,24 @@ pub struct SnapshotMeta {
     pub created_unix: u64,
     /// Nanosecond part of the creation time.
     pub created_nanos: u32,
+    /// The group snapshot it belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+}
+
+/// One volume group snapshot: member snapshots cut at one point in time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMeta {
+    /// Plugin-issued id (`lg-<32 hex>`).
+    pub id: String,
+    /// The CO's idempotency name.
+    pub name: String,
+    /// Volumes it was taken of, in request order.
+    pub source_volume_ids: Vec<String>,
+    /// Its member snapshots, in the same order.
+    pub snapshot_ids: Vec<String>,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+    /// Nanosecond part of the creation time.
+    pub created_nanos: u32,
 }

@@ -1,7 +1,7 @@
 //! What local-path persists: its volume and snapshot records, kept in the
 //! core's crash-safe journal ([`csi_core::journal::Log`]).
 
-use crate::meta::{SnapshotMeta, VolumeMeta};
+use crate::meta::{GroupMeta, SnapshotMeta, VolumeMeta};
 use csi_core::journal::LogState;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +24,18 @@ pub enum Change {
         /// Snapshot id.
         id: String,
     },
+    /// Record a group snapshot and all its members at once.
+    PutGroup {
+        /// The group.
+        group: GroupMeta,
+        /// Its member snapshots.
+        snapshots: Vec<SnapshotMeta>,
+    },
+    /// Forget a group snapshot and its members.
+    DeleteGroup {
+        /// Group snapshot id.
+        id: String,
+    },
 }
 
 /// Everything the driver persists (the snapshot file's format).
@@ -33,6 +45,9 @@ pub struct State {
     pub volumes: BTreeMap<String, VolumeMeta>,
     /// Snapshots by id.
     pub snapshots: BTreeMap<String, SnapshotMeta>,
+    /// Group snapshots by id.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupMeta>,
 }
 
 /// [`State`] plus lookups by name, kept in step by [`LogState::apply`].
@@ -45,6 +60,8 @@ pub struct Index {
     pub volume_by_name: HashMap<String, String>,
     /// Snapshot id by name.
     pub snapshot_by_name: HashMap<String, String>,
+    /// Group snapshot id by name.
+    pub group_by_name: HashMap<String, String>,
 }
 
 impl From<State> for Index {
@@ -59,10 +76,16 @@ impl From<State> for Index {
             .values()
             .map(|s| (s.name.clone(), s.id.clone()))
             .collect();
+        let group_by_name = state
+            .groups
+            .values()
+            .map(|g| (g.name.clone(), g.id.clone()))
+            .collect();
         Self {
             state,
             volume_by_name,
             snapshot_by_name,
+            group_by_name,
         }
     }
 }
@@ -96,6 +119,22 @@ impl LogState for Index {
                     self.snapshot_by_name.remove(&s.name);
                 }
             }
+            Change::PutGroup { group, snapshots } => {
+                for s in snapshots {
+                    self.apply(Change::PutSnapshot(s));
+                }
+                self.group_by_name
+                    .insert(group.name.clone(), group.id.clone());
+                self.state.groups.insert(group.id.clone(), group);
+            }
+            Change::DeleteGroup { id } => {
+                if let Some(g) = self.state.groups.remove(&id) {
+                    self.group_by_name.remove(&g.name);
+                    for s in g.snapshot_ids {
+                        self.apply(Change::DeleteSnapshot { id: s });
+                    }
+                }
+            }
         }
     }
 }
@@ -126,6 +165,7 @@ mod tests {
         let state = State {
             volumes: [("a".to_owned(), vol("a"))].into(),
             snapshots: BTreeMap::new(),
+            groups: BTreeMap::new(),
         };
         std::fs::write(
             d.path().join("state.json"),
