@@ -175,50 +175,51 @@ impl LocalPath {
     }
 
     /// Bytes still free for new volumes: statvfs minus the reserve minus the
-    /// unwritten part of every size-enforced volume (those are promised in full).
+    /// unwritten part of every size-enforced volume (those are promised in
+    /// full). That sum costs a stat or quotactl per volume, so it is cached
+    /// until a change or for [`PROMISED_TTL`]; one trip off the runtime does both.
     pub(crate) async fn available(&self) -> Result<u64> {
-        let base = self.cfg.base_path.clone();
-        let st = self
-            .fs("statvfs of the base path", move || {
-                csi_core::fsutil::statvfs(&base)
+        let cached = *self.promised.lock().unwrap_or_else(|e| e.into_inner());
+        let enforced: Option<Vec<(PathBuf, VolumeMeta)>> = match cached {
+            Some((at, _)) if at.elapsed() < PROMISED_TTL => None,
+            _ => Some(
+                self.index()
+                    .state
+                    .volumes
+                    .values()
+                    .filter(|v| v.backing.is_image() || v.project_id.is_some())
+                    .map(|v| (self.volume_path(&v.id, &v.backing), v.clone()))
+                    .collect(),
+            ),
+        };
+        let (base, quotas) = (self.cfg.base_path.clone(), self.quotas.clone());
+        let (st, fresh) = self
+            .fs("measuring free space", move || {
+                let st = csi_core::fsutil::statvfs(&base)?;
+                let fresh = enforced.map(|vols| {
+                    vols.iter()
+                        .map(|(p, v)| {
+                            let used = used_bytes(p, v, quotas.as_ref()).unwrap_or(0);
+                            v.capacity.saturating_sub(used)
+                        })
+                        .sum::<u64>()
+                });
+                Ok((st, fresh))
             })
             .await?;
+        let promised = match (fresh, cached) {
+            (Some(sum), _) => {
+                *self.promised.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), sum));
+                sum
+            }
+            (None, Some((_, sum))) => sum,
+            (None, None) => 0,
+        };
         Ok(st
             .available_bytes
             .saturating_sub(self.cfg.reserved_bytes)
-            .saturating_sub(self.promised().await?))
-    }
-
-    /// The unwritten part of every size-enforced volume: a stat or quotactl
-    /// per volume, so the sum is cached until a change or for [`PROMISED_TTL`].
-    async fn promised(&self) -> Result<u64> {
-        if let Some((at, sum)) = *self.promised.lock().unwrap_or_else(|e| e.into_inner())
-            && at.elapsed() < PROMISED_TTL
-        {
-            return Ok(sum);
-        }
-        let enforced: Vec<(PathBuf, VolumeMeta)> = self
-            .index()
-            .state
-            .volumes
-            .values()
-            .filter(|v| v.backing.is_image() || v.project_id.is_some())
-            .map(|v| (self.volume_path(&v.id, &v.backing), v.clone()))
-            .collect();
-        let quotas = self.quotas.clone();
-        let sum = self
-            .fs("summing the unwritten space of volumes", move || {
-                Ok(enforced
-                    .iter()
-                    .map(|(p, v)| {
-                        let used = used_bytes(p, v, quotas.as_ref()).unwrap_or(0);
-                        v.capacity.saturating_sub(used)
-                    })
-                    .sum())
-            })
-            .await?;
-        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), sum));
-        Ok(sum)
+            .saturating_sub(promised))
     }
 
     /// Drops the quota limit of a project that no longer has a volume.
