@@ -95,3 +95,30 @@ async fn crash_windows_are_finished_or_undone() {
     assert_eq!(listed, want);
     assert_eq!(create(&d, "a").await, a, "names still map to their volumes");
 }
+
+#[tokio::test]
+async fn a_committed_snapshot_whose_rename_failed_is_settled_by_the_retry() {
+    use csi_core::types::Secrets;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let d = open(&base);
+    let v = create(&d, "src").await;
+    std::fs::write(base.join("volumes").join(&v).join("data"), b"snap me").unwrap();
+    let params = Default::default();
+    let s = d
+        .create_snapshot(&v, "snap", &params, &Secrets::default())
+        .await
+        .unwrap();
+    let snaps = base.join("snapshots");
+    let data = snaps.join(&s.snapshot_id);
+    // As if the rename after the commit had failed: the data sits under its
+    // temporary name. The retry must move it into place, not report a
+    // snapshot without data.
+    std::fs::rename(&data, snaps.join(format!(".tmp-{}", s.snapshot_id))).unwrap();
+    let again = d
+        .create_snapshot(&v, "snap", &params, &Secrets::default())
+        .await
+        .unwrap();
+    assert_eq!(again.snapshot_id, s.snapshot_id);
+    assert_eq!(std::fs::read(data.join("data")).unwrap(), b"snap me");
+}
