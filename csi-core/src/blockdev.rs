@@ -68,10 +68,63 @@ impl SystemLoopDevices {
     }
 }
 
+/// `struct loop_info64` of linux/loop.h.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+nix::ioctl_read_bad!(
+    /// LOOP_GET_STATUS64: what a loop device is attached to.
+    loop_get_status64,
+    0x4C05,
+    LoopInfo64
+);
+
+/// Device and inode of the file behind a loop device (None when unbound).
+/// Unlike `backing_file`, which names the file as the mount namespace that
+/// attached it saw it, these identify it from any namespace: a restarted
+/// node plugin container still finds its devices.
+fn loop_backing_id(dev: &Path) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dev)?;
+    // SAFETY: the zeroed struct is valid for every field (plain integers
+    // and byte arrays); the ioctl fills it.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 writes one loop_info64 into `info`, which
+    // lives for the call; the fd is open.
+    match unsafe { loop_get_status64(f.as_raw_fd(), &mut info) } {
+        Ok(_) => Ok(Some((info.lo_device, info.lo_inode))),
+        Err(nix::errno::Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One attached loop device.
+struct Attached {
+    dev: PathBuf,
+    /// The backing file as the attaching namespace named it.
+    path: PathBuf,
+    /// Device and inode of the backing file, when the kernel told us.
+    id: Option<(u64, u64)>,
+}
+
 /// Every attached loop device and its backing file. A read error is an
 /// error, never "no loop devices": callers decide from this whether data is
 /// still in use.
-fn loop_backing_files() -> Result<Vec<(PathBuf, PathBuf)>> {
+fn attached_loops() -> Result<Vec<Attached>> {
     let entries = std::fs::read_dir("/sys/block").ctx(|| "reading /sys/block".into())?;
     let mut out = Vec::new();
     for e in entries {
@@ -81,10 +134,21 @@ fn loop_backing_files() -> Result<Vec<(PathBuf, PathBuf)>> {
         }
         let file = e.path().join("loop/backing_file");
         match std::fs::read_to_string(&file) {
-            Ok(backing) => out.push((
-                Path::new("/dev").join(e.file_name()),
-                PathBuf::from(backing.trim_end_matches('\n')),
-            )),
+            Ok(backing) => {
+                let dev = Path::new("/dev").join(e.file_name());
+                let id = match loop_backing_id(&dev) {
+                    Ok(id) => id,
+                    Err(err) => {
+                        tracing::debug!(dev = %dev.display(), error = %err, "no loop status; matching by path");
+                        None
+                    }
+                };
+                out.push(Attached {
+                    dev,
+                    path: PathBuf::from(backing.trim_end_matches('\n')),
+                    id,
+                });
+            }
             // An unattached loop device has no backing_file.
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(Error::io(format!("reading {}", file.display()), err)),
@@ -121,17 +185,28 @@ impl LoopDevices for SystemLoopDevices {
     }
 
     async fn find_loop(&self, file: &Path) -> Result<Option<PathBuf>> {
-        let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-        let all = crate::fsutil::blocking(
+        let file = file.to_path_buf();
+        crate::fsutil::blocking(
             "listing loop devices",
             crate::fsutil::FS_TIMEOUT,
-            loop_backing_files,
-        );
-        Ok(all
-            .await?
-            .into_iter()
-            .find(|(_, b)| *b == file)
-            .map(|(d, _)| d))
+            move || {
+                use std::os::unix::fs::MetadataExt;
+                let id = match std::fs::metadata(&file) {
+                    Ok(m) => Some((m.dev(), m.ino())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(Error::io(format!("stat {}", file.display()), e)),
+                };
+                let path = std::fs::canonicalize(&file).unwrap_or(file);
+                Ok(attached_loops()?
+                    .into_iter()
+                    .find(|a| match (a.id, id) {
+                        (Some(a), Some(f)) => a == f,
+                        _ => a.path == path,
+                    })
+                    .map(|a| a.dev))
+            },
+        )
+        .await
     }
 
     async fn detach_loop(&self, dev: &Path) -> Result<()> {

@@ -138,6 +138,18 @@ async fn loop_attach_mkfs_once_grow_and_detach() {
     );
     assert_eq!(bd.size(&dev).await.unwrap(), 64 << 20);
     assert_eq!(bd.fs_type(&dev).await.unwrap(), None);
+    // Found by device and inode, not by name: another name of the same file
+    // (as a restarted container sees it in its own mount namespace) finds
+    // the device, and a different file of the same name does not.
+    let other_name = d.path().join("same-inode.img");
+    std::fs::hard_link(&img, &other_name).unwrap();
+    assert_eq!(
+        loops.find_loop(&other_name).await.unwrap().as_deref(),
+        Some(dev.as_path())
+    );
+    let copy = d.path().join("copy.img");
+    std::fs::copy(&img, &copy).unwrap();
+    assert_eq!(loops.find_loop(&copy).await.unwrap(), None);
 
     assert_eq!(bd.mkfs_if_blank(&dev, "ext4").await.unwrap(), "ext4");
     assert_eq!(
