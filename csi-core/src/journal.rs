@@ -146,14 +146,15 @@ impl<S: LogState> Committer<S> {
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
             }
-            let result = self.append(batch.iter().map(|(c, _)| c));
+            let (changes, waiting): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let result = self.append(changes.iter());
             if result.is_ok() {
                 let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-                for (c, _) in &batch {
-                    state.apply(c.clone());
+                for c in changes {
+                    state.apply(c);
                 }
             }
-            for (_, done) in batch {
+            for done in waiting {
                 let _ = done.send(result.as_ref().map(drop).map_err(Error::duplicate));
             }
             if self.broken.is_none() && self.since_compact >= COMPACT_EVERY {

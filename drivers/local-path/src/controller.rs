@@ -483,9 +483,8 @@ impl ControllerBackend for LocalPath {
             return Ok(());
         };
         let path = self.volume_path(&v.id, &v.backing);
-        let mounted: Vec<String> = self
-            .exposures(&v)
-            .await?
+        let (dev, exposed) = self.usage(&v).await?;
+        let mounted: Vec<String> = exposed
             .into_iter()
             .map(|m| m.mount_point.display().to_string())
             .collect();
@@ -496,7 +495,7 @@ impl ControllerBackend for LocalPath {
                 mounted.join(", ")
             )));
         }
-        if v.backing.is_image() && self.host.loops.find_loop(&path).await?.is_some() {
+        if dev.is_some() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {volume_id} is still staged on node {} (its loop device is attached); unstage it first",
                 self.cfg.node_id

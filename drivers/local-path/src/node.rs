@@ -140,42 +140,42 @@ impl LocalPath {
     /// its staging mount and every publish (the kernel's view, so it holds
     /// across plugin restarts). For raw block volumes, binds of its loop device.
     pub(crate) async fn exposures(&self, v: &VolumeMeta) -> Result<Vec<MountInfo>> {
+        Ok(self.usage(v).await?.1)
+    }
+
+    /// The loop device of an image volume (None when detached or a
+    /// directory) and the volume's [`exposures`](Self::exposures), from one
+    /// look at the loop devices and the mount table.
+    pub(crate) async fn usage(&self, v: &VolumeMeta) -> Result<(Option<PathBuf>, Vec<MountInfo>)> {
         let data = self.volume_path(&v.id, &v.backing);
         let dev = match v.backing {
             Backing::Directory => None,
             _ => match self.host.loops.find_loop(&data).await? {
                 Some(dev) => Some(dev),
-                None => return Ok(vec![]),
+                None => return Ok((None, vec![])),
             },
         };
         let mounts = self.host.mounter.mounts().await?;
-        Ok(match (&v.backing, dev) {
+        let exposed = match (&v.backing, &dev) {
             (Backing::Filesystem { .. }, Some(dev)) => mounts
                 .into_iter()
                 .filter(|m| Path::new(&m.source) == dev)
                 .collect(),
-            (_, Some(dev)) => exposures(&mounts, &dev),
+            (_, Some(dev)) => exposures(&mounts, dev),
             (_, None) => exposures(&mounts, &data),
-        })
+        };
+        Ok((dev, exposed))
     }
 
     /// NotFound unless `path` is a mount of this volume (or, for a raw block
     /// volume, its device node).
     async fn check_holds(&self, v: &VolumeMeta, path: &Path) -> Result<()> {
-        if self
-            .exposures(v)
-            .await?
-            .iter()
-            .any(|m| m.mount_point == path)
-        {
+        let (dev, exposed) = self.usage(v).await?;
+        if exposed.iter().any(|m| m.mount_point == path) {
             return Ok(());
         }
         if v.backing == Backing::Block
-            && let Some(dev) = self
-                .host
-                .loops
-                .find_loop(&self.volume_path(&v.id, &v.backing))
-                .await?
+            && let Some(dev) = dev
             && self.is_same_device(path, &dev).await?
         {
             return Ok(());
