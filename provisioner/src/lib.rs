@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod params;
 pub mod provision;
+pub mod resize;
 pub mod run;
 pub mod snapshot;
 

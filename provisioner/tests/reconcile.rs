@@ -10,7 +10,7 @@ use kube::runtime::controller::Action;
 use mock::*;
 use rcsi_provisioner::csi::Csi;
 use rcsi_provisioner::snapshot::{self, Content};
-use rcsi_provisioner::{Ctx, capacity, delete, provision};
+use rcsi_provisioner::{Ctx, capacity, delete, provision, resize};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -455,6 +455,7 @@ fn volume(extra: Value) -> Value {
         "spec": {"accessModes": ["ReadWriteOnce"], "capacity": {"storage": "1Gi"},
             "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "fast",
             "volumeMode": "Filesystem",
+            "claimRef": {"namespace": "apps", "name": "data", "uid": UID},
             "csi": {"driver": DRIVER, "volumeHandle": "vol-1", "fsType": "ext4"},
             "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
                 {"key": TOPO, "operator": "In", "values": ["n1"]}]}]}}},
@@ -602,7 +603,20 @@ async fn expansion_grows_the_pv_and_hands_over_to_the_kubelet() {
             );
         }),
         event("apps", "FileSystemResizeRequired"),
-        // Already handed over: nothing more to do.
+        // Handed over: while the kubelet's step is pending or running, the claim is
+        // only read, never written (the kubelet's guarded patches would conflict).
+        get(
+            PV_PATH,
+            volume(json!({"spec": {"capacity": {"storage": "2Gi"}}})),
+        ),
+        get(
+            PV_PATH,
+            volume(json!({"spec": {"capacity": {"storage": "2Gi"}}})),
+        ),
+        get(
+            PV_PATH,
+            volume(json!({"spec": {"capacity": {"storage": "2Gi"}}})),
+        ),
     ]);
     let csi = Arc::new(FakeCsi {
         node_expansion: true,
@@ -618,6 +632,23 @@ async fn expansion_grows_the_pv_and_hands_over_to_the_kubelet() {
         "allocatedResourceStatuses": {"storage": "NodeResizePending"}}}),
     );
     provision::reconcile(pvc_of(&pending), c.clone())
+        .await
+        .unwrap();
+    let in_progress = bound(
+        "2Gi",
+        json!({"status": {"allocatedResources": {"storage": "2Gi"},
+        "allocatedResourceStatuses": {"storage": "NodeResizeInProgress"}}}),
+    );
+    provision::reconcile(pvc_of(&in_progress), c.clone())
+        .await
+        .unwrap();
+    // A larger request meanwhile waits until the kubelet has finished the first.
+    let larger = bound(
+        "3Gi",
+        json!({"status": {"allocatedResources": {"storage": "2Gi"},
+        "allocatedResourceStatuses": {"storage": "NodeResizeInProgress"}}}),
+    );
+    provision::reconcile(pvc_of(&larger), c.clone())
         .await
         .unwrap();
     provision::reconcile(pvc_of(&bound("1Gi", json!({}))), c.clone())
@@ -643,15 +674,38 @@ async fn expansion_without_a_node_step_completes_and_final_errors_are_reported()
             assert!(b["status"]["conditions"].is_null());
         }),
         event("apps", "VolumeResizeSuccessful"),
+        // 9Ti is out of range: reported once, then retried only after a while.
         get(PV_PATH, volume(json!({}))),
-        echo(Method::PATCH, PVC_STATUS, |_| {}),
+        echo(Method::PATCH, PVC_STATUS, |b| {
+            assert_eq!(b["status"]["allocatedResources"]["storage"], "9Ti");
+        }),
+        event("apps", "VolumeResizeFailed"),
         echo(Method::PATCH, PVC_STATUS, |b| {
             assert_eq!(
                 b["status"]["allocatedResourceStatuses"]["storage"],
                 "ControllerResizeInfeasible"
             );
+            assert_eq!(
+                b["status"]["conditions"][0]["type"],
+                "ControllerResizeError"
+            );
         }),
-        event("apps", "VolumeResizeFailed"),
+        get(PV_PATH, volume(json!({}))),
+        // The user lowers the request to 2Gi: tried at once.
+        get(PV_PATH, volume(json!({}))),
+        echo(Method::PATCH, PVC_STATUS, |b| {
+            assert_eq!(b["status"]["allocatedResources"]["storage"], "2Gi");
+        }),
+        echo(Method::PATCH, PV_PATCH, |_| {}),
+        echo(Method::PATCH, PVC_STATUS, |b| {
+            assert_eq!(b["status"]["capacity"]["storage"], "2Gi");
+        }),
+        // The repeated event is counted on the first one.
+        echo(
+            Method::PATCH,
+            "/apis/events.k8s.io/v1/namespaces/apps/events/*",
+            |_| {},
+        ),
     ]);
     let csi = Arc::new(FakeCsi::default());
     let c = ctx(client, csi.clone(), None);
@@ -662,12 +716,27 @@ async fn expansion_without_a_node_step_completes_and_final_errors_are_reported()
         .lock()
         .unwrap()
         .insert("ControllerExpandVolume", Code::OutOfRange);
-    assert!(
+    let later = Action::requeue(resize::INFEASIBLE_RETRY);
+    assert_eq!(
         provision::reconcile(pvc_of(&bound("9Ti", json!({}))), c.clone())
             .await
-            .is_err()
+            .unwrap(),
+        later
     );
+    let infeasible = json!({"status": {"allocatedResources": {"storage": "9Ti"},
+        "allocatedResourceStatuses": {"storage": "ControllerResizeInfeasible"}}});
+    assert_eq!(
+        provision::reconcile(pvc_of(&bound("9Ti", infeasible.clone())), c.clone())
+            .await
+            .unwrap(),
+        later
+    );
+    csi.fail.lock().unwrap().clear();
+    provision::reconcile(pvc_of(&bound("2Gi", infeasible)), c.clone())
+        .await
+        .unwrap();
     finish(c, server).await;
+    assert_eq!(csi.expands.lock().unwrap().len(), 3);
 }
 
 fn content(extra: Value) -> Value {
