@@ -56,7 +56,6 @@ async fn reconcile_volume(pv: &PersistentVolume, ctx: &Ctx) -> Result<Action> {
     }
     let spec = pv.spec.clone().unwrap_or_default();
     let reclaim_delete = spec.persistent_volume_reclaim_policy.as_deref() == Some("Delete");
-    let released = pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released");
     let api = Api::<PersistentVolume>::all(ctx.client.clone());
     if !reclaim_delete {
         if deleting {
@@ -64,12 +63,26 @@ async fn reconcile_volume(pv: &PersistentVolume, ctx: &Ctx) -> Result<Action> {
         }
         return Ok(Action::await_change());
     }
-    if !deleting && !released {
-        if !finalized {
-            set_finalizer(&api, pv, PV_FINALIZER, true).await?;
-        }
+    if !deleting && !finalized {
+        set_finalizer(&api, pv, PV_FINALIZER, true).await?;
         return Ok(Action::await_change());
     }
+    // A PV deleted by hand while Bound stays (pv-protection, our finalizer) and its
+    // data stays with it until the claim lets go, as upstream does.
+    let released = |pv: &PersistentVolume| {
+        pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released")
+    };
+    if !released(pv) {
+        return Ok(Action::await_change());
+    }
+    // The watch cache may still show a PV we have just finished: read it fresh, so the
+    // driver is not asked to delete the same volume twice.
+    let pv = match api.get_opt(&pv.name_any()).await? {
+        Some(f) if released(&f) && f.finalizers().iter().any(|x| x == PV_FINALIZER) => f,
+        _ => return Ok(Action::await_change()),
+    };
+    let pv = &pv;
+    let deleting = pv.metadata.deletion_timestamp.is_some();
     let handle = spec.csi.map(|c| c.volume_handle).unwrap_or_default();
     let secret = params::annotated_secret(
         pv.annotations(),
@@ -95,12 +108,10 @@ async fn reconcile_volume(pv: &PersistentVolume, ctx: &Ctx) -> Result<Action> {
     }
     info!(pv = %pv.name_any(), volume = %handle, "deleted volume");
     ctx.capacity_changed.notify_one();
-    if finalized {
-        match set_finalizer(&api, pv, PV_FINALIZER, false).await {
-            Err(Error::Kube(e)) if not_found(&e) => return Ok(Action::await_change()),
-            r => {
-                r?;
-            }
+    match set_finalizer(&api, pv, PV_FINALIZER, false).await {
+        Err(Error::Kube(e)) if not_found(&e) => return Ok(Action::await_change()),
+        r => {
+            r?;
         }
     }
     if !deleting {

@@ -95,6 +95,14 @@ async fn a_claim_round_trips_through_the_local_path_driver() {
             "/apis/storage.k8s.io/v1/namespaces/rcsi-system/csistoragecapacities?*",
             json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSIStorageCapacityList", "metadata": {}, "items": []}),
         ),
+        // The deleter reads the PV fresh before DeleteVolume.
+        get(
+            &pv_path,
+            json!({"apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": pv_name, "resourceVersion": "6",
+                "finalizers": ["external-provisioner.volume.kubernetes.io/finalizer"]},
+            "status": {"phase": "Released"}}),
+        ),
         echo(Method::PATCH, &format!("{pv_path}?"), |_| {}),
         step(
             Method::DELETE,

@@ -476,12 +476,14 @@ async fn released_volumes_are_deleted_before_their_pv_and_failures_keep_the_fina
     let released = volume(json!({"status": {"phase": "Released"}}));
     let (client, server) = api(vec![
         // First attempt fails: event, finalizer stays, nothing deleted.
+        get(PV_PATH, released.clone()),
         get(
             "/api/v1/namespaces/storage/secrets/creds",
             secret("storage", "creds"),
         ),
         event("default", "VolumeFailedDelete"),
         // Second attempt: DeleteVolume, drop our finalizer (others kept), delete the PV.
+        get(PV_PATH, released.clone()),
         get(
             "/api/v1/namespaces/storage/secrets/creds",
             secret("storage", "creds"),
@@ -519,6 +521,50 @@ async fn released_volumes_are_deleted_before_their_pv_and_failures_keep_the_fina
     assert_eq!(deletes.len(), 2);
     assert_eq!(deletes[1].volume_id, "vol-1");
     assert_eq!(deletes[1].secrets["token"], "s3cr3t");
+}
+
+#[tokio::test]
+async fn a_pv_deleted_while_bound_keeps_its_volume_until_released_and_is_deleted_once() {
+    let deleting = json!({"metadata": {"deletionTimestamp": "2026-11-22T00:00:00Z"}});
+    let bound_deleting = volume(deleting.clone());
+    let mut released = volume(json!({"status": {"phase": "Released"}}));
+    merge(&mut released, deleting);
+    let mut finished = released.clone();
+    merge(
+        &mut finished,
+        json!({"metadata": {"finalizers": ["kubernetes.io/pv-protection"]}}),
+    );
+    let (client, server) = api(vec![
+        // Released: deleted once.
+        get(PV_PATH, released.clone()),
+        get(
+            "/api/v1/namespaces/storage/secrets/creds",
+            secret("storage", "creds"),
+        ),
+        echo(Method::PATCH, PV_PATCH, |b| {
+            assert_eq!(
+                b["metadata"]["finalizers"],
+                json!(["kubernetes.io/pv-protection"])
+            );
+        }),
+        // A stale copy from the watch cache: the fresh read shows it is done.
+        get(PV_PATH, finished),
+    ]);
+    let csi = Arc::new(FakeCsi::default());
+    let c = ctx(client, csi.clone(), None);
+    // Deleted by hand while Bound (its pod still writing): nothing happens.
+    delete::reconcile(pv_of(&bound_deleting), c.clone())
+        .await
+        .unwrap();
+    assert!(csi.calls().is_empty(), "DeleteVolume of a Bound PV");
+    delete::reconcile(pv_of(&released), c.clone())
+        .await
+        .unwrap();
+    delete::reconcile(pv_of(&released), c.clone())
+        .await
+        .unwrap();
+    finish(c, server).await;
+    assert_eq!(csi.calls(), vec!["DeleteVolume"]);
 }
 
 #[tokio::test]
