@@ -22,6 +22,10 @@ use tracing::{info, warn};
 pub const ANN_BEING_CREATED: &str = "snapshot.storage.kubernetes.io/volumesnapshot-being-created";
 /// Annotation the snapshot-controller sets when the content is to be deleted.
 pub const ANN_BEING_DELETED: &str = "snapshot.storage.kubernetes.io/volumesnapshot-being-deleted";
+/// Content finalizer the snapshot-controller adds; the sidecar (here: us) removes it
+/// once the snapshot is gone or is not ours to delete.
+pub const CONTENT_FINALIZER: &str =
+    "snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection";
 /// Annotations naming the DeleteSnapshot secret (set by the snapshot-controller).
 pub const ANN_SECRET_NAME: &str = "snapshot.storage.kubernetes.io/deletion-secret-name";
 /// See [`ANN_SECRET_NAME`].
@@ -85,6 +89,9 @@ pub struct ContentStatus {
     /// True once the snapshot can be restored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ready_to_use: Option<bool>,
+    /// Set on members of a group snapshot, which are deleted with their group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_handle: Option<String>,
 }
 
 /// A VolumeSnapshotContent.
@@ -107,15 +114,21 @@ fn contents(ctx: &Ctx) -> Api<Content> {
     Api::all_with(ctx.client.clone(), &content_resource())
 }
 
-/// True when a watched PV of this driver with CSI handle `handle` is on the node with `labels`.
-fn is_local_volume(ctx: &Ctx, handle: &str, labels: &BTreeMap<String, String>) -> bool {
-    ctx.pvs.as_ref().is_some_and(|store| {
-        store.state().iter().any(|pv| {
-            let spec = pv.spec.as_ref();
-            spec.and_then(|s| s.csi.as_ref())
-                .is_some_and(|c| c.driver == ctx.driver && c.volume_handle == handle)
-                && params::affinity_matches(spec.and_then(|s| s.node_affinity.as_ref()), labels)
-        })
+/// True when a watched PV of this driver with CSI handle `handle` is on the node with
+/// `labels`. Waits for the PV cache's first listing, so a snapshot taken right after a
+/// restart is not skipped.
+async fn is_local_volume(ctx: &Ctx, handle: &str, labels: &BTreeMap<String, String>) -> bool {
+    let Some(store) = ctx.pvs.as_ref() else {
+        return false;
+    };
+    if store.wait_until_ready().await.is_err() {
+        return false;
+    }
+    store.state().iter().any(|pv| {
+        let spec = pv.spec.as_ref();
+        spec.and_then(|s| s.csi.as_ref())
+            .is_some_and(|c| c.driver == ctx.driver && c.volume_handle == handle)
+            && params::affinity_matches(spec.and_then(|s| s.node_affinity.as_ref()), labels)
     })
 }
 
@@ -130,16 +143,19 @@ async fn reconcile_content(c: &Content, ctx: &Ctx) -> Result<Action> {
         .or_else(|| c.spec.source.snapshot_handle.clone());
     let view = ctx.node_view().await?;
     if c.metadata.deletion_timestamp.is_some() {
-        let annotations = c.annotations();
-        let should_delete = c.spec.deletion_policy == "Delete"
-            && annotations.contains_key(ANN_BEING_DELETED)
-            && !annotations.contains_key(ANN_BEING_CREATED);
-        if let (true, Some(h)) = (should_delete, status.snapshot_handle.as_deref()) {
-            // In node-deployment mode only the node that holds the snapshot deletes it.
-            if view.is_none() || find(ctx, h).await?.is_some() {
-                delete(c, ctx, h).await?;
-            }
+        if !should_delete(c) {
+            return Ok(Action::await_change());
         }
+        let delete_here =
+            c.spec.deletion_policy == "Delete" && status.volume_group_snapshot_handle.is_none();
+        if let (true, Some(h)) = (delete_here, status.snapshot_handle.as_deref()) {
+            // In node-deployment mode only the node that holds the snapshot deletes it.
+            if view.is_some() && find(ctx, h).await?.is_none() {
+                return Ok(Action::await_change());
+            }
+            delete(c, ctx, h).await?;
+        }
+        remove_finalizer(ctx, c).await?;
         return Ok(Action::await_change());
     }
     if status.ready_to_use == Some(true) {
@@ -147,7 +163,7 @@ async fn reconcile_content(c: &Content, ctx: &Ctx) -> Result<Action> {
     }
     match (&c.spec.source.volume_handle, &handle) {
         (Some(volume), _) => match &view {
-            Some(v) if !is_local_volume(ctx, volume, &v.labels) => Ok(Action::await_change()),
+            Some(v) if !is_local_volume(ctx, volume, &v.labels).await => Ok(Action::await_change()),
             _ => create(c, ctx, volume).await,
         },
         (None, Some(snap)) => import(c, ctx, snap, view.is_some()).await,
@@ -155,6 +171,35 @@ async fn reconcile_content(c: &Content, ctx: &Ctx) -> Result<Action> {
             "content {} has neither a source volume nor a snapshot handle",
             c.name_any()
         ))),
+    }
+}
+
+/// True when a content being deleted may be deleted now (as csi-snapshotter decides):
+/// an unbound pre-provisioned content, or one the snapshot-controller marked for
+/// deletion whose CreateSnapshot is not still in flight.
+fn should_delete(c: &Content) -> bool {
+    let a = c.annotations();
+    let unbound = c
+        .spec
+        .volume_snapshot_ref
+        .uid
+        .as_deref()
+        .unwrap_or("")
+        .is_empty();
+    if c.spec.source.snapshot_handle.is_some() && unbound {
+        return true;
+    }
+    !a.contains_key(ANN_BEING_CREATED) && a.contains_key(ANN_BEING_DELETED)
+}
+
+/// Drops [`CONTENT_FINALIZER`] so the API server can remove the content.
+async fn remove_finalizer(ctx: &Ctx, c: &Content) -> Result<()> {
+    if !c.finalizers().iter().any(|f| f == CONTENT_FINALIZER) {
+        return Ok(());
+    }
+    match crate::provision::set_finalizer(&contents(ctx), c, CONTENT_FINALIZER, false).await {
+        Err(Error::Kube(e)) if crate::error::not_found(&e) => Ok(()),
+        r => r.map(drop),
     }
 }
 
@@ -184,7 +229,8 @@ async fn delete(c: &Content, ctx: &Ctx, handle: &str) -> Result<()> {
         .await
         .map_err(|s| Error::csi("DeleteSnapshot", s))?;
     info!(content = %c.name_any(), snapshot = handle, "deleted snapshot");
-    // The snapshot-controller removes its finalizer once the handle is gone.
+    // Forget the handle first: if dropping the finalizer fails, the retry (on any
+    // node) only drops the finalizer.
     let patch = json!({"status": {"snapshotHandle": null, "readyToUse": false}});
     contents(ctx)
         .patch_status(

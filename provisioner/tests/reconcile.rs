@@ -845,6 +845,18 @@ async fn snapshots_are_created_with_class_parameters_and_deleted_on_request() {
                 &json!({"status": {"snapshotHandle": null, "readyToUse": false}})
             );
         }),
+        // ...and the content's finalizer goes, or the VolumeSnapshot hangs forever.
+        write(Method::PATCH, VSC_PATH, content(json!({})), |b| {
+            assert_eq!(b["metadata"]["finalizers"], json!(["other"]), "{b}");
+            assert_eq!(b["metadata"]["resourceVersion"], "30");
+        }),
+        // Retained, or a member of a group snapshot: the finalizer goes, the data stays.
+        write(Method::PATCH, VSC_PATH, content(json!({})), |b| {
+            assert_eq!(b["metadata"]["finalizers"], json!(["other"]), "{b}");
+        }),
+        write(Method::PATCH, VSC_PATH, content(json!({})), |b| {
+            assert_eq!(b["metadata"]["finalizers"], json!(["other"]), "{b}");
+        }),
     ]);
     let csi = Arc::new(FakeCsi::default());
     let c = ctx(client, csi.clone(), None);
@@ -859,14 +871,37 @@ async fn snapshots_are_created_with_class_parameters_and_deleted_on_request() {
         .unwrap();
     let deleting = content(
         json!({"metadata": {"deletionTimestamp": "2026-11-22T00:00:00Z",
-        "finalizers": ["snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection"],
+        "finalizers": ["snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection", "other"],
         "annotations": {"snapshot.storage.kubernetes.io/volumesnapshot-being-deleted": "yes"}},
         "status": {"snapshotHandle": "snap-snapshot-abc", "readyToUse": true}}),
     );
     snapshot::reconcile(content_of(&deleting), c.clone())
         .await
         .unwrap();
+    let mut retained = deleting.clone();
+    merge(&mut retained, json!({"spec": {"deletionPolicy": "Retain"}}));
+    snapshot::reconcile(content_of(&retained), c.clone())
+        .await
+        .unwrap();
+    let mut member = deleting.clone();
+    merge(
+        &mut member,
+        json!({"status": {"volumeGroupSnapshotHandle": "group-1"}}),
+    );
+    snapshot::reconcile(content_of(&member), c.clone())
+        .await
+        .unwrap();
+    // CreateSnapshot may still be running: wait.
+    let mut creating = deleting.clone();
+    merge(
+        &mut creating,
+        json!({"metadata": {"annotations": {"snapshot.storage.kubernetes.io/volumesnapshot-being-created": "yes"}}}),
+    );
+    snapshot::reconcile(content_of(&creating), c.clone())
+        .await
+        .unwrap();
     finish(c, server).await;
+    assert_eq!(csi.snapshot_deletes.lock().unwrap().len(), 1);
     let req = csi.snapshots.lock().unwrap()[0].clone();
     assert_eq!(req.name, "snapshot-abc");
     assert_eq!(req.source_volume_id, "vol-1");
@@ -884,6 +919,53 @@ async fn snapshots_are_created_with_class_parameters_and_deleted_on_request() {
         csi.snapshot_deletes.lock().unwrap()[0].snapshot_id,
         "snap-snapshot-abc"
     );
+}
+
+#[tokio::test]
+async fn a_node_snapshots_its_volume_even_before_its_pv_cache_has_synced() {
+    use kube::runtime::{reflector, watcher};
+    let snaps = json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+        "metadata": {"name": "snaps"}, "driver": DRIVER, "deletionPolicy": "Delete"});
+    let (client, server) = api(vec![
+        csinode("n1"),
+        node("n1"),
+        get(
+            "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses/snaps",
+            snaps,
+        ),
+        write(Method::PATCH, VSC_PATH, content(json!({})), |_| {}),
+        write(Method::PATCH, VSC_STATUS, content(json!({})), |b| {
+            assert_eq!(b["status"]["readyToUse"], true);
+        }),
+        write(Method::PATCH, VSC_PATH, content(json!({})), |_| {}),
+    ]);
+    let csi = Arc::new(FakeCsi::default());
+    let dyn_csi: Arc<dyn Csi> = csi.clone();
+    let mut c = Ctx::new(
+        client,
+        dyn_csi,
+        DRIVER.into(),
+        Some("n1".into()),
+        "rcsi-system".into(),
+    );
+    let (store, mut writer) = reflector::store::<PersistentVolume>();
+    c.pvs = Some(store);
+    let c = Arc::new(c);
+    // The PV watch lists its first page only after the content arrives.
+    let pv: PersistentVolume = serde_json::from_value(volume(json!({}))).unwrap();
+    let sync = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(pv));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        writer
+    });
+    snapshot::reconcile(content_of(&content(json!({}))), c.clone())
+        .await
+        .unwrap();
+    drop(sync.await.unwrap());
+    finish(c, server).await;
+    assert_eq!(csi.calls(), vec!["CreateSnapshot"]);
 }
 
 #[tokio::test]
