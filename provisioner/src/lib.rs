@@ -38,6 +38,8 @@ pub const PV_FINALIZER: &str = "external-provisioner.volume.kubernetes.io/finali
 /// PVC finalizer held between CreateVolume and the PV's creation, so no volume leaks
 /// when a claim is deleted mid-provisioning.
 pub const PVC_FINALIZER: &str = "provisioner.rcsi.io/provisioning";
+/// PVC annotation holding the volume id between CreateVolume and the PV's creation.
+pub const ANN_VOLUME_HANDLE: &str = "provisioner.rcsi.io/volume-handle";
 /// PV annotation naming the provisioner.
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 /// PVC annotation set by the scheduler for WaitForFirstConsumer claims.

@@ -5,7 +5,7 @@ use crate::params::{self, SecretKind, TemplateVars};
 use crate::snapshot;
 use crate::{
     ANN_DELETE_SECRET_NAME, ANN_DELETE_SECRET_NAMESPACE, ANN_PROVISIONED_BY, ANN_SELECTED_NODE,
-    Ctx, PV_FINALIZER, PVC_FINALIZER, observe,
+    ANN_VOLUME_HANDLE, Ctx, PV_FINALIZER, PVC_FINALIZER, observe,
 };
 use csi_core::csi;
 use k8s_openapi::api::core::v1::{
@@ -55,31 +55,58 @@ fn has_finalizer<K: Resource>(obj: &K, f: &str) -> bool {
     obj.finalizers().iter().any(|x| x == f)
 }
 
-/// Patches `obj`'s finalizer list, failing with Conflict if `obj` is stale.
+/// Adds or removes finalizer `f` on `obj`. The patch is guarded by the resourceVersion
+/// so no one else's finalizer is lost; on a conflict the object is read again and the
+/// patch retried (a few times), as client-go's RetryOnConflict does.
 pub async fn set_finalizer<K>(api: &Api<K>, obj: &K, f: &str, present: bool) -> Result<K>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let mut list: Vec<String> = obj
-        .finalizers()
-        .iter()
-        .filter(|x| *x != f)
-        .cloned()
-        .collect();
-    if present {
-        list.push(f.to_owned());
+    patch_finalizer(api, obj, f, present, serde_json::Value::Null).await
+}
+
+/// [`set_finalizer`], merging `annotations` (an object, or null for none) in the same patch.
+async fn patch_finalizer<K>(
+    api: &Api<K>,
+    obj: &K,
+    f: &str,
+    present: bool,
+    annotations: serde_json::Value,
+) -> Result<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut current = obj.clone();
+    for attempt in 0.. {
+        if has_finalizer(&current, f) == present && attempt > 0 {
+            return Ok(current);
+        }
+        let mut list: Vec<String> = current
+            .finalizers()
+            .iter()
+            .filter(|x| *x != f)
+            .cloned()
+            .collect();
+        if present {
+            list.push(f.to_owned());
+        }
+        let mut patch = json!({"metadata": {
+            "resourceVersion": current.resource_version(),
+            "finalizers": list,
+        }});
+        if !annotations.is_null() {
+            patch["metadata"]["annotations"] = annotations.clone();
+        }
+        let name = current.name_any();
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Err(e) if conflict(&e) && attempt < 3 => current = api.get(&name).await?,
+            r => return Ok(r?),
+        }
     }
-    let patch = json!({"metadata": {
-        "resourceVersion": obj.resource_version(),
-        "finalizers": list,
-    }});
-    Ok(api
-        .patch(
-            &obj.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?)
+    unreachable!("the loop returns")
 }
 
 async fn reconcile_claim(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
@@ -94,7 +121,7 @@ async fn reconcile_claim(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Actio
     };
     if spec.volume_name.as_deref().is_some_and(|v| !v.is_empty()) {
         if has_finalizer(pvc, PVC_FINALIZER) {
-            set_finalizer(&claims(ctx, pvc), pvc, PVC_FINALIZER, false).await?;
+            release_claim(&claims(ctx, pvc), pvc).await?;
             return Ok(Action::await_change());
         }
         if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
@@ -442,8 +469,19 @@ async fn provision(
         Err(status) => {
             let e = failed(ctx, &regarding, Error::csi("CreateVolume", status)).await;
             if e.csi_code() == Some(tonic::Code::ResourceExhausted) && selected.is_some() {
-                // Let the scheduler pick another node.
-                let patch = json!({"metadata": {"annotations": {ANN_SELECTED_NODE: null}}});
+                // Let the scheduler pick another node. Nothing was created under this
+                // name (a retry of a created volume would have returned it), so the
+                // provisioning finalizer goes too: another node's instance takes over.
+                let finalizers: Vec<&String> = pvc
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != PVC_FINALIZER)
+                    .collect();
+                let patch = json!({"metadata": {
+                    "resourceVersion": pvc.resource_version(),
+                    "annotations": {ANN_SELECTED_NODE: null},
+                    "finalizers": finalizers,
+                }});
                 claims
                     .patch(
                         &pvc.name_any(),
@@ -455,13 +493,23 @@ async fn provision(
             return Err(e);
         }
     };
+    // Remember the handle at once: if the claim is deleted before its PV exists, the
+    // volume is deleted by this id (see `abandon`).
+    let patch = json!({"metadata": {"annotations": {ANN_VOLUME_HANDLE: volume.volume_id}}});
+    let pvc = claims
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
     let pv = build_pv(ctx, &pvc, sc, &pv_name, &prepared, &volume);
     match pvs.create(&PostParams::default(), &pv).await {
         Ok(_) => {}
         Err(e) if already_exists(&e) => {}
         Err(e) => return Err(e.into()),
     }
-    set_finalizer(&claims, &pvc, PVC_FINALIZER, false).await?;
+    release_claim(&claims, &pvc).await?;
     info!(pvc = %describe(&pvc), pv = %pv_name, volume = %volume.volume_id, "provisioned");
     ctx.event(
         &regarding,
@@ -473,6 +521,16 @@ async fn provision(
     .await;
     ctx.capacity_changed.notify_one();
     Ok(Action::await_change())
+}
+
+/// Drops the provisioning finalizer and the recorded handle once the PV exists.
+async fn release_claim(
+    claims: &Api<PersistentVolumeClaim>,
+    pvc: &PersistentVolumeClaim,
+) -> Result<()> {
+    let forget = json!({ANN_VOLUME_HANDLE: null});
+    patch_finalizer(claims, pvc, PVC_FINALIZER, false, forget).await?;
+    Ok(())
 }
 
 /// Records a ProvisioningFailed event for `e` and hands it back.
@@ -573,8 +631,36 @@ async fn abandon(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
         .get_opt(&pv_name)
         .await?
         .is_some();
-    if !exists {
-        let regarding = pvc.object_ref(&());
+    let regarding = pvc.object_ref(&());
+    if let (false, Some(handle)) = (exists, pvc.annotations().get(ANN_VOLUME_HANDLE)) {
+        let secrets = match our_class(ctx, pvc).await {
+            Ok(Some(sc)) => {
+                let sc_params = sc.parameters.clone().unwrap_or_default();
+                let (namespace, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+                let vars = TemplateVars {
+                    pv_name: Some(&pv_name),
+                    pvc_name: Some(&name),
+                    pvc_namespace: Some(&namespace),
+                    pvc_annotations: Some(pvc.annotations()),
+                    ..Default::default()
+                };
+                let r = params::secret_ref(&sc_params, SecretKind::Provisioner, &vars)?;
+                read_secret(ctx, r.as_ref()).await?
+            }
+            Ok(None) | Err(Error::Waiting(_)) => HashMap::new(),
+            Err(e) => return Err(e),
+        };
+        let req = csi::DeleteVolumeRequest {
+            volume_id: handle.clone(),
+            secrets,
+        };
+        ctx.csi
+            .delete_volume(req)
+            .await
+            .map_err(|s| Error::csi("DeleteVolume", s))?;
+    } else if !exists {
+        // No handle recorded: the provisioner stopped between CreateVolume and recording
+        // it. CreateVolume is idempotent by name, so asking again tells the id.
         let prepared = match our_class(ctx, pvc).await {
             Ok(Some(sc)) => prepare(ctx, pvc, &sc, &pv_name, selected.as_deref()).await,
             Ok(None) | Err(Error::Waiting(_)) => {
@@ -615,11 +701,9 @@ async fn abandon(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
             }
         }
     }
-    match set_finalizer(&claims, pvc, PVC_FINALIZER, false).await {
+    match release_claim(&claims, pvc).await {
         Err(Error::Kube(e)) if not_found(&e) => {}
-        r => {
-            r?;
-        }
+        r => r?,
     }
     Ok(Action::await_change())
 }

@@ -72,12 +72,15 @@ async fn a_claim_round_trips_through_the_local_path_driver() {
             json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": "n1", "labels": {TOPO: "n1"}}}),
         ),
-        write(Method::PATCH, pvc_path, with_finalizer, |_| {}),
+        write(Method::PATCH, pvc_path, with_finalizer.clone(), |_| {}),
         event("apps", "Provisioning"),
+        write(Method::PATCH, pvc_path, with_finalizer.clone(), |b| {
+            assert!(b["metadata"]["annotations"]["provisioner.rcsi.io/volume-handle"].is_string());
+        }),
         echo(Method::POST, "/api/v1/persistentvolumes?", move |pv| {
             pv_tx.send(pv.clone()).unwrap();
         }),
-        echo(Method::PATCH, pvc_path, |_| {}),
+        write(Method::PATCH, pvc_path, pvc.clone(), |_| {}),
         event("apps", "ProvisioningSucceeded"),
         get(
             "/apis/storage.k8s.io/v1/storageclasses?",

@@ -83,6 +83,13 @@ const PVC_PATH: &str = "/api/v1/namespaces/apps/persistentvolumeclaims/data?";
 fn finalizer_patch(present: bool, rv: &'static str) -> impl Fn(&Value) + Send {
     move |b: &Value| {
         assert_eq!(b["metadata"]["resourceVersion"], rv, "{b}");
+        if !present {
+            let handle = &b["metadata"]["annotations"]["provisioner.rcsi.io/volume-handle"];
+            assert!(
+                handle.is_null(),
+                "the recorded handle goes with the finalizer: {b}"
+            );
+        }
         let list = b["metadata"]["finalizers"].as_array().unwrap();
         assert_eq!(
             list.iter().any(|f| f == "provisioner.rcsi.io/provisioning"),
@@ -90,6 +97,16 @@ fn finalizer_patch(present: bool, rv: &'static str) -> impl Fn(&Value) + Send {
             "{b}"
         );
     }
+}
+
+/// The volume id is written on the claim as soon as CreateVolume returns.
+fn handle_recorded(claim: Value) -> Step {
+    write(Method::PATCH, PVC_PATH, claim, |b| {
+        assert_eq!(
+            b,
+            &json!({"metadata": {"annotations": {"provisioner.rcsi.io/volume-handle": format!("vol-{PV}")}}})
+        );
+    })
 }
 
 async fn finish(ctx: Arc<Ctx>, server: tokio::task::JoinHandle<()>) {
@@ -136,6 +153,7 @@ async fn provisions_an_immediate_claim_with_secrets_and_templates() {
             finalizer_patch(true, "10"),
         ),
         event("apps", "Provisioning"),
+        handle_recorded(with_finalizer.clone()),
         echo(Method::POST, "/api/v1/persistentvolumes?", |pv| {
             let spec = &pv["spec"];
             assert_eq!(pv["metadata"]["name"], PV);
@@ -254,10 +272,11 @@ async fn wait_for_first_consumer_waits_then_uses_the_selected_nodes_topology() {
         write(
             Method::PATCH,
             PVC_PATH,
-            finalized,
+            finalized.clone(),
             finalizer_patch(true, "10"),
         ),
         event("apps", "Provisioning"),
+        handle_recorded(finalized.clone()),
         echo(Method::POST, "/api/v1/persistentvolumes?", |pv| {
             assert_eq!(pv["spec"]["volumeMode"], "Block");
             assert!(pv["spec"]["csi"].get("fsType").is_none());
@@ -272,7 +291,12 @@ async fn wait_for_first_consumer_waits_then_uses_the_selected_nodes_topology() {
                 json!(["external-provisioner.volume.kubernetes.io/finalizer"])
             );
         }),
-        echo(Method::PATCH, PVC_PATH, finalizer_patch(false, "10")),
+        write(
+            Method::PATCH,
+            PVC_PATH,
+            claim(json!({})),
+            finalizer_patch(false, "10"),
+        ),
         event("apps", "ProvisioningSucceeded"),
     ]);
     let _ = selected;
@@ -327,8 +351,14 @@ async fn node_deployment_handles_only_its_own_node() {
         csinode("n1"),
         node("n1"),
         event("apps", "Provisioning"),
+        handle_recorded(here.clone()),
         echo(Method::POST, "/api/v1/persistentvolumes?", |_| {}),
-        echo(Method::PATCH, PVC_PATH, finalizer_patch(false, "10")),
+        write(
+            Method::PATCH,
+            PVC_PATH,
+            claim(json!({})),
+            finalizer_patch(false, "10"),
+        ),
         event("apps", "ProvisioningSucceeded"),
         // An Immediate claim: this node tries to claim it, guarded by resourceVersion.
         get(SC_PATH, class(json!({}))),
@@ -374,10 +404,12 @@ async fn create_failures_back_off_and_resource_exhausted_reschedules() {
         event_again("apps", "Provisioning"),
         event_again("apps", "ProvisioningFailed"),
         write(Method::PATCH, PVC_PATH, claim(json!({})), |b| {
+            // Nothing was created: the finalizer goes with the node, so whichever node
+            // the scheduler picks next (or a deletion) is not blocked.
             assert_eq!(
                 b,
-                &json!({"metadata": {"annotations": {
-                "volume.kubernetes.io/selected-node": null}}})
+                &json!({"metadata": {"resourceVersion": "10", "finalizers": [],
+                "annotations": {"volume.kubernetes.io/selected-node": null}}})
             );
         }),
     ]);
@@ -429,7 +461,12 @@ async fn a_claim_deleted_mid_provisioning_leaves_no_volume() {
     let (client, server) = api(vec![
         missing(Method::GET, PV_PATH),
         get(SC_PATH, class(json!({}))),
-        echo(Method::PATCH, PVC_PATH, finalizer_patch(false, "10")),
+        write(
+            Method::PATCH,
+            PVC_PATH,
+            claim(json!({})),
+            finalizer_patch(false, "10"),
+        ),
     ]);
     let csi = Arc::new(FakeCsi::default());
     let c = ctx(client, csi.clone(), None);
@@ -442,6 +479,43 @@ async fn a_claim_deleted_mid_provisioning_leaves_no_volume() {
         csi.deletes.lock().unwrap()[0].volume_id,
         format!("vol-{PV}")
     );
+}
+
+#[tokio::test]
+async fn a_claim_deleted_after_create_volume_is_cleaned_up_by_its_recorded_handle() {
+    let deleted = claim(json!({"metadata": {
+        "deletionTimestamp": "2026-11-22T00:00:00Z",
+        "annotations": {"provisioner.rcsi.io/volume-handle": "vol-recorded"},
+        "finalizers": ["provisioner.rcsi.io/provisioning", "kubernetes.io/pvc-protection"]}}));
+    let mut fresh = deleted.clone();
+    fresh["metadata"]["resourceVersion"] = json!("12");
+    let (client, server) = api(vec![
+        missing(Method::GET, PV_PATH),
+        get(SC_PATH, class(json!({}))),
+        // A stale copy: the guarded patch conflicts, the claim is read again and the
+        // patch retried, keeping the other finalizer.
+        conflict(Method::PATCH, PVC_PATH),
+        get("/api/v1/namespaces/apps/persistentvolumeclaims/data", fresh),
+        write(Method::PATCH, PVC_PATH, claim(json!({})), |b| {
+            assert_eq!(b["metadata"]["resourceVersion"], "12");
+            assert_eq!(
+                b["metadata"]["finalizers"],
+                json!(["kubernetes.io/pvc-protection"])
+            );
+        }),
+    ]);
+    let csi = Arc::new(FakeCsi::default());
+    let c = ctx(client, csi.clone(), None);
+    provision::reconcile(pvc_of(&deleted), c.clone())
+        .await
+        .unwrap();
+    finish(c, server).await;
+    assert_eq!(
+        csi.calls(),
+        vec!["DeleteVolume"],
+        "no CreateVolume to learn the id"
+    );
+    assert_eq!(csi.deletes.lock().unwrap()[0].volume_id, "vol-recorded");
 }
 
 fn volume(extra: Value) -> Value {
@@ -1029,8 +1103,9 @@ async fn claims_restore_from_snapshots_and_clone_claims() {
             ),
         ),
         event("apps", "Provisioning"),
+        handle_recorded(from_snap.clone()),
         echo(Method::POST, "/api/v1/persistentvolumes?", |_| {}),
-        echo(Method::PATCH, PVC_PATH, |_| {}),
+        write(Method::PATCH, PVC_PATH, claim(json!({})), |_| {}),
         event("apps", "ProvisioningSucceeded"),
         // Clone source bigger than the request: refused before anything is created.
         get(SC_PATH, class(json!({}))),
@@ -1152,7 +1227,12 @@ async fn a_restart_after_the_pv_was_created_calls_nothing_twice() {
         get(SC_PATH, class(json!({}))),
         get(PV_PATH, volume(json!({}))),
         // Once bound, the provisioning finalizer goes.
-        echo(Method::PATCH, PVC_PATH, finalizer_patch(false, "10")),
+        write(
+            Method::PATCH,
+            PVC_PATH,
+            claim(json!({})),
+            finalizer_patch(false, "10"),
+        ),
     ]);
     let csi = Arc::new(FakeCsi::default());
     let c = ctx(client, csi.clone(), None);
