@@ -24,6 +24,23 @@ schemas = {("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): {
         "parameters": {"type": "object", "additionalProperties": {"type": "string"}}}}}
 builtin = ("v1", "apps/v1", "rbac.authorization.k8s.io/v1", "storage.k8s.io/v1")
 ok = True
+
+def images(doc):
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        yield c["name"], c.get("image", "")
+
+# Every image names its registry and a tag or digest: a bare `rcsi` would be
+# pulled from docker.io/library/rcsi:latest.
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    for name, image in images(doc):
+        first = image.split("/")[0]
+        registry = "/" in image and ("." in first or ":" in first or first == "localhost")
+        last = image.split("/")[-1]
+        tagged = "@sha256:" in image or (":" in last and not last.endswith(":latest"))
+        if not (registry and tagged):
+            print(f"{doc['kind']} {doc['metadata']['name']} container {name}: "
+                  f"image {image!r} needs a registry and a tag"); ok = False
 for doc in yaml.safe_load_all(open(sys.argv[1])):
     key = (doc["apiVersion"], doc["kind"])
     if key in schemas:
@@ -43,13 +60,16 @@ status=0
 for c in components/*/; do
   c=${c%/}
   mkdir -p ".render-${c#components/}"
-  printf 'resources: [../base]\ncomponents: [../%s]\n' "$c" > ".render-${c#components/}/kustomization.yaml"
+  printf 'resources: [../base]\ncomponents: [../%s]\nimages: [{name: rcsi, newName: ghcr.io/rcsi/rcsi, newTag: "0.1.0"}]\n' \
+    "$c" > ".render-${c#components/}/kustomization.yaml"
 done
 trap 'rm -rf "$out" .render-*' EXIT
 for k in $(find . -name kustomization.yaml | sort); do
   dir=$(dirname "$k")
-  # Components only render inside a kustomization.
+  # Components only render inside a kustomization; the base (no image mapping)
+  # only through the overlays and the component renders above.
   grep -q '^kind: Component' "$k" && continue
+  [ "$dir" = ./base ] && continue
   name=$(echo "${dir#./}" | tr / -)
   if ! kubectl kustomize "$dir" > "$out/$name.yaml"; then
     echo "FAIL render $dir"; status=1; continue

@@ -4,10 +4,11 @@
 use crate::error::{Error, Result};
 use crate::{Ctx, MANAGER, params};
 use csi_core::csi;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Api, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tracing::warn;
@@ -34,6 +35,32 @@ fn managed_by(node: &str) -> String {
     } else {
         object_name("", node, "")
     }
+}
+
+/// The owner for this instance's CSIStorageCapacity objects, as csi-provisioner's
+/// default `--capacity-ownerref-level=1`: the controller of pod `namespace/pod` (the
+/// DaemonSet), or the pod itself. Deleting the owner then deletes the objects.
+pub async fn owner(client: Client, namespace: &str, pod: &str) -> Result<OwnerReference> {
+    let p = Api::<Pod>::namespaced(client, namespace).get(pod).await?;
+    let controller = p
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .cloned();
+    Ok(match controller {
+        Some(o) => OwnerReference {
+            controller: None,
+            block_owner_deletion: None,
+            ..o
+        },
+        None => OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: p.name_any(),
+            uid: p.uid().unwrap_or_default(),
+            ..Default::default()
+        },
+    })
 }
 
 /// One publishing pass: GetCapacity for every StorageClass of this driver on this
@@ -75,6 +102,7 @@ pub async fn publish(ctx: &Ctx) -> Result<usize> {
                 name: Some(name.clone()),
                 namespace: Some(ctx.namespace.clone()),
                 labels: Some(labels.clone()),
+                owner_references: ctx.capacity_owner.clone().map(|o| vec![o]),
                 ..Default::default()
             },
             storage_class_name: sc_name,

@@ -75,6 +75,8 @@ pub struct Ctx {
     pub metrics: Arc<metrics::Metrics>,
     /// Known PVs, for finding a snapshot's source volume.
     pub pvs: Option<Store<PersistentVolume>>,
+    /// Owner of the CSIStorageCapacity objects this instance writes.
+    pub capacity_owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
     /// Poked after a volume is created or deleted, so capacity is republished.
     pub capacity_changed: tokio::sync::Notify,
     recorder: Recorder,
@@ -106,6 +108,7 @@ impl Ctx {
             namespace,
             metrics: Arc::default(),
             pvs: None,
+            capacity_owner: None,
             capacity_changed: tokio::sync::Notify::new(),
             recorder,
             node_view: tokio::sync::Mutex::new(None),

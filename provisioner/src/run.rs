@@ -16,6 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
+/// How often a missing VolumeSnapshotContent API is looked for again.
+const SNAPSHOT_API_RECHECK: Duration = Duration::from_secs(30);
+
 /// How `rcsi provisioner` runs.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -61,6 +64,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         cfg.node.clone(),
         cfg.namespace.clone(),
     );
+    if ctx.node.is_some() {
+        match capacity::owner(client.clone(), &cfg.namespace, &cfg.identity).await {
+            Ok(o) => ctx.capacity_owner = Some(o),
+            Err(e) => warn!(pod = %cfg.identity, error = %e,
+                "cannot read this pod: CSIStorageCapacity objects get no owner and outlive it"),
+        }
+    }
     let metrics = ctx.metrics.clone();
     if let Some(addr) = cfg.metrics_address {
         metrics::serve(addr, metrics.clone(), csi.clone())
@@ -121,20 +131,34 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         .for_each(|_| async {});
 
     let content_api: Api<Content> = Api::all_with(client.clone(), &snapshot::content_resource());
-    let snapshots = match content_api.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Some(
+    let snapshots = {
+        let ctx = ctx.clone();
+        let stopped = stopped.clone();
+        async move {
+            // The snapshot CRDs may be installed after us: look again until they are.
+            let mut warned = false;
+            while let Err(e) = content_api.list(&ListParams::default().limit(1)).await {
+                if !warned {
+                    warn!(error = %e, "VolumeSnapshotContent API not available: snapshots wait until the snapshot CRDs are installed");
+                    warned = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(SNAPSHOT_API_RECHECK) => {}
+                    _ = stopped() => return,
+                }
+            }
+            if warned {
+                info!("VolumeSnapshotContent API found: snapshots enabled");
+            }
             Controller::new_with(
                 content_api,
                 watcher::Config::default(),
                 snapshot::content_resource(),
             )
             .graceful_shutdown_on(stopped())
-            .run(snapshot::reconcile, snapshot::error_policy, ctx.clone())
-            .for_each(|_| async {}),
-        ),
-        Err(e) => {
-            warn!(error = %e, "VolumeSnapshotContent API not available: snapshots disabled (install the snapshot CRDs and snapshot-controller)");
-            None
+            .run(snapshot::reconcile, snapshot::error_policy, ctx)
+            .for_each(|_| async {})
+            .await
         }
     };
     let capacity = {
@@ -154,12 +178,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
                 let _ = leader.wait_for(|l| !*l).await;
             }
             None => std::future::pending().await,
-        }
-    };
-    let snapshots = async {
-        match snapshots {
-            Some(s) => s.await,
-            None => stopped().await,
         }
     };
     let work = async {

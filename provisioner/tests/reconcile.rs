@@ -1144,6 +1144,14 @@ async fn capacity_is_published_per_class_and_stale_objects_are_removed() {
     let ns = "/apis/storage.k8s.io/v1/namespaces/rcsi-system/csistoragecapacities";
     let name = capacity::object_name(DRIVER, "n1", "fast");
     let (client, server) = api(vec![
+        get(
+            "/api/v1/namespaces/rcsi-system/pods/rcsi-node-x7k2p",
+            json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "rcsi-node-x7k2p", "namespace": "rcsi-system", "uid": "p-1",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                    "name": "rcsi-node", "uid": "ds-1", "controller": true,
+                    "blockOwnerDeletion": true}]}}),
+        ),
         csinode("n1"),
         node("n1"),
         get(
@@ -1163,6 +1171,12 @@ async fn capacity_is_published_per_class_and_stale_objects_are_removed() {
                 assert_eq!(
                     b["metadata"]["labels"]["csi.storage.k8s.io/drivername"],
                     DRIVER
+                );
+                // Owned by the DaemonSet: deleting it deletes the objects.
+                assert_eq!(
+                    b["metadata"]["ownerReferences"],
+                    json!([{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                        "name": "rcsi-node", "uid": "ds-1"}])
                 );
             },
         ),
@@ -1187,7 +1201,20 @@ async fn capacity_is_published_per_class_and_stale_objects_are_removed() {
         capacity: 10 << 30,
         ..Default::default()
     });
-    let c = ctx(client, csi.clone(), Some("n1"));
+    let dyn_csi: Arc<dyn Csi> = csi.clone();
+    let mut c = Ctx::new(
+        client.clone(),
+        dyn_csi,
+        DRIVER.into(),
+        Some("n1".into()),
+        "rcsi-system".into(),
+    );
+    c.capacity_owner = Some(
+        capacity::owner(client, "rcsi-system", "rcsi-node-x7k2p")
+            .await
+            .unwrap(),
+    );
+    let c = Arc::new(c);
     assert_eq!(capacity::publish(&c).await.unwrap(), 1);
     finish(c, server).await;
     assert_eq!(csi.calls(), vec!["GetCapacity"]);
