@@ -146,14 +146,23 @@ pub async fn publish(ctx: &Ctx) -> Result<usize> {
     Ok(wanted.len())
 }
 
+/// Delay before a failed publishing pass is retried.
+const RETRY: Duration = Duration::from_secs(5);
+
 /// Republishes every `interval`, and soon after a volume is created, deleted or expanded.
 pub async fn run(ctx: &Ctx, interval: Duration) {
     loop {
-        if let Err(e) = publish(ctx).await {
-            warn!(error = %e, "publishing storage capacity failed");
-        }
+        // A failed pass (typically: the kubelet has not registered the driver yet)
+        // is retried soon, so the scheduler does not wait a whole interval.
+        let wait = match publish(ctx).await {
+            Ok(_) => interval,
+            Err(e) => {
+                warn!(error = %e, "publishing storage capacity failed");
+                interval.min(RETRY)
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = ctx.capacity_changed.notified() => {
                 // Coalesce bursts of changes.
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -690,9 +690,13 @@ impl ControllerBackend for LocalPath {
         _secrets: &Secrets,
     ) -> Result<(u64, bool)> {
         let v = self.volume(volume_id)?;
+        // Only a filesystem needs the node: a raw block volume is done here, because
+        // this controller runs on the volume's node and refreshes its loop device (the
+        // kubelet does not expand block volumes that are in use).
+        let node_step = matches!(v.backing, Backing::Filesystem { .. });
         let size = range.choose(v.capacity, v.capacity, 4096)?;
         if size <= v.capacity {
-            return Ok((v.capacity, v.backing.is_image()));
+            return Ok((v.capacity, node_step));
         }
         let grow = size - v.capacity;
         let available = self.available().await?;
@@ -717,12 +721,18 @@ impl ControllerBackend for LocalPath {
             }
         })
         .await?;
+        if v.backing == Backing::Block {
+            let img = self.volume_path(&v.id, &v.backing);
+            if let Some(dev) = self.host.loops.find_loop(&img).await? {
+                self.host.loops.refresh_loop(&dev).await?;
+            }
+        }
         let meta = VolumeMeta {
             capacity: size,
             ..v.clone()
         };
         self.commit(Change::PutVolume(meta)).await?;
-        Ok((size, v.backing.is_image()))
+        Ok((size, node_step))
     }
 }
 

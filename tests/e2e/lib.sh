@@ -1,0 +1,112 @@
+# Helpers for the end-to-end scripts (sourced). Needs KUBECONFIG set.
+
+fail() {
+  echo "e2e: FAILED: $*" >&2
+  exit 1
+}
+ok() { echo "e2e: ok: $*"; }
+# A figure for the closing note: printed and kept in $FIGURES.
+figure() {
+  echo "e2e: figure: $*"
+  echo "$*" >> "${FIGURES:-/dev/null}"
+}
+now() { date +%s.%N; }
+since() { printf '%.1f' "$(echo "$(now) - $1" | bc)"; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: polls COMMAND every second.
+wait_for() {
+  local n=$1 what=$2
+  shift 2
+  for _ in $(seq "$n"); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  fail "$what (after ${n}s)"
+}
+
+# A claim NAME of CLASS and SIZE (mode Filesystem or Block; access mode).
+claim() {
+  local name=$1 class=$2 size=$3 mode=${4:-Filesystem} access=${5:-ReadWriteOnce} extra=${6:-}
+  cat <<EOF
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $name}
+spec:
+  storageClassName: $class
+  accessModes: [$access]
+  volumeMode: $mode
+  resources: {requests: {storage: $size}}
+$extra
+---
+EOF
+}
+
+# A busybox pod NAME running SCRIPT with claim CLAIM at /data, or at /dev/xvda if BLOCK=block.
+pod() {
+  local name=$1 claim=$2 script=$3 block=${4:-}
+  local mount="volumeMounts: [{name: v, mountPath: /data}]"
+  [ "$block" = block ] && mount="volumeDevices: [{name: v, devicePath: /dev/xvda}]"
+  cat <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $name}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: docker.io/library/busybox:latest
+      imagePullPolicy: Never
+      command: [sh, -c, '$script']
+      $mount
+  volumes:
+    - {name: v, persistentVolumeClaim: {claimName: $claim}}
+---
+EOF
+}
+
+# True when claim NAME reports SIZE with no resize in progress or failed.
+resize_done() {
+  local out
+  out=$(kubectl get pvc "$1" -o jsonpath='{.status.capacity.storage}|{.status.allocatedResourceStatuses}|{.status.conditions}')
+  [ "$out" = "$2||" ]
+}
+
+# resize NAME SIZE SECONDS: asks for SIZE and waits for a clean status; prints the time.
+resize() {
+  local t
+  t=$(now)
+  kubectl patch pvc "$1" -p "{\"spec\":{\"resources\":{\"requests\":{\"storage\":\"$2\"}}}}" >/dev/null
+  for _ in $(seq "$3"); do
+    resize_done "$1" "$2" && { since "$t"; return 0; }
+    sleep 1
+  done
+  kubectl get pvc "$1" -o jsonpath='{.status}' >&2
+  echo >&2
+  return 1
+}
+
+# Percentile P (0-100) of numbers on stdin.
+percentile() {
+  sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int((NR-1)*p/100)+1; print a[i]}'
+}
+
+# Seconds from a pod's creation to its Ready condition.
+ready_after() {
+  kubectl get pod "$1" -o jsonpath='{.metadata.creationTimestamp} {.status.conditions[?(@.type=="Ready")].lastTransitionTime}' |
+    { read -r c r; echo $(($(date -d "$r" +%s) - $(date -d "$c" +%s))); }
+}
+
+# 403 answers the API server gave the service accounts in rcsi-system.
+denials() {
+  grep '"code":403' "$WORKDIR/logs/audit.log" 2>/dev/null | grep -c 'system:serviceaccount:rcsi-system:' || true
+}
+
+# Fails when any volume, image, loop device or mount of local-path is left.
+no_leaks() {
+  local base=/var/lib/rcsi/local
+  [ -z "$(kubectl get pv --no-headers 2>/dev/null)" ] || fail "PVs left: $(kubectl get pv --no-headers)"
+  [ -z "$(ls -A $base/volumes 2>/dev/null)" ] || fail "volume data left: $(ls -A $base/volumes)"
+  [ -z "$(ls -A $base/snapshots 2>/dev/null)" ] || fail "snapshot data left: $(ls -A $base/snapshots)"
+  ! losetup -a | grep -q "$base" || fail "loop devices left: $(losetup -a | grep $base)"
+  ! grep -q "local.rcsi.io" /proc/self/mountinfo || fail "mounts left: $(grep local.rcsi.io /proc/self/mountinfo)"
+}
