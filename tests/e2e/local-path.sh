@@ -192,6 +192,10 @@ for i in $(seq 20); do
   claim "burst-$i" rcsi-local 16Mi
   pod "burst-$i" "burst-$i" "echo $i > /data/f && sleep 3600"
 done > "$ex/burst.yaml"
+rpcs() { kubectl -n rcsi-system logs ds/rcsi-node -c rcsi | grep -c "\"method\":\"$1\"" || true; }
+conflicts() { kubectl -n rcsi-system logs ds/rcsi-node -c provisioner | grep -ci conflict || true; }
+deletes_before=$(rpcs DeleteVolume)
+conflicts_before=$(conflicts)
 t=$(now)
 kubectl apply -f "$ex/burst.yaml" >/dev/null
 kubectl wait --for=condition=Ready --timeout=300s $(for i in $(seq 20); do echo "pod/burst-$i"; done) >/dev/null
@@ -202,6 +206,12 @@ t=$(now)
 kubectl delete -f "$ex/burst.yaml" --wait=true >/dev/null
 wait_for 120 "burst PVs left" sh -c '! kubectl get pv --no-headers 2>/dev/null | grep -q burst-'
 figure "burst cleanup: $(since "$t") s"
+sleep 2
+d=$(($(rpcs DeleteVolume) - deletes_before))
+[ "$d" -eq 20 ] || fail "$d DeleteVolume calls for the 20 burst volumes"
+c=$(($(conflicts) - conflicts_before))
+[ "$c" -eq 0 ] || fail "$c conflict warnings from the provisioner during the burst"
+ok "burst: one DeleteVolume per volume, no conflict warnings"
 
 # --- everything else goes; nothing is left ---
 kubectl delete -k "$ex" --wait=true >/dev/null
