@@ -78,7 +78,7 @@ where
 {
     let mut current = obj.clone();
     for attempt in 0.. {
-        if has_finalizer(&current, f) == present && attempt > 0 {
+        if has_finalizer(&current, f) == present && attempt > 0 && annotations.is_null() {
             return Ok(current);
         }
         let mut list: Vec<String> = current
