@@ -219,6 +219,24 @@ pub async fn read_secret(
         .collect()
 }
 
+/// The StorageClass's `kind` secret reference for `pvc`, templates resolved.
+fn secret_ref(
+    pvc: &PersistentVolumeClaim,
+    sc_params: &BTreeMap<String, String>,
+    pv_name: &str,
+    kind: SecretKind,
+) -> Result<Option<SecretReference>> {
+    let (namespace, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
+    let vars = TemplateVars {
+        pv_name: Some(pv_name),
+        pvc_name: Some(&name),
+        pvc_namespace: Some(&namespace),
+        pvc_annotations: Some(pvc.annotations()),
+        ..Default::default()
+    };
+    params::secret_ref(sc_params, kind, &vars)
+}
+
 async fn prepare(
     ctx: &Ctx,
     pvc: &PersistentVolumeClaim,
@@ -243,14 +261,7 @@ async fn prepare(
     let capabilities = params::capabilities(&access_modes, block, &fs_type, &mount_options)?;
 
     let (namespace, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
-    let vars = TemplateVars {
-        pv_name: Some(pv_name),
-        pvc_name: Some(&name),
-        pvc_namespace: Some(&namespace),
-        pvc_annotations: Some(pvc.annotations()),
-        ..Default::default()
-    };
-    let r = |kind| params::secret_ref(&sc_params, kind, &vars);
+    let r = |kind| secret_ref(pvc, &sc_params, pv_name, kind);
     let provisioner_secret = r(SecretKind::Provisioner)?;
     let secrets = read_secret(ctx, provisioner_secret.as_ref()).await?;
 
@@ -635,16 +646,8 @@ async fn abandon(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
     if let (false, Some(handle)) = (exists, pvc.annotations().get(ANN_VOLUME_HANDLE)) {
         let secrets = match our_class(ctx, pvc).await {
             Ok(Some(sc)) => {
-                let sc_params = sc.parameters.clone().unwrap_or_default();
-                let (namespace, name) = (pvc.namespace().unwrap_or_default(), pvc.name_any());
-                let vars = TemplateVars {
-                    pv_name: Some(&pv_name),
-                    pvc_name: Some(&name),
-                    pvc_namespace: Some(&namespace),
-                    pvc_annotations: Some(pvc.annotations()),
-                    ..Default::default()
-                };
-                let r = params::secret_ref(&sc_params, SecretKind::Provisioner, &vars)?;
+                let sc_params = sc.parameters.unwrap_or_default();
+                let r = secret_ref(pvc, &sc_params, &pv_name, SecretKind::Provisioner)?;
                 read_secret(ctx, r.as_ref()).await?
             }
             Ok(None) | Err(Error::Waiting(_)) => HashMap::new(),

@@ -90,15 +90,15 @@ pub fn plan(s: &Sizes) -> Plan {
     Plan::Expand(size)
 }
 
-/// Reads the sizes of `pvc` bound to `pv`.
-fn sizes<'a>(pvc: &'a PersistentVolumeClaim, pv: &PersistentVolume) -> Result<Sizes<'a>> {
+/// Reads the sizes `pvc` records; `pv` is left 0 for the caller to fill in.
+fn sizes(pvc: &PersistentVolumeClaim) -> Result<Sizes<'_>> {
     let spec = pvc.spec.as_ref();
     let status = pvc.status.as_ref();
     Ok(Sizes {
         requested: params::storage(spec.and_then(|s| s.resources.as_ref()?.requests.as_ref()))?
             .unwrap_or(0),
         status: params::storage(status.and_then(|s| s.capacity.as_ref()))?.unwrap_or(0),
-        pv: params::storage(pv.spec.as_ref().and_then(|s| s.capacity.as_ref()))?.unwrap_or(0),
+        pv: 0,
         allocated: params::storage(status.and_then(|s| s.allocated_resources.as_ref()))?,
         state: status
             .and_then(|s| s.allocated_resource_statuses.as_ref())
@@ -112,13 +112,8 @@ fn sizes<'a>(pvc: &'a PersistentVolumeClaim, pv: &PersistentVolume) -> Result<Si
 
 /// Reconciles the resize of a bound claim.
 pub async fn expand(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
-    let requested_more = {
-        let spec = pvc.spec.as_ref();
-        let want = params::storage(spec.and_then(|s| s.resources.as_ref()?.requests.as_ref()))?;
-        let have = params::storage(pvc.status.as_ref().and_then(|s| s.capacity.as_ref()))?;
-        want > have
-    };
-    if !requested_more {
+    let mut s = sizes(pvc)?;
+    if s.requested <= s.status {
         return Ok(Action::await_change());
     }
     let volume = pvc
@@ -146,7 +141,7 @@ pub async fn expand(pvc: &PersistentVolumeClaim, ctx: &Ctx) -> Result<Action> {
     {
         return Ok(Action::await_change());
     }
-    let s = sizes(pvc, &pv)?;
+    s.pv = params::storage(pv_spec.capacity.as_ref())?.unwrap_or(0);
     let size = match plan(&s) {
         Plan::Nothing => return Ok(Action::await_change()),
         Plan::Later => return Ok(Action::requeue(INFEASIBLE_RETRY)),

@@ -153,9 +153,13 @@ async fn reconcile_content(c: &Content, ctx: &Ctx) -> Result<Action> {
             if view.is_some() && find(ctx, h).await?.is_none() {
                 return Ok(Action::await_change());
             }
-            delete(c, ctx, h).await?;
+            // The finalizer patch is guarded by resourceVersion: use the content as
+            // the handle's removal left it.
+            let c = delete(c, ctx, h).await?;
+            remove_finalizer(ctx, &c).await?;
+        } else {
+            remove_finalizer(ctx, c).await?;
         }
-        remove_finalizer(ctx, c).await?;
         return Ok(Action::await_change());
     }
     if status.ready_to_use == Some(true) {
@@ -217,7 +221,8 @@ async fn find(ctx: &Ctx, id: &str) -> Result<Option<csi::Snapshot>> {
     Ok(resp.entries.into_iter().find_map(|e| e.snapshot))
 }
 
-async fn delete(c: &Content, ctx: &Ctx, handle: &str) -> Result<()> {
+/// DeleteSnapshot, then forgets the handle; returns the updated content.
+async fn delete(c: &Content, ctx: &Ctx, handle: &str) -> Result<Content> {
     let secret = params::annotated_secret(c.annotations(), ANN_SECRET_NAME, ANN_SECRET_NAMESPACE);
     let secrets = read_secret(ctx, secret.as_ref()).await?;
     let req = csi::DeleteSnapshotRequest {
@@ -232,14 +237,13 @@ async fn delete(c: &Content, ctx: &Ctx, handle: &str) -> Result<()> {
     // Forget the handle first: if dropping the finalizer fails, the retry (on any
     // node) only drops the finalizer.
     let patch = json!({"status": {"snapshotHandle": null, "readyToUse": false}});
-    contents(ctx)
+    Ok(contents(ctx)
         .patch_status(
             &c.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await?;
-    Ok(())
+        .await?)
 }
 
 async fn set_annotation(ctx: &Ctx, c: &Content, key: &str, value: Option<&str>) -> Result<()> {

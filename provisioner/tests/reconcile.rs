@@ -746,31 +746,21 @@ async fn expansion_grows_the_pv_and_hands_over_to_the_kubelet() {
     provision::reconcile(pvc_of(&bound("2Gi", json!({}))), c.clone())
         .await
         .unwrap();
-    let pending = bound(
-        "2Gi",
-        json!({"status": {"allocatedResources": {"storage": "2Gi"},
-        "allocatedResourceStatuses": {"storage": "NodeResizePending"}}}),
-    );
-    provision::reconcile(pvc_of(&pending), c.clone())
-        .await
-        .unwrap();
-    let in_progress = bound(
-        "2Gi",
-        json!({"status": {"allocatedResources": {"storage": "2Gi"},
-        "allocatedResourceStatuses": {"storage": "NodeResizeInProgress"}}}),
-    );
-    provision::reconcile(pvc_of(&in_progress), c.clone())
-        .await
-        .unwrap();
-    // A larger request meanwhile waits until the kubelet has finished the first.
-    let larger = bound(
-        "3Gi",
-        json!({"status": {"allocatedResources": {"storage": "2Gi"},
-        "allocatedResourceStatuses": {"storage": "NodeResizeInProgress"}}}),
-    );
-    provision::reconcile(pvc_of(&larger), c.clone())
-        .await
-        .unwrap();
+    // The kubelet's states; a larger request meanwhile waits for the first to finish.
+    for (request, state) in [
+        ("2Gi", "NodeResizePending"),
+        ("2Gi", "NodeResizeInProgress"),
+        ("3Gi", "NodeResizeInProgress"),
+    ] {
+        let claim = bound(
+            request,
+            json!({"status": {"allocatedResources": {"storage": "2Gi"},
+            "allocatedResourceStatuses": {"storage": state}}}),
+        );
+        provision::reconcile(pvc_of(&claim), c.clone())
+            .await
+            .unwrap();
+    }
     provision::reconcile(pvc_of(&bound("1Gi", json!({}))), c.clone())
         .await
         .unwrap();
@@ -913,16 +903,23 @@ async fn snapshots_are_created_with_class_parameters_and_deleted_on_request() {
             assert!(b["metadata"]["annotations"]["snapshot.storage.kubernetes.io/volumesnapshot-being-created"].is_null());
         }),
         // Deletion requested by the snapshot-controller.
-        write(Method::PATCH, VSC_STATUS, content(json!({})), |b| {
-            assert_eq!(
-                b,
-                &json!({"status": {"snapshotHandle": null, "readyToUse": false}})
-            );
-        }),
-        // ...and the content's finalizer goes, or the VolumeSnapshot hangs forever.
+        write(
+            Method::PATCH,
+            VSC_STATUS,
+            content(json!({"metadata": {"resourceVersion": "31", "finalizers":
+                ["snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection", "other"]}})),
+            |b| {
+                assert_eq!(
+                    b,
+                    &json!({"status": {"snapshotHandle": null, "readyToUse": false}})
+                );
+            },
+        ),
+        // ...and the content's finalizer goes, or the VolumeSnapshot hangs forever
+        // (guarded by the version the status patch returned: no conflict).
         write(Method::PATCH, VSC_PATH, content(json!({})), |b| {
             assert_eq!(b["metadata"]["finalizers"], json!(["other"]), "{b}");
-            assert_eq!(b["metadata"]["resourceVersion"], "30");
+            assert_eq!(b["metadata"]["resourceVersion"], "31");
         }),
         // Retained, or a member of a group snapshot: the finalizer goes, the data stays.
         write(Method::PATCH, VSC_PATH, content(json!({})), |b| {

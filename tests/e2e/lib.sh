@@ -64,6 +64,35 @@ spec:
 EOF
 }
 
+# apply_ready FILE DESCRIPTION POD...: applies FILE (- for stdin) and waits until
+# the pods are Ready; a non-empty DESCRIPTION records the time as a figure.
+apply_ready() {
+  local file=$1 what=$2 t
+  shift 2
+  t=$(now)
+  kubectl apply -f "$file" >/dev/null
+  kubectl wait --for=condition=Ready --timeout=300s "${@/#/pod/}" >/dev/null
+  [ -z "$what" ] || figure "$what: apply to Running $(since "$t") s"
+}
+
+# snapshot NAME CLAIM: a VolumeSnapshot of CLAIM in class rcsi-local, waited
+# for until ready; prints the seconds it took.
+snapshot() {
+  local t
+  t=$(now)
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: $1}
+spec:
+  volumeSnapshotClassName: rcsi-local
+  source: {persistentVolumeClaimName: $2}
+EOF
+  wait_for 90 "snapshot $1 never ready" \
+    sh -c "[ \"\$(kubectl get volumesnapshot $1 -o jsonpath={.status.readyToUse})\" = true ]"
+  since "$t"
+}
+
 # True when claim NAME reports SIZE with no resize in progress or failed.
 resize_done() {
   local out
@@ -101,12 +130,16 @@ denials() {
   grep '"code":403' "$WORKDIR/logs/audit.log" 2>/dev/null | grep -c 'system:serviceaccount:rcsi-system:' || true
 }
 
+# local-path's loop devices: backing files under the base path, or under
+# /volumes when attached from a plugin container that is gone.
+LOOP_PATTERN='/var/lib/rcsi/local/volumes/lv-|\(/volumes/lv-'
+
 # Fails when any volume, image, loop device or mount of local-path is left.
 no_leaks() {
   local base=/var/lib/rcsi/local
   [ -z "$(kubectl get pv --no-headers 2>/dev/null)" ] || fail "PVs left: $(kubectl get pv --no-headers)"
   [ -z "$(ls -A $base/volumes 2>/dev/null)" ] || fail "volume data left: $(ls -A $base/volumes)"
   [ -z "$(ls -A $base/snapshots 2>/dev/null)" ] || fail "snapshot data left: $(ls -A $base/snapshots)"
-  ! losetup -a | grep -q "$base" || fail "loop devices left: $(losetup -a | grep $base)"
+  ! losetup -a | grep -Eq "$LOOP_PATTERN" || fail "loop devices left: $(losetup -a | grep -E "$LOOP_PATTERN")"
   ! grep -q "local.rcsi.io" /proc/self/mountinfo || fail "mounts left: $(grep local.rcsi.io /proc/self/mountinfo)"
 }

@@ -21,32 +21,17 @@ w=$(mktemp -d)
   pod sc-pod sc-data 'echo hello-sidecars > /data/f && sleep 3600'
   pod sc-blk-pod sc-blk 'echo hello-blk | dd of=/dev/xvda conv=sync bs=512 2>/dev/null && sleep 3600' block
 } > "$w/app.yaml"
-t=$(now)
-kubectl apply -f "$w/app.yaml" >/dev/null
-kubectl wait pod/sc-pod pod/sc-blk-pod --for=condition=Ready --timeout=180s >/dev/null
-figure "sidecars: image + block claims with pods, apply to Running $(since "$t") s"
+apply_ready "$w/app.yaml" "sidecars: image + block claims with pods" sc-pod sc-blk-pod
 [ "$(kubectl exec sc-pod -- cat /data/f)" = hello-sidecars ] || fail "sidecars: data read back"
 [ "$(kubectl exec sc-blk-pod -- head -c 9 /dev/xvda)" = hello-blk ] || fail "sidecars: block data"
 
-cat > "$w/snap.yaml" <<'Y'
-apiVersion: snapshot.storage.k8s.io/v1
-kind: VolumeSnapshot
-metadata: {name: sc-snap}
-spec:
-  volumeSnapshotClassName: rcsi-local
-  source: {persistentVolumeClaimName: sc-data}
-Y
-t=$(now)
-kubectl apply -f "$w/snap.yaml" >/dev/null
-wait_for 90 "sidecars: snapshot never ready" sh -c '[ "$(kubectl get volumesnapshot sc-snap -o jsonpath={.status.readyToUse})" = true ]'
-figure "sidecars: snapshot of a mounted image volume ready in $(since "$t") s"
+figure "sidecars: snapshot of a mounted image volume ready in $(snapshot sc-snap sc-data) s"
 {
   claim sc-restored rcsi-local-file 64Mi Filesystem ReadWriteOnce \
     '  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: sc-snap}'
   pod sc-restored-pod sc-restored 'sleep 3600'
 } > "$w/restore.yaml"
-kubectl apply -f "$w/restore.yaml" >/dev/null
-kubectl wait pod/sc-restored-pod --for=condition=Ready --timeout=180s >/dev/null
+apply_ready "$w/restore.yaml" "" sc-restored-pod
 [ "$(kubectl exec sc-restored-pod -- cat /data/f)" = hello-sidecars ] || fail "sidecars: restored data"
 kubectl delete volumesnapshot sc-snap --timeout=60s >/dev/null || fail "sidecars: deleting the snapshot hangs"
 ok "sidecars: provision, block, snapshot, restore, snapshot delete"

@@ -13,6 +13,15 @@ export FIGURES=$WORKDIR/e2e-figures.txt
 . tests/e2e/lib.sh
 
 "$KIT" install >&2
+# What local-path keeps on the host outside the kit's directories; an aborted
+# earlier run may have left some (its cluster was wiped, its volumes not).
+base=/var/lib/rcsi/local
+clean_host() {
+  awk -v b="$base" 'index($5, b) == 1 {print $5}' /proc/self/mountinfo | sort -r | xargs -r umount -l
+  losetup -a | grep -E "$LOOP_PATTERN" | cut -d: -f1 | xargs -r -n1 losetup -d || true
+  rm -rf "$base"
+}
+clean_host
 # Distributed snapshots for the node-deployment csi-snapshotter (README).
 export SNAPSHOT_CONTROLLER_ARGS=--enable-distributed-snapshotting
 : > "$FIGURES"
@@ -20,7 +29,7 @@ t=$(now)
 eval "$("$KIT" up "$WORKDIR")"
 figure "cluster up: $(since "$t") s"
 stop() {
-  [ "${E2E_KEEP:-0}" = 1 ] || "$KIT" down "$WORKDIR" --wipe >&2 || true
+  [ "${E2E_KEEP:-0}" = 1 ] || { "$KIT" down "$WORKDIR" --wipe >&2 || true; clean_host; }
 }
 trap stop EXIT
 
