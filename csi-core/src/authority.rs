@@ -7,7 +7,9 @@
 //! [`AuthorityFix`] decodes each request header block from the client,
 //! replaces an authority that is not a valid URI authority with `localhost`,
 //! and re-encodes the block without the dynamic table. Every other byte
-//! passes through unchanged.
+//! passes through unchanged. A connection whose first request carries a valid
+//! authority (Go and Rust clients send `localhost`) is passed through
+//! untouched from then on, without decoding.
 
 use bytes::{Buf, BufMut, BytesMut};
 use std::io;
@@ -36,6 +38,8 @@ struct Block {
     flags: u8,
     priority: Option<[u8; 5]>,
     fragment: Vec<u8>,
+    /// The frames as received, for a block that needs no change.
+    raw: Vec<u8>,
 }
 
 enum Mode {
@@ -55,6 +59,9 @@ pub struct AuthorityFix<S> {
     output: BytesMut,
     block: Option<Block>,
     decoder: loona_hpack::Decoder<'static>,
+    /// An earlier block was re-encoded, so every later one must be too (the
+    /// server's HPACK table no longer matches the client's).
+    rewriting: bool,
     eof: bool,
 }
 
@@ -68,6 +75,7 @@ impl<S> AuthorityFix<S> {
             output: BytesMut::with_capacity(8192),
             block: None,
             decoder: loona_hpack::Decoder::new(),
+            rewriting: false,
             eof: false,
         }
     }
@@ -129,7 +137,7 @@ impl<S> AuthorityFix<S> {
                     match kind {
                         HEADERS if self.block.is_none() => {
                             let raw = self.input.split_to(FRAME_HEADER + len);
-                            if !self.start_block(&raw[FRAME_HEADER..], stream, flags) {
+                            if !self.start_block(&raw, stream, flags) {
                                 self.output.extend_from_slice(&raw);
                                 return self.passthrough();
                             }
@@ -138,6 +146,7 @@ impl<S> AuthorityFix<S> {
                             let raw = self.input.split_to(FRAME_HEADER + len);
                             let b = self.block.as_mut().expect("checked above");
                             b.fragment.extend_from_slice(&raw[FRAME_HEADER..]);
+                            b.raw.extend_from_slice(&raw);
                             b.flags |= flags & END_HEADERS;
                             if b.fragment.len() > MAX_BLOCK {
                                 return self.passthrough();
@@ -163,8 +172,8 @@ impl<S> AuthorityFix<S> {
     }
 
     /// Starts collecting a HEADERS frame's block; false when it is malformed.
-    fn start_block(&mut self, payload: &[u8], stream: u32, flags: u8) -> bool {
-        let mut p = payload;
+    fn start_block(&mut self, raw: &[u8], stream: u32, flags: u8) -> bool {
+        let mut p = &raw[FRAME_HEADER..];
         let mut pad = 0usize;
         if flags & PADDED != 0 {
             let Some((&n, rest)) = p.split_first() else {
@@ -191,6 +200,7 @@ impl<S> AuthorityFix<S> {
             flags: flags & !PADDED,
             priority,
             fragment: p[..p.len() - pad].to_vec(),
+            raw: raw.to_vec(),
         });
         true
     }
@@ -202,8 +212,10 @@ impl<S> AuthorityFix<S> {
             return true;
         };
         let mut encoded = Vec::with_capacity(b.fragment.len() * 2);
+        let mut replaced = false;
         let decoded = self.decoder.decode_with_cb(&b.fragment, |name, value| {
             let value: &[u8] = if &*name == b":authority" && !valid_authority(&value) {
+                replaced = true;
                 REPLACEMENT
             } else {
                 &value
@@ -214,6 +226,13 @@ impl<S> AuthorityFix<S> {
             self.block = Some(b);
             return false;
         }
+        if !replaced && !self.rewriting {
+            // Nothing to fix so far: hand the connection over as it is.
+            self.output.extend_from_slice(&b.raw);
+            self.mode = Mode::Passthrough;
+            return true;
+        }
+        self.rewriting = true;
         let mut chunks = encoded.chunks(MAX_OUT_FRAME - 5).peekable();
         let first = chunks.next().unwrap_or_default();
         let mut flags = b.flags & (END_STREAM | PRIORITY);
@@ -461,6 +480,23 @@ mod tests {
         assert_ne!(blocks[0].1 & PRIORITY, 0, "priority is kept");
         assert_ne!(blocks[1].1 & END_STREAM, 0, "END_STREAM is kept");
         assert!(frames.iter().filter(|f| f.0 == CONTINUATION).count() >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_starts_with_a_valid_authority_passes_untouched() {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        frame_vec(&mut input, 0x4, 0, 0, &[]);
+        for (stream, authority) in [(1, "localhost"), (3, "%2Ftmp%2Fcsi.sock")] {
+            let b = headers(&mut enc, authority, 0);
+            frame_vec(&mut input, HEADERS, END_HEADERS | PADDED, stream, &{
+                let mut p = vec![2u8];
+                p.extend_from_slice(&b);
+                p.extend_from_slice(&[0, 0]);
+                p
+            });
+        }
+        assert_eq!(pass(&input).await, input, "byte for byte, padding included");
     }
 
     #[tokio::test]

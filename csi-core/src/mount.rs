@@ -208,10 +208,40 @@ impl SystemMounter {
     }
 }
 
+/// The mount table, parsed again only when it changed: poll() on an open
+/// mountinfo reports POLLPRI once after any mount or unmount in the namespace
+/// (propagated ones included), so an unchanged table costs one syscall.
 fn read_mounts() -> Result<Vec<MountInfo>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
-    Ok(parse_mountinfo(&text))
+    use std::io::{Read, Seek};
+    use std::os::fd::AsFd;
+    static CACHE: std::sync::Mutex<Option<(std::fs::File, Vec<MountInfo>)>> =
+        std::sync::Mutex::new(None);
+    let io = |e| Error::io("reading /proc/self/mountinfo", e);
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((file, mounts)) = cache.as_mut() {
+        let mut fds = [nix::poll::PollFd::new(
+            file.as_fd(),
+            nix::poll::PollFlags::POLLPRI,
+        )];
+        let changed =
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_err(|e| io(e.into()))? > 0;
+        if !changed {
+            return Ok(mounts.clone());
+        }
+        let mut text = String::new();
+        file.rewind().map_err(io)?;
+        file.read_to_string(&mut text).map_err(io)?;
+        *mounts = parse_mountinfo(&text);
+        return Ok(mounts.clone());
+    }
+    let mut file = std::fs::File::open("/proc/self/mountinfo").map_err(io)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io)?;
+    let mounts = parse_mountinfo(&text);
+    *cache = Some((file, mounts.clone()));
+    Ok(mounts)
 }
 
 fn state_of(target: &Path) -> Result<MountState> {

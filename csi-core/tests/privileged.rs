@@ -51,6 +51,37 @@ async fn bind_readonly_and_idempotent_unmount_with_escaped_paths() {
 }
 
 #[tokio::test]
+async fn the_mount_table_shows_every_change_at_once() {
+    root();
+    let d = tempfile::tempdir().unwrap();
+    let m = mounter();
+    let listed =
+        |mounts: &[csi_core::mount::MountInfo]| mounts.iter().any(|i| i.mount_point == d.path());
+    let run = |args: &[&str]| {
+        let ok = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{args:?}");
+    };
+    let dir = d.path().to_str().unwrap();
+    // Mounts by another process, read right after, over and over: the table
+    // is cached between changes, never stale after one.
+    for _ in 0..20 {
+        assert!(!listed(&m.mounts().await.unwrap()));
+        run(&["mount", "-t", "tmpfs", "none", dir]);
+        assert!(listed(&m.mounts().await.unwrap()));
+        assert!(
+            listed(&m.mounts().await.unwrap()),
+            "unchanged, from the cache"
+        );
+        run(&["umount", dir]);
+        assert!(!listed(&m.mounts().await.unwrap()));
+    }
+}
+
+#[tokio::test]
 async fn bad_bind_options_mount_nothing() {
     root();
     let d = tempfile::tempdir().unwrap();
