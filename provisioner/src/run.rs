@@ -7,7 +7,6 @@ use crate::{Ctx, capacity, delete, metrics, provision};
 use csi_core::server::Endpoint;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::ListParams;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -135,20 +134,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         let ctx = ctx.clone();
         let stopped = stopped.clone();
         async move {
-            // The snapshot CRDs may be installed after us: look again until they are.
-            let mut warned = false;
-            while let Err(e) = content_api.list(&ListParams::default().limit(1)).await {
-                if !warned {
-                    warn!(error = %e, "VolumeSnapshotContent API not available: snapshots wait until the snapshot CRDs are installed");
-                    warned = true;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(SNAPSHOT_API_RECHECK) => {}
-                    _ = stopped() => return,
-                }
-            }
-            if warned {
-                info!("VolumeSnapshotContent API found: snapshots enabled");
+            tokio::select! {
+                _ = snapshot::wait_for_api(&content_api, SNAPSHOT_API_RECHECK) => {}
+                _ = stopped() => return,
             }
             Controller::new_with(
                 content_api,

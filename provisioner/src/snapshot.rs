@@ -7,7 +7,7 @@ use crate::provision::read_secret;
 use crate::{Ctx, observe};
 use csi_core::csi;
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::core::object::Object;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -96,6 +96,22 @@ pub struct ContentStatus {
 
 /// A VolumeSnapshotContent.
 pub type Content = Object<ContentSpec, ContentStatus>;
+
+/// Returns once the VolumeSnapshotContent API answers, asking again every `every`:
+/// the snapshot CRDs may be installed after the provisioner starts.
+pub async fn wait_for_api(api: &Api<Content>, every: Duration) {
+    let mut warned = false;
+    while let Err(e) = api.list(&ListParams::default().limit(1)).await {
+        if !warned {
+            warn!(error = %e, "VolumeSnapshotContent API not available: snapshots wait until the snapshot CRDs are installed");
+            warned = true;
+        }
+        tokio::time::sleep(every).await;
+    }
+    if warned {
+        info!("VolumeSnapshotContent API found: snapshots enabled");
+    }
+}
 
 /// Reconciles one VolumeSnapshotContent.
 pub async fn reconcile(c: Arc<Content>, ctx: Arc<Ctx>) -> Result<Action> {

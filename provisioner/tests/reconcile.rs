@@ -1040,6 +1040,32 @@ async fn a_node_snapshots_its_volume_even_before_its_pv_cache_has_synced() {
 }
 
 #[tokio::test]
+async fn snapshots_start_once_the_crds_are_installed_later() {
+    let list = "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents?&limit=1";
+    let (client, server) = api(vec![
+        missing(Method::GET, list),
+        missing(Method::GET, list),
+        get(
+            list,
+            json!({"apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshotContentList", "metadata": {}, "items": []}),
+        ),
+    ]);
+    let contents: kube::Api<Content> = kube::Api::all_with(client, &snapshot::content_resource());
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        snapshot::wait_for_api(&contents, Duration::from_millis(10)),
+    )
+    .await
+    .expect("still waiting after the API appeared");
+    drop(contents);
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
 async fn pre_provisioned_snapshots_are_imported_by_the_node_that_has_them() {
     let imported =
         content(json!({"spec": {"source": {"volumeHandle": null, "snapshotHandle": "snap-9"}}}));

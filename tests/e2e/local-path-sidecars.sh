@@ -25,7 +25,8 @@ apply_ready "$w/app.yaml" "sidecars: image + block claims with pods" sc-pod sc-b
 [ "$(kubectl exec sc-pod -- cat /data/f)" = hello-sidecars ] || fail "sidecars: data read back"
 [ "$(kubectl exec sc-blk-pod -- head -c 9 /dev/xvda)" = hello-blk ] || fail "sidecars: block data"
 
-figure "sidecars: snapshot of a mounted image volume ready in $(snapshot sc-snap sc-data) s"
+s=$(snapshot sc-snap sc-data)
+figure "sidecars: snapshot of a mounted image volume ready in $s s"
 {
   claim sc-restored rcsi-local-file 64Mi Filesystem ReadWriteOnce \
     '  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: sc-snap}'

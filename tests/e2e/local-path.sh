@@ -90,7 +90,8 @@ figure "expansion, ext4 image volume: pod deleted in $deleted s (its shell ignor
 ok "expansion: directory, block and image volumes reach a clean status"
 
 # --- snapshots, restore, clone ---
-figure "snapshot of a directory volume in use: ready in $(snapshot e2e-snap e2e-dir) s"
+s=$(snapshot e2e-snap e2e-dir)
+figure "snapshot of a directory volume in use: ready in $s s"
 {
   claim e2e-restored rcsi-local 128Mi Filesystem ReadWriteOnce \
     '  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: e2e-snap}'

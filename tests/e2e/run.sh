@@ -18,7 +18,12 @@ export FIGURES=$WORKDIR/e2e-figures.txt
 base=/var/lib/rcsi/local
 clean_host() {
   awk -v b="$base" 'index($5, b) == 1 {print $5}' /proc/self/mountinfo | sort -r | xargs -r umount -l
-  losetup -a | grep -E "$LOOP_PATTERN" | cut -d: -f1 | xargs -r -n1 losetup -d || true
+  # The kubelet holds a published block device with a loop device of its own
+  # (backed by the device node): detach that one first.
+  for dev in $(losetup -a | grep -E "$LOOP_PATTERN" | cut -d: -f1); do
+    losetup -j "$dev" | cut -d: -f1 | xargs -r -n1 losetup -d || true
+    losetup -d "$dev" 2>/dev/null || true
+  done
   rm -rf "$base"
 }
 clean_host
@@ -41,10 +46,10 @@ install -m755 "$bin" "$rootfs/usr/local/bin/rcsi"
 "$KIT" sidecar-images "$WORKDIR" >&2
 figure "images built and imported: $(since "$t") s"
 
-for overlay in local-path local-path-sidecars; do
+for overlay in local-path controller local-path-sidecars; do
   t=$(now)
   "tests/e2e/$overlay.sh"
-  figure "overlays/$overlay: passed in $(since "$t") s"
+  figure "$overlay: passed in $(since "$t") s"
 done
 echo "e2e: figures:"
 sed 's/^/  /' "$FIGURES"
