@@ -155,6 +155,11 @@ pub trait Mounter: Send + Sync {
     ) -> Result<()>;
     /// Unmounts `target`; success when nothing is mounted there.
     async fn unmount(&self, target: &Path) -> Result<()>;
+    /// Unmounts a network mount whose server may be gone, never touching its
+    /// files: a plain unmount within `grace`, then a forced one (MNT_FORCE
+    /// aborts pending requests), then a lazy one (MNT_DETACH). Success when
+    /// nothing is mounted there.
+    async fn unmount_network(&self, target: &Path, grace: Duration) -> Result<()>;
     /// The mount state of `target`.
     async fn state(&self, target: &Path) -> Result<MountState>;
     /// Every mount of this mount namespace.
@@ -332,6 +337,29 @@ impl Mounter for SystemMounter {
             }
         })
         .await
+    }
+
+    async fn unmount_network(&self, target: &Path, grace: Duration) -> Result<()> {
+        let mounted =
+            |t: &Path| -> Result<bool> { Ok(read_mounts()?.iter().any(|m| m.mount_point == t)) };
+        for flags in [MntFlags::empty(), MntFlags::MNT_FORCE, MntFlags::MNT_DETACH] {
+            let t = target.to_path_buf();
+            let what = format!("unmount {} ({flags:?})", t.display());
+            let r = crate::fsutil::blocking(what.clone(), grace, move || {
+                while mounted(&t)? {
+                    nix::mount::umount2(&t, flags)
+                        .map_err(|e| Error::io(what.clone(), e.into()))?;
+                }
+                Ok(())
+            })
+            .await;
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e) if flags == MntFlags::MNT_DETACH => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "unmount did not finish; trying harder"),
+            }
+        }
+        Ok(())
     }
 
     async fn state(&self, target: &Path) -> Result<MountState> {

@@ -139,7 +139,12 @@ impl csi::node_server::Node for NodeService {
             .call("NodePublishVolume", &r.volume_id, &r, async {
                 let volume_id = self.id(&r.volume_id, "volume_id")?;
                 let target_path = check_path(&r.target_path, "target_path")?;
-                let staging_path = if !self.stages() {
+                // Kubelet never stages CSI inline (ephemeral) volumes.
+                let ephemeral = r
+                    .volume_context
+                    .get("csi.storage.k8s.io/ephemeral")
+                    .is_some_and(|v| v == "true");
+                let staging_path = if !self.stages() || (ephemeral && r.staging_target_path.is_empty()) {
                     None
                 } else if r.staging_target_path.is_empty() {
                     // The spec's "Staging target path not set".

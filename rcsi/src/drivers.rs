@@ -37,15 +37,27 @@ pub struct ControllerEntry {
 }
 
 /// Every driver, by name.
-pub const DRIVERS: &[Driver] = &[Driver {
-    name: "local-path",
-    about: "local.rcsi.io: node-local directories and loop-device volumes",
-    node_flags: LocalPathArgs::augment_args,
-    node: local_path_node,
-    controller: Err(
-        "local-path keeps its data on each node, so its controller runs inside `rcsi node`; no separate controller is needed",
-    ),
-}];
+pub const DRIVERS: &[Driver] = &[
+    Driver {
+        name: "local-path",
+        about: "local.rcsi.io: node-local directories and loop-device volumes",
+        node_flags: LocalPathArgs::augment_args,
+        node: local_path_node,
+        controller: Err(
+            "local-path keeps its data on each node, so its controller runs inside `rcsi node`; no separate controller is needed",
+        ),
+    },
+    Driver {
+        name: "nfs",
+        about: "nfs.rcsi.io: sub-directories of NFS exports",
+        node_flags: NfsNodeArgs::augment_args,
+        node: nfs_node,
+        controller: Ok(ControllerEntry {
+            flags: NfsClientArgs::augment_args,
+            build: nfs_controller,
+        }),
+    },
+];
 
 /// The driver named `name`.
 pub fn find(name: &str) -> Option<&'static Driver> {
@@ -105,4 +117,104 @@ fn local_path_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Service
         rcsi_local_path::LocalPath::open(cfg, host).context("opening the local-path base path")?;
     let driver = Arc::new(driver);
     Ok(Services::all(driver.clone()).with_group(driver))
+}
+
+/// How the NFS controller reaches servers.
+#[derive(Args)]
+#[command(next_help_heading = "nfs (controller)")]
+struct NfsClientArgs {
+    /// NFS port of the servers (default: ask each server's portmapper).
+    #[arg(long)]
+    nfs_port: Option<u16>,
+    /// MOUNT port of the servers (default: ask each server's portmapper).
+    #[arg(long)]
+    nfs_mount_port: Option<u16>,
+    /// Portmapper port, used when a port above is not given.
+    #[arg(long, default_value_t = 111)]
+    nfs_portmapper_port: u16,
+    /// Seconds one NFS call may take before the CSI call fails with DEADLINE_EXCEEDED.
+    #[arg(long, default_value_t = 30)]
+    nfs_call_timeout: u64,
+    /// Connections per export (one NFS call is in flight per connection).
+    #[arg(long, default_value_t = 4)]
+    nfs_connections: usize,
+    /// Connect from a port below 1024, for exports marked `secure` (needs root or CAP_NET_BIND_SERVICE).
+    #[arg(long)]
+    nfs_privileged_port: bool,
+    /// AUTH_UNIX uid of the controller's calls (exports need no_root_squash for 0).
+    #[arg(long, default_value_t = 0)]
+    nfs_uid: u32,
+    /// AUTH_UNIX gid of the controller's calls.
+    #[arg(long, default_value_t = 0)]
+    nfs_gid: u32,
+}
+
+impl NfsClientArgs {
+    fn config(&self) -> rcsi_nfs::ClientConfig {
+        rcsi_nfs::ClientConfig {
+            nfs_port: self.nfs_port,
+            mount_port: self.nfs_mount_port,
+            portmapper_port: self.nfs_portmapper_port,
+            timeout: Duration::from_secs(self.nfs_call_timeout.max(1)),
+            connections: self.nfs_connections.max(1),
+            privileged_port: self.nfs_privileged_port,
+            uid: self.nfs_uid,
+            gid: self.nfs_gid,
+        }
+    }
+}
+
+/// Flags of the NFS node plugin.
+#[derive(Args)]
+#[command(next_help_heading = "nfs (node)")]
+struct NfsNodeArgs {
+    /// Mount at NodeStageVolume and bind-mount at NodePublishVolume; with
+    /// false, every publish mounts the export itself.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    stage: bool,
+    /// Seconds a mount or unmount may take (then unmount is forced, then lazy).
+    #[arg(long, default_value_t = 60)]
+    mount_timeout: u64,
+    /// Seconds a statfs may take before the volume is reported abnormal.
+    #[arg(long, default_value_t = 10)]
+    stats_timeout: u64,
+    /// Seconds NodeGetVolumeStats answers from its cache.
+    #[arg(long, default_value_t = 30)]
+    stats_cache: u64,
+    /// Also serve the Controller service from this process (small clusters, tests).
+    #[arg(long)]
+    serve_controller: bool,
+    #[command(flatten)]
+    client: NfsClientArgs,
+}
+
+fn nfs_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
+    let a = NfsNodeArgs::from_arg_matches(m)?;
+    let timeout = Duration::from_secs(a.mount_timeout.max(1));
+    let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
+    let mounter = Arc::new(csi_core::mount::SystemMounter::new(exec, timeout));
+    let cfg = rcsi_nfs::NodeConfig {
+        node_id: common.node_id,
+        stage: a.stage,
+        mount_timeout: timeout,
+        stats_timeout: Duration::from_secs(a.stats_timeout.max(1)),
+        stats_cache: Duration::from_secs(a.stats_cache),
+    };
+    let driver = Arc::new(rcsi_nfs::Nfs::node(cfg, mounter, a.client.config()));
+    let mut services = Services::all(driver);
+    if !a.serve_controller {
+        services.controller = None;
+    }
+    Ok(services)
+}
+
+fn nfs_controller(m: &ArgMatches) -> anyhow::Result<Services> {
+    let a = NfsClientArgs::from_arg_matches(m)?;
+    let driver = Arc::new(rcsi_nfs::Nfs::controller(a.config()));
+    Ok(Services {
+        plugin: driver.clone(),
+        controller: Some(driver),
+        node: None,
+        group: None,
+    })
 }

@@ -39,6 +39,15 @@ pub struct Profile {
     /// Whether the controller sees the node's mounts (node-local drivers) and
     /// so must refuse to delete a volume still staged or published there.
     pub controller_sees_node: bool,
+    /// For a controller tested without a node plugin: a host directory
+    /// holding the storage, where a volume's data is at the volume
+    /// context's `subDir` (an NFS export served from this host).
+    pub host_data: Option<PathBuf>,
+    /// Whether volume ids legitimately contain `/` (NFS: `server:/share/dir`).
+    pub ids_hold_paths: bool,
+    /// Whether NodeGetVolumeStats shows the shared filesystem a volume is a
+    /// directory of, not the volume's size (NFS).
+    pub shared_stats: bool,
 }
 
 impl Profile {
@@ -308,6 +317,8 @@ pub struct Ctx {
     pub has_controller: bool,
     /// Whether the GroupController service is advertised.
     pub has_group: bool,
+    /// Whether the Node service is served.
+    pub has_node: bool,
 }
 
 impl Ctx {
@@ -326,6 +337,7 @@ impl Ctx {
             node_caps: vec![],
             has_controller: false,
             has_group: false,
+            has_node: false,
         };
         let caps = query_caps(ctx.channel.clone()).await?;
         (
@@ -333,6 +345,7 @@ impl Ctx {
             ctx.node_caps,
             ctx.has_controller,
             ctx.has_group,
+            ctx.has_node,
         ) = caps;
         Ok(ctx)
     }
@@ -479,8 +492,22 @@ impl Ctx {
         }
     }
 
-    /// Stages (when the node stages) and publishes a volume; returns (staging, target).
+    /// Stages (when the node stages) and publishes a volume; returns
+    /// (staging, target). Without a node plugin, the target is the volume's
+    /// directory in the profile's `host_data`.
     pub async fn mount(&mut self, v: &csi::Volume, tag: &str) -> Result<(String, String)> {
+        if !self.has_node {
+            let base = self
+                .profile
+                .host_data
+                .as_ref()
+                .ok_or_else(|| anyhow!("no node plugin and no host_data to reach volumes"))?;
+            let sub = v
+                .volume_context
+                .get("subDir")
+                .ok_or_else(|| anyhow!("volume context has no subDir"))?;
+            return Ok((String::new(), base.join(sub).display().to_string()));
+        }
         let staging = self.path(&format!("{tag}-staging"));
         let target = self.path(&format!("{tag}-pod/mount"));
         std::fs::create_dir_all(&staging)?;
@@ -525,6 +552,9 @@ impl Ctx {
 
     /// Undoes [`Ctx::mount`].
     pub async fn unmount(&mut self, v: &csi::Volume, staging: &str, target: &str) -> Result<()> {
+        if !self.has_node {
+            return Ok(());
+        }
         self.unpublish(&v.volume_id, target)
             .await
             .context("NodeUnpublishVolume")?;
@@ -571,7 +601,9 @@ impl Ctx {
 }
 
 /// Controller caps, node caps and whether a controller and a group controller are served.
-async fn query_caps(channel: Channel) -> Result<(Vec<ControllerRpc>, Vec<NodeRpc>, bool, bool)> {
+async fn query_caps(
+    channel: Channel,
+) -> Result<(Vec<ControllerRpc>, Vec<NodeRpc>, bool, bool, bool)> {
     use csi::plugin_capability::{Type as PT, service::Type as ST};
     let plugin = IdentityClient::new(channel.clone())
         .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
@@ -604,10 +636,16 @@ async fn query_caps(channel: Channel) -> Result<(Vec<ControllerRpc>, Vec<NodeRpc
             })
             .collect();
     }
-    let caps = NodeClient::new(channel)
+    // A controller plugin serves no Node service at all.
+    let caps = match NodeClient::new(channel)
         .node_get_capabilities(csi::NodeGetCapabilitiesRequest {})
-        .await?
-        .into_inner();
+        .await
+    {
+        Err(s) if s.code() == Code::Unimplemented => {
+            return Ok((ctl_caps, vec![], has_controller, has_group, false));
+        }
+        r => r?.into_inner(),
+    };
     let node_caps = caps
         .capabilities
         .iter()
@@ -616,7 +654,7 @@ async fn query_caps(channel: Channel) -> Result<(Vec<ControllerRpc>, Vec<NodeRpc
             None => None,
         })
         .collect();
-    Ok((ctl_caps, node_caps, has_controller, has_group))
+    Ok((ctl_caps, node_caps, has_controller, has_group, true))
 }
 
 /// Builds a capability.
@@ -702,6 +740,8 @@ pub struct Case {
     pub name: &'static str,
     /// Requirement.
     pub needs: Needs,
+    /// Runs without a Node service.
+    pub node_free: bool,
     /// Body.
     pub run: CaseFn,
 }
@@ -733,7 +773,7 @@ pub fn run_suite(
             inst.stop().await?;
             caps.map(|c| (c, breakable))
         });
-        let ((ctl_caps, node_caps, has_controller, has_group), breakable) = match probe {
+        let ((ctl_caps, node_caps, has_controller, has_group, has_node), breakable) = match probe {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("{}: cannot start the driver: {e:#}", profile.name);
@@ -741,29 +781,32 @@ pub fn run_suite(
             }
         };
         for (i, case) in cases.iter().enumerate() {
-            let supported = match case.needs {
-                Needs::Nothing => true,
-                Needs::Controller(c) => has_controller && ctl_caps.contains(&c),
-                Needs::Node(n) => {
-                    node_caps.contains(&n) && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
-                }
-                Needs::Block => {
-                    profile.block && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
-                }
-                Needs::Breakable => {
-                    breakable && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
-                }
-                Needs::SizeEnforced => {
-                    profile.enforces_size && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
-                }
-                Needs::GroupSnapshots => {
-                    has_group && ctl_caps.contains(&ControllerRpc::CreateDeleteSnapshot)
-                }
-                Needs::ControllerSeesNode => {
-                    profile.controller_sees_node
-                        && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
-                }
-            };
+            let supported = (has_node || case.node_free)
+                && match case.needs {
+                    Needs::Nothing => true,
+                    Needs::Controller(c) => has_controller && ctl_caps.contains(&c),
+                    Needs::Node(n) => {
+                        node_caps.contains(&n)
+                            && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
+                    }
+                    Needs::Block => {
+                        profile.block && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
+                    }
+                    Needs::Breakable => {
+                        breakable && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
+                    }
+                    Needs::SizeEnforced => {
+                        profile.enforces_size
+                            && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
+                    }
+                    Needs::GroupSnapshots => {
+                        has_group && ctl_caps.contains(&ControllerRpc::CreateDeleteSnapshot)
+                    }
+                    Needs::ControllerSeesNode => {
+                        profile.controller_sees_node
+                            && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
+                    }
+                };
             if !supported {
                 eprintln!(
                     "{}::{} not run: needs {:?}, which this driver and profile do not offer",

@@ -10,20 +10,13 @@
 #
 # Console output goes to WORKDIR/console.log; CMD's output to stdout.
 set -euo pipefail
+. "$(dirname "$0")/../backends/apt.sh"
 
 packages=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio)
 cache=${RCSI_VM_CACHE:-/var/tmp/rcsi-node-vm}
 
 install() {
-  local missing=()
-  for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  apt_install "${packages[@]}"
 }
 
 kernel_version() {

@@ -1,0 +1,363 @@
+//! The node: kernel NFS mounts at stage (or publish), bind mounts at
+//! publish. Nothing here touches a mounted filesystem on the runtime, and
+//! the mount table (not stat) decides what is mounted, so a dead server
+//! blocks only the calls for its own volumes, each for a bounded time.
+
+use crate::id::Source;
+use crate::{Nfs, NodeConfig};
+use async_trait::async_trait;
+use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
+use csi_core::mount::{MountInfo, Mounter};
+use csi_core::types::{AccessType, Capability, PublishVolume, StageVolume};
+use csi_core::{Error, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// Volume-context key kubelet sets on CSI inline (ephemeral) volumes.
+const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+
+enum Slot {
+    Fresh(Instant, VolumeStats),
+    Running(Instant, watch::Receiver<Option<VolumeStats>>),
+}
+
+/// NodeGetVolumeStats answers: cached for a while, one statfs per path in
+/// flight, and a statfs that does not return is reported, not waited on.
+#[derive(Default)]
+pub struct StatsCache {
+    slots: Arc<Mutex<HashMap<PathBuf, Slot>>>,
+}
+
+fn ctx<'a>(c: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
+    c.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Mount options for a volume: the capability's, then the StorageClass's
+/// `mountOptions` and `nfsvers` from the volume context, then `ro`.
+fn options(cap: &Capability, c: &HashMap<String, String>, readonly: bool) -> Result<Vec<String>> {
+    let AccessType::Mount { flags, fs_type, .. } = &cap.access else {
+        return Err(crate::NfsError::Block.into());
+    };
+    if !matches!(fs_type.as_str(), "" | "nfs" | "nfs4") {
+        return Err(Error::InvalidArgument(format!(
+            "fsType {fs_type:?} was requested; NFS volumes are nfs or nfs4"
+        )));
+    }
+    let mut o: Vec<String> = flags.clone();
+    if let Some(extra) = ctx(c, "mountOptions") {
+        o.extend(
+            extra
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from),
+        );
+    }
+    let has_vers = o
+        .iter()
+        .flat_map(|f| f.split(','))
+        .any(|f| f.starts_with("vers=") || f.starts_with("nfsvers="));
+    if let Some(v) = ctx(c, "nfsvers").filter(|_| !has_vers) {
+        o.push(format!("nfsvers={v}"));
+    }
+    if readonly {
+        o.push("ro".into());
+    }
+    if o.iter().any(|f| f.contains(['\0', ' ', '\n'])) {
+        return Err(Error::InvalidArgument(format!(
+            "mount options {o:?} must not contain spaces, newlines or NUL"
+        )));
+    }
+    Ok(o)
+}
+
+impl Nfs {
+    fn host(&self) -> Result<(&NodeConfig, &Arc<dyn Mounter>)> {
+        self.node
+            .as_ref()
+            .map(|(c, m)| (c, m))
+            .ok_or_else(|| Error::Unimplemented("this process is not a node plugin".into()))
+    }
+
+    /// The mount at exactly `path`, from the mount table only.
+    async fn mount_at(&self, path: &Path) -> Result<Option<MountInfo>> {
+        let (_, m) = self.host()?;
+        Ok(m.mounts()
+            .await?
+            .into_iter()
+            .rev()
+            .find(|i| i.mount_point == path))
+    }
+
+    /// Creates a directory on the node's own filesystem, under a deadline.
+    async fn make_dir(&self, path: &Path) -> Result<()> {
+        let (cfg, _) = self.host()?;
+        let p = path.to_path_buf();
+        csi_core::fsutil::blocking(
+            format!("creating {}", p.display()),
+            cfg.mount_timeout,
+            move || {
+                std::fs::create_dir_all(&p)
+                    .map_err(|e| Error::io(format!("creating {}", p.display()), e))
+            },
+        )
+        .await
+    }
+
+    /// Removes an (unmounted) directory; success when it is gone.
+    async fn remove_dir(&self, path: &Path) -> Result<()> {
+        let (cfg, _) = self.host()?;
+        let p = path.to_path_buf();
+        csi_core::fsutil::blocking(
+            format!("removing {}", p.display()),
+            cfg.mount_timeout,
+            move || match std::fs::remove_dir(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io(format!("removing {}", p.display()), e))
+                }
+                _ => Ok(()),
+            },
+        )
+        .await
+    }
+
+    /// Mounts `src` at `target` with kernel NFS (idempotent).
+    async fn mount_nfs(
+        &self,
+        src: &Source,
+        target: &Path,
+        options: &[String],
+        mode: Option<&str>,
+    ) -> Result<()> {
+        let (cfg, m) = self.host()?;
+        let device = src.device();
+        if let Some(info) = self.mount_at(target).await? {
+            if info.source == device {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "{} already has {} mounted, not {device}",
+                target.display(),
+                info.source
+            )));
+        }
+        self.make_dir(target).await?;
+        m.mount(&device, target, "nfs", options).await?;
+        if let Some(mode) = mode {
+            let bits = u32::from_str_radix(mode, 8).map_err(|_| {
+                Error::InvalidArgument(format!("mountPermissions {mode:?} is not an octal mode"))
+            })?;
+            let t = target.to_path_buf();
+            let r = csi_core::fsutil::blocking(
+                format!("chmod {mode} {}", t.display()),
+                cfg.mount_timeout,
+                move || {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&t, std::fs::Permissions::from_mode(bits))
+                        .map_err(|e| Error::io(format!("chmod {}", t.display()), e))
+                },
+            )
+            .await;
+            if let Err(e) = r {
+                let _ = m.unmount_network(target, cfg.mount_timeout).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmounts whatever is at `path` (forcing when the server is gone) and
+    /// removes the directory.
+    async fn release(&self, path: &Path) -> Result<()> {
+        let (cfg, m) = self.host()?;
+        m.unmount_network(path, cfg.mount_timeout).await?;
+        self.stats.forget(path);
+        self.remove_dir(path).await
+    }
+}
+
+#[async_trait]
+impl NodeBackend for Nfs {
+    fn node_capabilities(&self) -> Vec<NodeRpc> {
+        let mut caps = vec![NodeRpc::GetVolumeStats, NodeRpc::VolumeCondition];
+        if self.node.as_ref().is_some_and(|(c, _)| c.stage) {
+            caps.push(NodeRpc::StageUnstageVolume);
+        }
+        caps
+    }
+
+    fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            node_id: self
+                .node
+                .as_ref()
+                .map(|(c, _)| c.node_id.clone())
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    async fn stage(&self, req: StageVolume) -> Result<()> {
+        let src = Source::find(&req.volume_id, &req.volume_context).map_err(Error::NotFound)?;
+        let o = options(
+            &req.capability,
+            &req.volume_context,
+            req.capability.mode.is_read_only(),
+        )?;
+        let mode = ctx(&req.volume_context, "mountPermissions");
+        self.mount_nfs(&src, &req.staging_path, &o, mode).await
+    }
+
+    async fn unstage(&self, _volume_id: &str, staging_path: &Path) -> Result<()> {
+        self.release(staging_path).await
+    }
+
+    async fn publish(&self, req: PublishVolume) -> Result<()> {
+        let (_, m) = self.host()?;
+        let o = options(&req.capability, &req.volume_context, req.readonly)?;
+        let ephemeral = ctx(&req.volume_context, EPHEMERAL) == Some("true");
+        let staging = req.staging_path.as_ref().filter(|_| !ephemeral);
+        let Some(staging) = staging else {
+            let src = Source::find(&req.volume_id, &req.volume_context).map_err(Error::NotFound)?;
+            let mode = ctx(&req.volume_context, "mountPermissions");
+            return self.mount_nfs(&src, &req.target_path, &o, mode).await;
+        };
+        let Some(staged) = self.mount_at(staging).await? else {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is not staged at {}; call NodeStageVolume first",
+                req.volume_id,
+                staging.display()
+            )));
+        };
+        if let Some(info) = self.mount_at(&req.target_path).await? {
+            if info.source == staged.source && info.read_only() == req.readonly {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "{} already has {} mounted{}",
+                req.target_path.display(),
+                info.source,
+                if info.read_only() { " read-only" } else { "" }
+            )));
+        }
+        self.make_dir(&req.target_path).await?;
+        m.bind(staging, &req.target_path, req.readonly, &[]).await
+    }
+
+    async fn unpublish(&self, _volume_id: &str, target_path: &Path) -> Result<()> {
+        self.release(target_path).await
+    }
+
+    async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
+        let (cfg, _) = self.host()?;
+        let Some(info) = self.mount_at(path).await? else {
+            return Err(Error::NotFound(format!(
+                "volume {volume_id:?} is not mounted at {}",
+                path.display()
+            )));
+        };
+        if !info.fs_type.starts_with("nfs") {
+            return Err(Error::NotFound(format!(
+                "{} holds a {} filesystem, not an NFS volume",
+                path.display(),
+                info.fs_type
+            )));
+        }
+        Ok(self.stats.get(path, cfg).await)
+    }
+}
+
+impl StatsCache {
+    /// Drops what is known about `path` (it was unmounted).
+    fn forget(&self, path: &Path) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
+    }
+
+    /// Usage and condition of the NFS mount at `path`.
+    async fn get(&self, path: &Path, cfg: &NodeConfig) -> VolumeStats {
+        let hung = |since: Instant| VolumeStats {
+            abnormal: Some(format!(
+                "statfs of {} has not returned for {:.0?}: the NFS server is not responding",
+                path.display(),
+                since.elapsed()
+            )),
+            ..Default::default()
+        };
+        let (since, mut rx) = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match slots.get(path) {
+                Some(Slot::Fresh(at, s)) if at.elapsed() < cfg.stats_cache => return s.clone(),
+                Some(Slot::Running(since, _)) if since.elapsed() >= cfg.stats_timeout => {
+                    return hung(*since);
+                }
+                Some(Slot::Running(since, rx)) => (*since, rx.clone()),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    let now = Instant::now();
+                    slots.insert(path.to_path_buf(), Slot::Running(now, rx.clone()));
+                    self.spawn(path.to_path_buf(), tx);
+                    (now, rx)
+                }
+            }
+        };
+        let left = cfg.stats_timeout.saturating_sub(since.elapsed());
+        match tokio::time::timeout(left, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(s)) => s.clone().unwrap_or_default(),
+            _ => hung(since),
+        }
+    }
+
+    /// Runs one statfs on a blocking thread; its answer fills the slot
+    /// whenever it comes, however late.
+    fn spawn(&self, path: PathBuf, tx: watch::Sender<Option<VolumeStats>>) {
+        let slots = self.slots.clone();
+        tokio::spawn(async move {
+            let p = path.clone();
+            let s = tokio::task::spawn_blocking(move || statfs(&p))
+                .await
+                .unwrap_or_else(|e| VolumeStats {
+                    abnormal: Some(format!("statfs failed: {e}")),
+                    ..Default::default()
+                });
+            slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(path, Slot::Fresh(Instant::now(), s.clone()));
+            let _ = tx.send(Some(s));
+        });
+    }
+}
+
+/// Usage of the filesystem at `path`, or the condition that prevents it.
+fn statfs(path: &Path) -> VolumeStats {
+    match csi_core::fsutil::statvfs(path) {
+        Ok(s) => VolumeStats {
+            bytes: Some((s.total_bytes, s.used_bytes, s.available_bytes)),
+            inodes: Some((
+                s.total_inodes,
+                s.total_inodes.saturating_sub(s.free_inodes),
+                s.free_inodes,
+            )),
+            abnormal: None,
+        },
+        Err(e) => VolumeStats {
+            abnormal: Some(match &e {
+                Error::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ESTALE)) => {
+                    format!(
+                        "the NFS file handle is stale (the directory was removed or the export changed on the server): {e}"
+                    )
+                }
+                _ => format!("the NFS mount does not answer: {e}"),
+            }),
+            ..Default::default()
+        },
+    }
+}
