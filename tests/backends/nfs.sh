@@ -6,9 +6,11 @@
 #
 #   tests/backends/nfs.sh start DIR   start; prints `export VAR=...` lines
 #   tests/backends/nfs.sh stop DIR    stop every process it started, remove DIR
+#   tests/backends/nfs.sh restart DIR kill ganesha and start it again (same export)
 #
+# Two exports, /export and /export2 (for tests that must not share one).
 # Exports: NFS_SERVER, NFS_SHARE, NFS_EXPORT_DIR (the exported directory on
-# this host), NFS_PORT, NFS_MOUNT_PORT, NFS_SC_PARAMS_FILE (StorageClass
+# this host), NFS_SHARE2, NFS_EXPORT2_DIR, NFS_PORT, NFS_MOUNT_PORT, NFS_SC_PARAMS_FILE (StorageClass
 # parameters for a volume on this server), NFS_PID.
 set -euo pipefail
 . "$(dirname "$0")/apt.sh"
@@ -31,10 +33,49 @@ wait_port() {
   return 1
 }
 
+# The ganesha EXPORT block of DIR/NAME, exported as /NAME.
+export_block() {
+  cat <<BLOCK
+EXPORT {
+  Export_Id = $1;
+  Path = "$dir/$2";
+  Pseudo = /$2;
+  Access_Type = RW;
+  Squash = No_Root_Squash;
+  SecType = sys;
+  Protocols = 3, 4;
+  Transports = TCP;
+  FSAL { Name = VFS; }
+}
+BLOCK
+}
+
+# Starts ganesha with DIR's configuration and waits until it listens.
+run_ganesha() {
+  local dir=$1
+  ganesha.nfsd -f "$dir/ganesha.conf" -L "$dir/log/ganesha.log" -p "$dir/ganesha.pid" -N NIV_WARN
+  if ! wait_port "$nfs_port" || ! wait_port "$mount_port"; then
+    echo "ganesha did not start listening on $nfs_port/$mount_port" >&2
+    cat "$dir/log/ganesha.log" >&2
+    return 1
+  fi
+}
+
+# Kills ganesha (SIGKILL, as a crash) and starts it again on the same
+# export: for reconnection tests. Prints the new NFS_PID.
+restart() {
+  local dir=$1 pid
+  pid=$(cat "$dir/ganesha.pid")
+  kill -9 "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.02; done
+  run_ganesha "$dir"
+  echo "export NFS_PID=$(cat "$dir/ganesha.pid")"
+}
+
 start() {
   local dir=$1
   install
-  mkdir -p "$dir"/{export,recovery,log}
+  mkdir -p "$dir"/{export,export2,recovery,log}
   dir=$(cd "$dir" && pwd)
   if (exec 3<>"/dev/tcp/127.0.0.1/$nfs_port") 2>/dev/null; then
     echo "port $nfs_port is already in use: another NFS server runs here" >&2
@@ -68,25 +109,10 @@ NFSv4 {
 }
 NFS_KRB5 { Active_krb5 = false; }
 LOG { Default_Log_Level = WARN; }
-EXPORT {
-  Export_Id = 1;
-  Path = "$dir/export";
-  Pseudo = /export;
-  Access_Type = RW;
-  Squash = No_Root_Squash;
-  SecType = sys;
-  Protocols = 3, 4;
-  Transports = TCP;
-  FSAL { Name = VFS; }
-}
+$(export_block 1 export)
+$(export_block 2 export2)
 CONF
-  ganesha.nfsd -f "$dir/ganesha.conf" -L "$dir/log/ganesha.log" -p "$dir/ganesha.pid" -N NIV_WARN
-  if ! wait_port "$nfs_port" || ! wait_port "$mount_port"; then
-    echo "ganesha did not start listening on $nfs_port/$mount_port" >&2
-    cat "$dir/log/ganesha.log" >&2
-    stop "$dir"
-    exit 1
-  fi
+  run_ganesha "$dir" || { stop "$dir"; exit 1; }
   cat > "$dir/sc-params.yaml" <<YAML
 server: 127.0.0.1
 share: /export
@@ -95,6 +121,8 @@ YAML
 export NFS_SERVER=127.0.0.1
 export NFS_SHARE=/export
 export NFS_EXPORT_DIR=$dir/export
+export NFS_SHARE2=/export2
+export NFS_EXPORT2_DIR=$dir/export2
 export NFS_PORT=$nfs_port
 export NFS_MOUNT_PORT=$mount_port
 export NFS_SC_PARAMS_FILE=$dir/sc-params.yaml
@@ -131,6 +159,7 @@ stop() {
 case "${1:-}" in
   start) [ $# -eq 2 ] || { echo "usage: $0 start DIR" >&2; exit 2; }; start "$2" ;;
   stop) [ $# -eq 2 ] || { echo "usage: $0 stop DIR" >&2; exit 2; }; stop "$2" ;;
+  restart) [ $# -eq 2 ] || { echo "usage: $0 restart DIR" >&2; exit 2; }; restart "$2" ;;
   install) install ;;
-  *) echo "usage: $0 start DIR | stop DIR | install" >&2; exit 2 ;;
+  *) echo "usage: $0 start DIR | stop DIR | restart DIR | install" >&2; exit 2 ;;
 esac

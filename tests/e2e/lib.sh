@@ -75,8 +75,8 @@ apply_ready() {
   [ -z "$what" ] || figure "$what: apply to Running $(since "$t") s"
 }
 
-# snapshot NAME CLAIM: a VolumeSnapshot of CLAIM in class rcsi-local, waited
-# for until ready; prints the seconds it took.
+# snapshot NAME CLAIM [CLASS]: a VolumeSnapshot of CLAIM in CLASS (default
+# rcsi-local), waited for until ready; prints the seconds it took.
 snapshot() {
   local t
   t=$(now)
@@ -85,7 +85,7 @@ apiVersion: snapshot.storage.k8s.io/v1
 kind: VolumeSnapshot
 metadata: {name: $1}
 spec:
-  volumeSnapshotClassName: rcsi-local
+  volumeSnapshotClassName: ${3:-rcsi-local}
   source: {persistentVolumeClaimName: $2}
 EOF
   wait_for 90 "snapshot $1 never ready" \

@@ -46,7 +46,7 @@ install -m755 "$bin" "$rootfs/usr/local/bin/rcsi"
 "$KIT" sidecar-images "$WORKDIR" >&2
 figure "images built and imported: $(since "$t") s"
 
-for overlay in local-path controller local-path-sidecars; do
+for overlay in local-path nfs local-path-sidecars; do
   t=$(now)
   "tests/e2e/$overlay.sh"
   figure "$overlay: passed in $(since "$t") s"

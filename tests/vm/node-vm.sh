@@ -8,11 +8,16 @@
 #   tests/vm/node-vm.sh install                 install qemu, the kernel and busybox
 #   tests/vm/node-vm.sh run WORKDIR CMD [ARG..]  run CMD as root in the VM; exits with its status
 #
+# RCSI_VM_FORWARD="PORT.." makes those ports of the host's 127.0.0.1 reachable
+# at the guest's 127.0.0.1 (NFS, Ceph), through slirp with restrict=on.
+#
 # Console output goes to WORKDIR/console.log; CMD's output to stdout.
 set -euo pipefail
 . "$(dirname "$0")/../backends/apt.sh"
 
-packages=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio)
+packages=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio socat iproute2)
+# The guest-side address whose connections qemu hands to the host (RCSI_VM_FORWARD).
+guestfwd=10.0.2.100
 cache=${RCSI_VM_CACHE:-/var/tmp/rcsi-node-vm}
 
 install() {
@@ -86,13 +91,32 @@ run() {
     echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root"
     # The kernel cannot load modules for a chrooted root on its own.
     echo 'modprobe -a loop ext4 xfs btrfs quota_v2 fuse 2>/dev/null'
+    if [ -n "${RCSI_VM_FORWARD:-}" ]; then
+      # Host services on 127.0.0.1: each port is relayed by a socat in the
+      # guest to the slirp guestfwd address, whose host side connects to
+      # 127.0.0.1 of the host (qemu's -netdev below).
+      echo 'modprobe -a virtio_net nfs nfsv3 nfsv4 2>/dev/null'
+      echo 'ip link set lo up'
+      echo 'for n in /sys/class/net/*; do n=${n##*/}; [ "$n" = lo ] && continue; ip link set "$n" up; ip addr add 10.0.2.15/24 dev "$n"; break; done'
+      for p in $RCSI_VM_FORWARD; do
+        echo "socat TCP4-LISTEN:$p,bind=127.0.0.1,fork,reuseaddr TCP4:$guestfwd:$p >/dev/null 2>&1 &"
+      done
+    fi
     printf 'cd %q\n' "$PWD"
     for v in $(compgen -e | grep -E '^(RCSI_|RUST_)'); do printf 'export %s=%q\n' "$v" "${!v}"; done
     printf '%q ' "$@"; echo '> '"$work"'/.vm-out 2>&1'
     echo 'echo $? > '"$work"'/.vm-rc'
     echo 'sync; echo o > /proc/sysrq-trigger; sleep 30'
   } > "$work/.vm-run.sh"
-  timeout "${RCSI_VM_TIMEOUT:-1800}" qemu-system-x86_64 \
+  local net=(-nic none)
+  if [ -n "${RCSI_VM_FORWARD:-}" ]; then
+    local fwd="user,id=n0,restrict=on" p
+    for p in $RCSI_VM_FORWARD; do
+      fwd+=",guestfwd=tcp:$guestfwd:$p-cmd:socat - TCP4:127.0.0.1:$p"
+    done
+    net=(-netdev "$fwd" -device virtio-net-pci,netdev=n0)
+  fi
+  timeout "${RCSI_VM_TIMEOUT:-1800}" qemu-system-x86_64 "${net[@]}" \
     -accel tcg,thread=multi,tb-size=256 -cpu max -m "${RCSI_VM_MEMORY:-1536}" -smp 2 \
     -nographic -no-reboot -nodefaults -serial "file:$work/console.log" \
     -kernel "/boot/vmlinuz-$kver" -initrd "$initrd" \

@@ -4,20 +4,76 @@
 //! connection (and a privileged source port where the server insists).
 
 use crate::error::{NfsError, nfsstat};
+use nfs3_client::io::{AsyncRead, AsyncWrite};
+use nfs3_client::net::Connector;
 use nfs3_client::nfs3_types::nfs3::{
     self, Nfs3Option, Nfs3Result, diropargs3, fattr3, filename3, ftype3, nfs_fh3, sattr3,
 };
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
-use nfs3_client::tokio::{TokioConnector, TokioIo};
 use nfs3_client::{Nfs3Client, Nfs3ConnectionBuilder, RpcError};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-type Client = Nfs3Client<TokioIo<TcpStream>>;
+type Client = Nfs3Client<Stream>;
+
+/// A TCP connection whose end of stream is an error: the client library
+/// reads in a loop that would otherwise spin on a connection the server
+/// closed (after a restart) until the call's deadline.
+pub struct Stream(TcpStream);
+
+impl AsyncRead for Stream {
+    async fn async_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = tokio::io::AsyncReadExt::read(&mut self.0, buf).await?;
+        if n == 0 && !buf.is_empty() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(n)
+    }
+}
+
+impl AsyncWrite for Stream {
+    async fn async_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        tokio::io::AsyncWriteExt::write(&mut self.0, buf).await
+    }
+}
+
+/// Opens [`Stream`]s.
+struct Tcp;
+
+impl Connector for Tcp {
+    type Connection = Stream;
+
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<Stream> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Stream(s))
+    }
+
+    async fn connect_with_port(
+        &self,
+        addr: SocketAddr,
+        local_port: u16,
+    ) -> std::io::Result<Stream> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        let local = match addr {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], local_port)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], local_port)),
+        };
+        socket.bind(local)?;
+        let s = socket.connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Stream(s))
+    }
+}
 /// Result of NFS operations.
 pub type Result<T, E = NfsError> = std::result::Result<T, E>;
 
@@ -219,7 +275,11 @@ macro_rules! rpc {
                     share.give_back(lease);
                     break Ok(reply);
                 }
-                Ok(Err(e)) if reused && attempt == 1 && broken(&e) => continue,
+                // The server closed it (restarted): so it did every idle one.
+                Ok(Err(e)) if reused && attempt == 1 && broken(&e) => {
+                    share.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                    continue;
+                }
                 Ok(Err(e)) => break Err(share.transport(&what, e)),
                 Err(_) => break Err(share.timeout(&what)),
             }
@@ -321,7 +381,7 @@ impl Share {
     }
 
     async fn connect(&self) -> Result<Client> {
-        let mut b = Nfs3ConnectionBuilder::new(TokioConnector, &self.server, &self.export)
+        let mut b = Nfs3ConnectionBuilder::new(Tcp, &self.server, &self.export)
             .portmapper_port(self.cfg.portmapper_port)
             .connect_from_privileged_port(self.cfg.privileged_port)
             .credential(self.credential());
@@ -349,11 +409,6 @@ impl Share {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or_else(|| self.transport("MOUNT", "no root handle"))
-    }
-
-    /// Sends a NULL call: is the server answering?
-    pub async fn ping(&self) -> Result<()> {
-        rpc!(self, "NULL", |c| c.null())
     }
 
     /// FSSTAT of the export.

@@ -230,8 +230,7 @@ impl ControllerBackend for Nfs {
                 source.as_ref().map(|s| s.3.clone()).unwrap_or_default(),
             ),
             ("state".into(), CREATING.into()),
-            ("ctx.server".into(), p.server.clone()),
-            ("ctx.share".into(), p.share.clone()),
+            // The node reads server and share from the id; subDir is for people.
             ("ctx.subDir".into(), sub.clone()),
         ]);
         if let Some(m) = p.mount_permissions {

@@ -38,16 +38,6 @@ pub enum NfsError {
     /// A snapshot id of the right shape that the share does not know.
     #[error("snapshot {0:?} does not exist")]
     NoSuchSnapshot(String),
-    /// A directory another live volume already owns.
-    #[error("directory {dir:?} on {share} already belongs to volume {owner:?}")]
-    DirectoryTaken {
-        /// Sub-directory of the share.
-        dir: String,
-        /// `server:/share`.
-        share: String,
-        /// Name of the volume that owns it.
-        owner: String,
-    },
     /// An NFS server did not answer in time.
     #[error("NFS server {server} did not answer {what} within {timeout:?}")]
     Timeout {
@@ -137,7 +127,6 @@ impl From<NfsError> for CoreError {
             | Block
             | IdTooLong(_) => CoreError::InvalidArgument(msg),
             NoSuchVolume(_) | NoSuchSnapshot(_) => CoreError::NotFound(msg),
-            DirectoryTaken { .. } => CoreError::AlreadyExists(msg),
             Timeout { .. } => CoreError::DeadlineExceeded(msg),
             Unreachable { .. } => CoreError::Unavailable(msg),
             Status { code, .. } => match code {

@@ -58,7 +58,7 @@ impl Default for NodeConfig {
 pub struct Nfs {
     pool: client::Pool,
     node: Option<(NodeConfig, Arc<dyn Mounter>)>,
-    stats: node::StatsCache,
+    state: node::NodeState,
 }
 
 impl Nfs {
@@ -67,7 +67,7 @@ impl Nfs {
         Self {
             pool: client::Pool::new(client),
             node: None,
-            stats: node::StatsCache::default(),
+            state: node::NodeState::default(),
         }
     }
 
@@ -77,7 +77,7 @@ impl Nfs {
         Self {
             pool: client::Pool::new(client),
             node: Some((cfg, mounter)),
-            stats: node::StatsCache::default(),
+            state: node::NodeState::default(),
         }
     }
 }

@@ -24,11 +24,14 @@ enum Slot {
     Running(Instant, watch::Receiver<Option<VolumeStats>>),
 }
 
-/// NodeGetVolumeStats answers: cached for a while, one statfs per path in
-/// flight, and a statfs that does not return is reported, not waited on.
+/// What the node plugin keeps in memory: which volume it mounted where, and
+/// NodeGetVolumeStats answers (cached for a while, one statfs per path in
+/// flight, and a statfs that does not return is reported, not waited on).
 #[derive(Default)]
-pub struct StatsCache {
+pub struct NodeState {
     slots: Arc<Mutex<HashMap<PathBuf, Slot>>>,
+    /// Volume id mounted at each staging or target path by this process.
+    held: Mutex<HashMap<PathBuf, String>>,
 }
 
 fn ctx<'a>(c: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
@@ -147,7 +150,14 @@ impl Nfs {
             )));
         }
         self.make_dir(target).await?;
-        m.mount(&device, target, "nfs", options).await?;
+        m.mount(&device, target, "nfs", options)
+            .await
+            .map_err(|e| match e {
+                Error::Internal(msg) if msg.contains("No such file or directory") => {
+                    Error::NotFound(format!("{device} does not exist on the server: {msg}"))
+                }
+                e => e,
+            })?;
         if let Some(mode) = mode {
             let bits = u32::from_str_radix(mode, 8).map_err(|_| {
                 Error::InvalidArgument(format!("mountPermissions {mode:?} is not an octal mode"))
@@ -176,8 +186,23 @@ impl Nfs {
     async fn release(&self, path: &Path) -> Result<()> {
         let (cfg, m) = self.host()?;
         m.unmount_network(path, cfg.mount_timeout).await?;
-        self.stats.forget(path);
+        self.state.forget(path);
+        self.held(|h| h.remove(path));
         self.remove_dir(path).await
+    }
+
+    fn held<T>(&self, f: impl FnOnce(&mut HashMap<PathBuf, String>) -> T) -> T {
+        f(&mut self.state.held.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether the NFS mount `info` at `path` holds volume `id`: the paths
+    /// this process mounted are known; after a restart, an id that names
+    /// its server path must match the mount's source.
+    fn holds(&self, id: &str, path: &Path, info: &MountInfo) -> bool {
+        if let Some(known) = self.held(|h| h.get(path).cloned()) {
+            return known == id;
+        }
+        Source::find(id, &HashMap::new()).is_ok_and(|s| s.device() == info.source)
     }
 }
 
@@ -210,10 +235,42 @@ impl NodeBackend for Nfs {
             req.capability.mode.is_read_only(),
         )?;
         let mode = ctx(&req.volume_context, "mountPermissions");
-        self.mount_nfs(&src, &req.staging_path, &o, mode).await
+        self.mount_nfs(&src, &req.staging_path, &o, mode).await?;
+        self.held(|h| h.insert(req.staging_path.clone(), req.volume_id.clone()));
+        Ok(())
     }
 
-    async fn unstage(&self, _volume_id: &str, staging_path: &Path) -> Result<()> {
+    async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let (_, m) = self.host()?;
+        if let Some(staged) = self.mount_at(staging_path).await? {
+            if !self.holds(volume_id, staging_path, &staged) {
+                return Err(Error::NotFound(format!(
+                    "volume {volume_id:?} is not what is staged at {} ({})",
+                    staging_path.display(),
+                    staged.source
+                )));
+            }
+            // Bind mounts of the staging mount: same superblock and source.
+            // (All mounts of one export share a superblock and a root, so
+            // the source tells the volume's directory apart.)
+            let users: Vec<String> = m
+                .mounts()
+                .await?
+                .into_iter()
+                .filter(|e| {
+                    e.dev == staged.dev
+                        && e.source == staged.source
+                        && e.mount_point != staging_path
+                })
+                .map(|e| e.mount_point.display().to_string())
+                .collect();
+            if !users.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id} is still published at {}; unpublish it first",
+                    users.join(", ")
+                )));
+            }
+        }
         self.release(staging_path).await
     }
 
@@ -225,7 +282,9 @@ impl NodeBackend for Nfs {
         let Some(staging) = staging else {
             let src = Source::find(&req.volume_id, &req.volume_context).map_err(Error::NotFound)?;
             let mode = ctx(&req.volume_context, "mountPermissions");
-            return self.mount_nfs(&src, &req.target_path, &o, mode).await;
+            self.mount_nfs(&src, &req.target_path, &o, mode).await?;
+            self.held(|h| h.insert(req.target_path.clone(), req.volume_id.clone()));
+            return Ok(());
         };
         let Some(staged) = self.mount_at(staging).await? else {
             return Err(Error::FailedPrecondition(format!(
@@ -234,6 +293,14 @@ impl NodeBackend for Nfs {
                 staging.display()
             )));
         };
+        if !self.holds(&req.volume_id, staging, &staged) {
+            return Err(Error::NotFound(format!(
+                "volume {:?} is not what is staged at {} ({})",
+                req.volume_id,
+                staging.display(),
+                staged.source
+            )));
+        }
         if let Some(info) = self.mount_at(&req.target_path).await? {
             if info.source == staged.source && info.read_only() == req.readonly {
                 return Ok(());
@@ -246,7 +313,9 @@ impl NodeBackend for Nfs {
             )));
         }
         self.make_dir(&req.target_path).await?;
-        m.bind(staging, &req.target_path, req.readonly, &[]).await
+        m.bind(staging, &req.target_path, req.readonly, &[]).await?;
+        self.held(|h| h.insert(req.target_path.clone(), req.volume_id.clone()));
+        Ok(())
     }
 
     async fn unpublish(&self, _volume_id: &str, target_path: &Path) -> Result<()> {
@@ -261,18 +330,19 @@ impl NodeBackend for Nfs {
                 path.display()
             )));
         };
-        if !info.fs_type.starts_with("nfs") {
+        if !info.fs_type.starts_with("nfs") || !self.holds(volume_id, path, &info) {
             return Err(Error::NotFound(format!(
-                "{} holds a {} filesystem, not an NFS volume",
+                "volume {volume_id:?} is not what is mounted at {} ({} from {})",
                 path.display(),
-                info.fs_type
+                info.fs_type,
+                info.source
             )));
         }
-        Ok(self.stats.get(path, cfg).await)
+        Ok(self.state.get(path, cfg).await)
     }
 }
 
-impl StatsCache {
+impl NodeState {
     /// Drops what is known about `path` (it was unmounted).
     fn forget(&self, path: &Path) {
         self.slots

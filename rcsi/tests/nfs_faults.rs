@@ -1,0 +1,336 @@
+//! Faults of a real NFS server under the controller: ganesha stopped
+//! (SIGSTOP: connections hang) in the middle of a create, a clone and a
+//! delete, and killed and restarted. Each call fails within its bound, the
+//! plugin keeps answering Probe and calls for other servers, and a retry
+//! after the server is back succeeds and leaves nothing half-made.
+
+use anyhow::{Context, Result, bail, ensure};
+use csi_core::csi::{self, controller_client::ControllerClient, identity_client::IdentityClient};
+use csi_core::server::Endpoint;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// The per-call timeout given to the controller.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/backends/nfs.sh")
+}
+
+struct Server {
+    dir: tempfile::TempDir,
+    env: HashMap<String, String>,
+}
+
+fn exports(text: &[u8]) -> HashMap<String, String> {
+    String::from_utf8_lossy(text)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+impl Server {
+    fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("rcsi-nfsf-").tempdir()?;
+        let out = Command::new(script())
+            .arg("start")
+            .arg(dir.path())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "nfs.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(Self {
+            env: exports(&out.stdout),
+            dir,
+        })
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        let pid: i32 = self.env["NFS_PID"].parse()?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)?;
+        Ok(())
+    }
+
+    fn restart(&mut self) -> Result<()> {
+        let out = Command::new(script())
+            .arg("restart")
+            .arg(self.dir.path())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "nfs.sh restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.env.extend(exports(&out.stdout));
+        Ok(())
+    }
+
+    fn export(&self) -> PathBuf {
+        PathBuf::from(&self.env["NFS_EXPORT_DIR"])
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.signal(nix::sys::signal::Signal::SIGCONT);
+        let _ = Command::new(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn create_req(name: &str, source: Option<&str>) -> csi::CreateVolumeRequest {
+    use csi::volume_capability as vc;
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![csi::VolumeCapability {
+            access_type: Some(vc::AccessType::Mount(Default::default())),
+            access_mode: Some(vc::AccessMode {
+                mode: vc::access_mode::Mode::MultiNodeMultiWriter as i32,
+            }),
+        }],
+        parameters: [("server", "127.0.0.1"), ("share", "/export")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        volume_content_source: source.map(|id| csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Volume(
+                csi::volume_content_source::VolumeSource {
+                    volume_id: id.into(),
+                },
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Runs `call` while the server is stopped: it must fail with a timeout
+/// code within `bound`, and Probe must answer meanwhile.
+async fn fails_in_time<T: std::fmt::Debug>(
+    ident: &mut IdentityClient<Channel>,
+    bound: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let mut call = std::pin::pin!(call);
+    let mut probes = 0;
+    let r = loop {
+        tokio::select! {
+            r = &mut call => break r,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                let t = Instant::now();
+                ident.probe(csi::ProbeRequest {}).await.context("Probe while the server is stopped")?;
+                ensure!(t.elapsed() < Duration::from_secs(1), "Probe took {:?}", t.elapsed());
+                probes += 1;
+            }
+        }
+    };
+    let took = start.elapsed();
+    match r {
+        Err(s) if matches!(s.code(), Code::DeadlineExceeded | Code::Unavailable) => {}
+        other => bail!("{what} with the server stopped: expected DeadlineExceeded, got {other:?}"),
+    }
+    ensure!(took <= bound, "{what} took {took:?}, more than {bound:?}");
+    ensure!(
+        probes > 0 || took < Duration::from_millis(200),
+        "no Probe was tried"
+    );
+    Ok(took)
+}
+
+/// Files under `.rcsi/tmp` of the export (half-made copies).
+fn leftovers(export: &Path) -> Vec<String> {
+    std::fs::read_dir(export.join(".rcsi/tmp"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn faults() -> Result<()> {
+    let mut server = Server::start()?;
+    let work = tempfile::tempdir()?;
+    let sock = work.path().join("csi.sock");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rcsi"))
+        .args([
+            "controller",
+            "--driver",
+            "nfs",
+            "--nfs-port",
+            "2049",
+            "--nfs-mount-port",
+            "20048",
+        ])
+        .args(["--nfs-call-timeout", &CALL_TIMEOUT.as_secs().to_string()])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .kill_on_drop(true)
+        .spawn()?;
+    let ch = csi_core::client::connect_when_ready(&Endpoint::Unix(sock), Duration::from_secs(20))
+        .await?;
+    let (mut ctl, mut ident) = (ControllerClient::new(ch.clone()), IdentityClient::new(ch));
+    let export = server.export();
+
+    let first = ctl
+        .create_volume(create_req("first", None))
+        .await?
+        .into_inner()
+        .volume
+        .unwrap();
+    // A tree big enough that a clone is still copying when the server stops.
+    let big = ctl
+        .create_volume(create_req("big", None))
+        .await?
+        .into_inner()
+        .volume
+        .unwrap();
+    let big_dir = export.join(&big.volume_context["subDir"]);
+    for i in 0..200 {
+        std::fs::write(big_dir.join(format!("f{i}")), vec![i as u8 | 1; 128 << 10])?;
+    }
+    // Each stopped call may spend one timeout per NFS call it makes before
+    // giving up: creates and deletes make at most a few.
+    let bound = CALL_TIMEOUT * 4;
+
+    server.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let t = fails_in_time(
+        &mut ident,
+        bound,
+        "CreateVolume",
+        ctl.create_volume(create_req("second", None)),
+    )
+    .await?;
+    eprintln!("create with the server stopped failed after {t:?}");
+    let t = fails_in_time(
+        &mut ident,
+        bound,
+        "DeleteVolume",
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: first.volume_id.clone(),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    eprintln!("delete with the server stopped failed after {t:?}");
+    // Another server's calls are not held up: an unreachable one fails on its own.
+    let mut other = create_req("elsewhere", None);
+    other.parameters.insert("server".into(), "127.0.0.2".into());
+    let t = Instant::now();
+    let r = ctl.create_volume(other).await;
+    ensure!(
+        r.is_err() && t.elapsed() <= bound,
+        "a call for another server: {r:?} after {:?}",
+        t.elapsed()
+    );
+    server.signal(nix::sys::signal::Signal::SIGCONT)?;
+
+    // Stop the server in the middle of a clone.
+    let mut clone_ctl = ctl.clone();
+    let big_id = big.volume_id.clone();
+    let clone = tokio::spawn(async move {
+        clone_ctl
+            .create_volume(create_req("clone", Some(&big_id)))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    let t = Instant::now();
+    match clone.await? {
+        Err(s) if matches!(s.code(), Code::DeadlineExceeded | Code::Unavailable) => {}
+        other => bail!("a clone interrupted by a stopped server: {other:?}"),
+    }
+    ensure!(
+        t.elapsed() <= bound,
+        "the clone took {:?} to fail",
+        t.elapsed()
+    );
+    server.signal(nix::sys::signal::Signal::SIGCONT)?;
+
+    // Back: every retry succeeds and nothing is left half-made.
+    let second = ctl
+        .create_volume(create_req("second", None))
+        .await?
+        .into_inner()
+        .volume
+        .unwrap();
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: first.volume_id.clone(),
+        ..Default::default()
+    })
+    .await?;
+    ensure!(
+        !export.join(&first.volume_context["subDir"]).exists(),
+        "the deleted volume's directory is still there"
+    );
+    let cloned = ctl
+        .create_volume(create_req("clone", Some(&big.volume_id)))
+        .await?
+        .into_inner()
+        .volume
+        .unwrap();
+    let cdir = export.join(&cloned.volume_context["subDir"]);
+    for i in 0..200 {
+        let got = std::fs::read(cdir.join(format!("f{i}")))?;
+        ensure!(
+            got == vec![i as u8 | 1; 128 << 10],
+            "cloned file f{i} differs"
+        );
+    }
+    ensure!(
+        leftovers(&export).is_empty(),
+        "left in .rcsi/tmp: {:?}",
+        leftovers(&export)
+    );
+
+    // A server crash and restart: pooled connections are dead; the next call reconnects.
+    server.restart()?;
+    let t = Instant::now();
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: second.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("DeleteVolume after the server restarted")?;
+    eprintln!("first call after a server restart took {:?}", t.elapsed());
+    for v in [&cloned.volume_id, &big.volume_id] {
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.clone(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let left: Vec<_> = std::fs::read_dir(&export)?
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != ".rcsi")
+        .collect();
+    ensure!(left.is_empty(), "volumes left on the export: {left:?}");
+    child.kill().await?;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    let trial = libtest_mimic::Trial::test("nfs/controller::server-faults", || {
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(faults())
+            .map_err(|e| format!("{e:#}").into())
+    });
+    libtest_mimic::run(&args, vec![trial]).exit_code()
+}
