@@ -114,9 +114,27 @@ fn node_plugin() -> Arc<CommandDriver> {
         ]
         .map(String::from)
         .to_vec(),
-        break_volume: None,
+        break_volume: Some(break_nfs_volume),
         state_root: None,
     })
+}
+
+/// Removes a volume's directory on the server behind the driver's back
+/// (through a mount of its export), so its mounts turn stale.
+fn break_nfs_volume(_state: &Path, volume_id: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let v = rcsi_nfs::id::VolumeId::parse(volume_id).context("not an nfs.rcsi.io volume id")?;
+    let m = tempfile::tempdir()?;
+    let device = format!("{}:{}", v.server, v.share);
+    let ok = Command::new("mount")
+        .args(["-t", "nfs", "-o", "nfsvers=4.2", &device])
+        .arg(m.path())
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "cannot mount {device}");
+    let removed = std::fs::remove_dir_all(m.path().join(&v.sub_dir));
+    let _ = Command::new("umount").arg(m.path()).status();
+    Ok(removed?)
 }
 
 fn node_profile(name: &str, extra: &[(&str, &str)]) -> Profile {

@@ -1,4 +1,5 @@
-//! Faults of a real NFS server under the controller: ganesha stopped
+//! Faults of a real NFS server under the controller (run as nobody with no
+//! capabilities, as the manifests run it): ganesha stopped
 //! (SIGSTOP: connections hang) in the middle of a create, a clone and a
 //! delete, and killed and restarted. Each call fails within its bound, the
 //! plugin keeps answering Probe and calls for other servers, and a retry
@@ -165,8 +166,21 @@ fn leftovers(export: &Path) -> Vec<String> {
 async fn faults() -> Result<()> {
     let mut server = Server::start()?;
     let work = tempfile::tempdir()?;
+    // The controller runs as nobody, without capabilities: it needs none.
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )?;
     let sock = work.path().join("csi.sock");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rcsi"))
+    let mut child = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_rcsi"))
         .args([
             "controller",
             "--driver",
@@ -324,13 +338,151 @@ async fn faults() -> Result<()> {
     Ok(())
 }
 
+/// StorageClass parameters as operators write them: the subDir template,
+/// mountPermissions, each onDelete mode, and refusals naming the key.
+async fn parameters() -> Result<()> {
+    let server = Server::start()?;
+    let work = tempfile::tempdir()?;
+    let sock = work.path().join("csi.sock");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rcsi"))
+        .args(["controller", "--driver", "nfs", "--nfs-port", "2049"])
+        .args(["--nfs-mount-port", "20048", "--endpoint"])
+        .arg(format!("unix://{}", sock.display()))
+        .kill_on_drop(true)
+        .spawn()?;
+    let ch = csi_core::client::connect_when_ready(&Endpoint::Unix(sock), Duration::from_secs(20))
+        .await?;
+    let mut ctl = ControllerClient::new(ch);
+    let export = server.export();
+    let req = |name: &str, extra: &[(&str, &str)]| {
+        let mut r = create_req(name, None);
+        for (k, v) in extra {
+            r.parameters.insert(k.to_string(), v.to_string());
+        }
+        r.parameters
+            .insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
+        r.parameters
+            .insert("csi.storage.k8s.io/pvc/namespace".into(), "team-a".into());
+        r.parameters
+            .insert("csi.storage.k8s.io/pv/name".into(), name.into());
+        r
+    };
+    let template = (
+        "subDir",
+        "${pvc.metadata.namespace}/${pvc.metadata.name}-${pv.metadata.name}",
+    );
+    let deleter = ctl.clone();
+    let delete = |id: String| {
+        let mut ctl = deleter.clone();
+        async move {
+            ctl.delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id,
+                ..Default::default()
+            })
+            .await
+        }
+    };
+
+    let v = ctl
+        .create_volume(req("pv-1", &[template, ("mountPermissions", "0750")]))
+        .await?
+        .into_inner()
+        .volume
+        .unwrap();
+    let dir = export.join("team-a/data-pv-1");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir)?.permissions());
+    ensure!(mode & 0o7777 == 0o750, "mode {mode:o}, not 0750");
+    ensure!(v.volume_context.get("mountPermissions").map(String::as_str) == Some("750"));
+    delete(v.volume_id).await?;
+    ensure!(!dir.exists(), "onDelete=delete left {}", dir.display());
+
+    let v = ctl
+        .create_volume(req("pv-2", &[template, ("onDelete", "retain")]))
+        .await?
+        .into_inner()
+        .volume
+        .unwrap();
+    let dir = export.join("team-a/data-pv-2");
+    std::fs::write(dir.join("keep"), b"x")?;
+    delete(v.volume_id.clone()).await?;
+    ensure!(
+        dir.join("keep").exists(),
+        "onDelete=retain removed the data"
+    );
+    ensure!(
+        !export.join(".rcsi/volumes").read_dir()?.any(|_| true),
+        "a retained volume's record is left"
+    );
+
+    for round in 0..2 {
+        let v = ctl
+            .create_volume(req(
+                "pv-3",
+                &[("subDir", "shared/x"), ("onDelete", "archive")],
+            ))
+            .await?
+            .into_inner()
+            .volume
+            .unwrap();
+        std::fs::write(export.join("shared/x/data"), format!("round {round}"))?;
+        delete(v.volume_id).await?;
+        ensure!(
+            !export.join("shared/x").exists(),
+            "archive left the directory"
+        );
+    }
+    ensure!(
+        std::fs::read_to_string(export.join("shared/archived-x/data"))? == "round 0",
+        "first archive"
+    );
+    let second: Vec<_> = std::fs::read_dir(export.join("shared"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("archived-x-"))
+        .collect();
+    ensure!(second.len() == 1, "second archive: {second:?}");
+
+    for (extra, key) in [
+        (("colour", "blue"), "colour"),
+        (("onDelete", "shred"), "onDelete"),
+        (("subDir", "../../etc"), "subDir"),
+        (("subDir", "${pvc.metadata.uid}"), "subDir"),
+        (("mountPermissions", "rwx"), "mountPermissions"),
+    ] {
+        let r = ctl.create_volume(req("bad", &[extra])).await;
+        match r {
+            Err(s) if s.code() == Code::InvalidArgument && s.message().contains(key) => {}
+            other => bail!("{extra:?}: expected InvalidArgument naming {key}, got {other:?}"),
+        }
+    }
+    let long = "d".repeat(100);
+    match ctl.create_volume(req("long", &[("subDir", &long)])).await {
+        Err(s) if s.code() == Code::InvalidArgument && s.message().contains("128 bytes") => {}
+        other => bail!("a 100-byte subDir: expected InvalidArgument about the id, got {other:?}"),
+    }
+    child.kill().await?;
+    Ok(())
+}
+
+/// A trial's body.
+type Trial = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>;
+
 fn main() -> std::process::ExitCode {
     let args = libtest_mimic::Arguments::from_args();
-    let trial = libtest_mimic::Trial::test("nfs/controller::server-faults", || {
-        tokio::runtime::Runtime::new()
-            .expect("runtime")
-            .block_on(faults())
-            .map_err(|e| format!("{e:#}").into())
-    });
-    libtest_mimic::run(&args, vec![trial]).exit_code()
+    let run = |f: fn() -> Trial| {
+        move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(f())
+                .map_err(|e| format!("{e:#}").into())
+        }
+    };
+    // Each trial starts its own server on the fixed ports: one at a time.
+    let trials = vec![
+        libtest_mimic::Trial::test("nfs/controller::server-faults", run(|| Box::pin(faults()))),
+        libtest_mimic::Trial::test("nfs/controller::parameters", run(|| Box::pin(parameters()))),
+    ];
+    let mut args = args;
+    args.test_threads = Some(1);
+    libtest_mimic::run(&args, trials).exit_code()
 }

@@ -141,6 +141,7 @@ impl Pool {
                     idle: Mutex::default(),
                     permits: Arc::new(Semaphore::new(self.cfg.connections.max(1))),
                     root: Mutex::default(),
+                    dirs: Mutex::default(),
                 })
             })
             .clone()
@@ -155,6 +156,8 @@ pub struct Share {
     idle: Mutex<Vec<Client>>,
     permits: Arc<Semaphore>,
     root: Mutex<Option<nfs_fh3>>,
+    /// Handles of `.rcsi/<name>` directories.
+    dirs: Mutex<HashMap<&'static str, nfs_fh3>>,
 }
 
 /// A connection taken from the pool; returned only after a clean call.
@@ -475,6 +478,32 @@ impl Share {
         let r = rpc!(self, "GETATTR", |c| c
             .getattr(&nfs3::GETATTR3args { object: fh.clone() }))?;
         Ok(Attr::from(&check(r, || "GETATTR".into())?.obj_attributes))
+    }
+
+    /// The handle of `.rcsi/<name>`, created (mode 0700) when missing and
+    /// remembered until [`Share::forget_dirs`].
+    pub async fn rcsi_dir(&self, name: &'static str) -> Result<nfs_fh3> {
+        if let Some(fh) = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(fh.clone());
+        }
+        let fh = self
+            .mkdir_all(&[crate::params::RESERVED, name], 0o700)
+            .await?;
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, fh.clone());
+        Ok(fh)
+    }
+
+    /// Drops remembered directory handles (one went stale: it was removed).
+    pub fn forget_dirs(&self) {
+        self.dirs.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Sets mode, owner and times (what is given).

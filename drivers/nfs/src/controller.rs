@@ -77,10 +77,8 @@ fn volume_of(r: &Reservation) -> csi::Volume {
 
 /// Removes what an interrupted copy left in `.rcsi/tmp`.
 async fn remove_tmp(share: &Share, name: &str) -> Result<()> {
-    if let Some((tmp, _)) = share.walk(&[RESERVED, "tmp"]).await? {
-        remove_tree(share, &tmp, name.as_bytes()).await?;
-    }
-    Ok(())
+    let tmp = share.rcsi_dir("tmp").await?;
+    Ok(remove_tree(share, &tmp, name.as_bytes()).await?)
 }
 
 impl Nfs {
@@ -157,7 +155,7 @@ impl Nfs {
                 from.label()
             )));
         };
-        let tmp_dir = to.mkdir_all(&[RESERVED, "tmp"], 0o700).await?;
+        let tmp_dir = to.rcsi_dir("tmp").await?;
         remove_tree(to, &tmp_dir, tmp.as_bytes()).await?;
         let work = to.mkdir(&tmp_dir, tmp.as_bytes(), 0o700).await?;
         let copied = copy_tree(from, &src_fh, to, &work).await?;
@@ -229,7 +227,12 @@ impl ControllerBackend for Nfs {
                 "source".into(),
                 source.as_ref().map(|s| s.3.clone()).unwrap_or_default(),
             ),
-            ("state".into(), CREATING.into()),
+            // A plain directory's record is final at once (the directory
+            // is made again on every call); a copy is done when marked ready.
+            (
+                "state".into(),
+                if source.is_some() { CREATING } else { READY }.into(),
+            ),
             // The node reads server and share from the id; subDir is for people.
             ("ctx.subDir".into(), sub.clone()),
         ]);
@@ -264,7 +267,9 @@ impl ControllerBackend for Nfs {
                         fs.available
                     )));
                 }
-                journal.reserve(wanted.clone()).await?
+                // The name is locked and was free: write without looking again.
+                journal.update(wanted.clone()).await?;
+                wanted.clone()
             }
         };
         let same = |k: &str| attr(&held, k) == attr(&wanted, k);
@@ -285,16 +290,15 @@ impl ControllerBackend for Nfs {
                 size_of(&held)
             )));
         }
-        if attr(&held, "state") == READY {
-            return Ok(volume_of(&held));
-        }
         let dest = parts(&sub);
         let mode = p.mount_permissions.unwrap_or(DEFAULT_MODE);
         match &source {
             None => {
                 let fh = share.mkdir_all(&dest, mode).await?;
                 share.setattr(&fh, crate::client::mode_attr(mode)).await?;
+                return Ok(volume_of(&held));
             }
+            Some(_) if attr(&held, "state") == READY => return Ok(volume_of(&held)),
             Some((from, dir, _, _)) => {
                 let tmp = format!("v-{}", vid.uuid.simple());
                 let exists = share.walk(&dest).await?.is_some();
@@ -480,10 +484,9 @@ impl ControllerBackend for Nfs {
         let Some(r) = journal.lookup_id(snapshot_id).await? else {
             return Ok(());
         };
-        if let Some((dir, _)) = share.walk(&[RESERVED, "snapshots"]).await? {
-            let data = format!("{}.d", sid.uuid.simple());
-            remove_tree(&share, &dir, data.as_bytes()).await?;
-        }
+        let dir = share.rcsi_dir("snapshots").await?;
+        let data = format!("{}.d", sid.uuid.simple());
+        remove_tree(&share, &dir, data.as_bytes()).await?;
         remove_tmp(&share, &format!("s-{}", sid.uuid.simple())).await?;
         journal.release(&r.name).await
     }

@@ -4,7 +4,7 @@
 //! controller keeps no local state, so any replica can take over.
 
 use crate::client::{Kind, Share};
-use crate::error::NfsError;
+use crate::error::{NfsError, nfsstat};
 use crate::params::RESERVED;
 use async_trait::async_trait;
 use csi_core::journal::{NameJournal, Reservation};
@@ -37,6 +37,23 @@ impl Records {
     }
 }
 
+/// Runs `$body` with `$dir` bound to the records directory; when its
+/// remembered handle went stale (someone removed it), once more on a fresh one.
+macro_rules! in_dir {
+    ($j:expr, |$dir:ident| $body:expr) => {{
+        let j: &ShareJournal = $j;
+        let $dir = j.share.rcsi_dir(j.kind.dir()).await?;
+        match $body {
+            Err(e) if matches!(e.status(), Some(nfsstat::STALE | nfsstat::BADHANDLE)) => {
+                j.share.forget_dirs();
+                let $dir = j.share.rcsi_dir(j.kind.dir()).await?;
+                $body
+            }
+            r => r,
+        }
+    }};
+}
+
 /// Largest record accepted when reading.
 const MAX_RECORD: usize = 64 << 10;
 
@@ -52,19 +69,25 @@ impl ShareJournal {
         Self { share, kind }
     }
 
-    /// The records directory, created when missing.
-    async fn dir(&self) -> Result<nfs_fh3, NfsError> {
+    /// Writes `data` to `tmp` in `dir`, then renames it over `file`.
+    async fn replace(
+        &self,
+        dir: &nfs_fh3,
+        tmp: &str,
+        file: &str,
+        data: &[u8],
+    ) -> Result<(), NfsError> {
+        let fh = self.share.create(dir, tmp.as_bytes(), 0o600).await?;
+        self.share.write(&fh, 0, data).await?;
         self.share
-            .mkdir_all(&[RESERVED, self.kind.dir()], 0o700)
+            .rename(dir, tmp.as_bytes(), dir, file.as_bytes())
             .await
     }
 
     async fn read(&self, uuid: Uuid) -> Result<Option<Reservation>, NfsError> {
-        let Some((dir, _)) = self.share.walk(&[RESERVED, self.kind.dir()]).await? else {
-            return Ok(None);
-        };
         let file = uuid.simple().to_string();
-        let Some((fh, attr)) = self.share.lookup(&dir, file.as_bytes()).await? else {
+        let Some((fh, attr)) = in_dir!(self, |dir| self.share.lookup(&dir, file.as_bytes()).await)?
+        else {
             return Ok(None);
         };
         let bad = |why: String| NfsError::BadRecord {
@@ -82,15 +105,10 @@ impl ShareJournal {
     }
 
     async fn write(&self, r: &Reservation) -> Result<(), NfsError> {
-        let dir = self.dir().await?;
         let file = self.kind.uuid(&r.name).simple().to_string();
         let tmp = format!(".{file}.tmp");
         let data = serde_json::to_vec(r).expect("a reservation serializes");
-        let fh = self.share.create(&dir, tmp.as_bytes(), 0o600).await?;
-        self.share.write(&fh, 0, &data).await?;
-        self.share
-            .rename(&dir, tmp.as_bytes(), &dir, file.as_bytes())
-            .await
+        in_dir!(self, |dir| self.replace(&dir, &tmp, &file, &data).await)
     }
 }
 
@@ -122,17 +140,15 @@ impl NameJournal for ShareJournal {
     }
 
     async fn release(&self, name: &str) -> csi_core::Result<()> {
-        let Some((dir, _)) = self.share.walk(&[RESERVED, self.kind.dir()]).await? else {
-            return Ok(());
-        };
         let file = self.kind.uuid(name).simple().to_string();
-        Ok(self.share.remove(&dir, file.as_bytes()).await?)
+        Ok(in_dir!(self, |dir| self
+            .share
+            .remove(&dir, file.as_bytes())
+            .await)?)
     }
 
     async fn list(&self) -> csi_core::Result<Vec<Reservation>> {
-        let Some((dir, _)) = self.share.walk(&[RESERVED, self.kind.dir()]).await? else {
-            return Ok(vec![]);
-        };
+        let dir = self.share.rcsi_dir(self.kind.dir()).await?;
         let mut out = Vec::new();
         let (mut cookie, mut verf) = (0, [0; 8]);
         loop {
