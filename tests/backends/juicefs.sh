@@ -40,12 +40,12 @@ YAML
 start() {
   local dir=$1
   install
-  mkdir -p "$dir"/{bucket,bucket-sqlite,redis}
-  dir=$(cd "$dir" && pwd)
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use (set JUICEFS_REDIS_PORT)" >&2
     exit 1
   fi
+  mkdir -p "$dir"/{bucket,bucket-sqlite,redis}
+  dir=$(cd "$dir" && pwd)
   redis-server --port "$port" --bind 127.0.0.1 --dir "$dir/redis" --daemonize yes \
     --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --save "" --appendonly no >/dev/null
   for _ in $(seq 1 100); do
@@ -71,7 +71,8 @@ stop() {
   [ -d "$dir" ] || return 0
   dir=$(cd "$dir" && pwd)
   # Mounts of these filesystems, wherever the tests put them.
-  for m in $(awk '$9 ~ /^fuse.juicefs/ && ($10 ~ /^JuiceFS:rcsi-(test|sqlite)$/) {print $5}' /proc/self/mountinfo | sort -r); do
+  for m in $(awk '{ for (i = 7; i < NF; i++) if ($i == "-") { t = $(i + 1); s = $(i + 2); break } }
+                  t ~ /^fuse.juicefs/ && s ~ /^JuiceFS:rcsi-(test|sqlite)$/ { print $5 }' /proc/self/mountinfo | sort -r); do
     umount -l "$m" 2>/dev/null || true
   done
   pkill -f "juicefs mount .*(127.0.0.1:$port|$dir)" 2>/dev/null || true
