@@ -7,14 +7,28 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// A program invocation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Command {
     /// Program name or path.
     pub program: String,
-    /// Arguments.
+    /// Arguments (visible to every user in /proc: never put secrets here).
     pub args: Vec<OsString>,
+    /// Extra environment variables, the place for secrets (Debug hides their values).
+    pub env: Vec<(String, String)>,
     /// Killed after this long.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Command")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env (values hidden)", &env)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl Command {
@@ -23,8 +37,15 @@ impl Command {
         Self {
             program: program.to_owned(),
             args: args.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
             timeout: Duration::from_secs(120),
         }
+    }
+
+    /// Adds an environment variable (for secrets: not shown in argv or Debug).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Sets the timeout.
@@ -102,6 +123,7 @@ impl Exec for SystemExec {
     async fn output(&self, cmd: &Command) -> Result<Output> {
         let child = tokio::process::Command::new(&cmd.program)
             .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -173,6 +195,18 @@ mod tests {
             e.run(&missing).await,
             Err(Error::FailedPrecondition(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn environment_reaches_the_program_and_not_debug() {
+        let cmd = Command::new("sh", ["-c", "printf %s \"$RCSI_TEST_SECRET\""])
+            .env("RCSI_TEST_SECRET", "hunter2");
+        assert_eq!(SystemExec.run(&cmd).await.unwrap().stdout, "hunter2");
+        let shown = format!("{cmd:?} {}", cmd.display());
+        assert!(
+            !shown.contains("hunter2") && shown.contains("RCSI_TEST_SECRET"),
+            "{shown}"
+        );
     }
 
     #[tokio::test]

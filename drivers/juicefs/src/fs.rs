@@ -1,0 +1,116 @@
+//! Running the `juicefs` client: secrets go in the environment (META_PASSWORD,
+//! ACCESS_KEY, SECRET_KEY), never in argv, where every user of the node
+//! could read them in /proc.
+
+use crate::error::JuicefsError;
+use crate::secret::FsSecret;
+use csi_core::exec::{Command, Exec, Output};
+use csi_core::{Error, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The `juicefs` command-line client.
+pub struct Cli {
+    exec: Arc<dyn Exec>,
+    program: String,
+    timeout: Duration,
+}
+
+/// The last line of juicefs's log output, without its timestamp prefix.
+fn reason(out: &Output) -> String {
+    let text = if out.stderr.trim().is_empty() {
+        &out.stdout
+    } else {
+        &out.stderr
+    };
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let line = line.split_once(">: ").map_or(line, |(_, m)| m);
+    line.split(" [").next().unwrap_or(line).trim().to_owned()
+}
+
+impl Cli {
+    /// Runs `program` (normally `juicefs`) through `exec`, each call bounded by `timeout`.
+    pub fn new(exec: Arc<dyn Exec>, program: &str, timeout: Duration) -> Self {
+        Self {
+            exec,
+            program: program.to_owned(),
+            timeout,
+        }
+    }
+
+    /// A juicefs command for `fs`, its metadata password in the environment.
+    pub fn command(&self, fs: &FsSecret, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.program, args.iter().copied()).timeout(self.timeout);
+        if let Some(pw) = &fs.meta_password {
+            cmd = cmd.env("META_PASSWORD", pw);
+        }
+        cmd
+    }
+
+    /// Runs a command; a timeout names the metadata engine it was waiting for.
+    async fn output(&self, fs: &FsSecret, cmd: &Command) -> Result<Output> {
+        match self.exec.output(cmd).await {
+            Err(Error::DeadlineExceeded(_)) => Err(Error::DeadlineExceeded(
+                JuicefsError::Metadata {
+                    url: fs.metaurl.clone(),
+                    why: format!("no answer within {:?}", self.timeout),
+                }
+                .to_string(),
+            )),
+            r => r,
+        }
+    }
+
+    /// Formats the filesystem unless its metadata engine already holds it
+    /// (idempotent: an existing filesystem is never reformatted; one with
+    /// another name is refused). Returns true when it was formatted now.
+    pub async fn ensure_formatted(&self, fs: &FsSecret) -> Result<bool> {
+        let status = self
+            .output(fs, &self.command(fs, &["status", &fs.metaurl]))
+            .await?;
+        if status.code == 0 {
+            let found = serde_json::from_str::<serde_json::Value>(&status.stdout)
+                .ok()
+                .and_then(|v| v["Setting"]["Name"].as_str().map(String::from))
+                .unwrap_or_default();
+            if found != fs.name {
+                return Err(JuicefsError::OtherFilesystem {
+                    wanted: fs.name.clone(),
+                    found,
+                }
+                .into());
+            }
+            return Ok(false);
+        }
+        if !status.stderr.contains("database is not formatted") {
+            return Err(JuicefsError::Metadata {
+                url: fs.metaurl.clone(),
+                why: reason(&status),
+            }
+            .into());
+        }
+        let mut args = vec!["format", "--storage", &fs.storage, "--bucket", &fs.bucket];
+        args.extend(fs.format_options.iter().map(String::as_str));
+        args.extend([fs.metaurl.as_str(), fs.name.as_str()]);
+        let mut cmd = self.command(fs, &args);
+        if let Some(k) = &fs.access_key {
+            cmd = cmd.env("ACCESS_KEY", k);
+        }
+        if let Some(k) = &fs.secret_key {
+            cmd = cmd.env("SECRET_KEY", k);
+        }
+        let out = self.output(fs, &cmd).await?;
+        if out.code != 0 {
+            return Err(JuicefsError::Format {
+                name: fs.name.clone(),
+                why: reason(&out),
+            }
+            .into());
+        }
+        Ok(true)
+    }
+}
