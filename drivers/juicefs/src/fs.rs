@@ -113,4 +113,31 @@ impl Cli {
         }
         Ok(true)
     }
+
+    /// Creates directory `path` of the filesystem when missing and sets its
+    /// hard quota to `bytes` (also to raise it). Works on the metadata
+    /// engine alone: nothing is mounted.
+    pub async fn set_quota(&self, fs: &FsSecret, path: &str, bytes: u64) -> Result<()> {
+        // A bare number would be GiB; a `B` suffix is exact.
+        let capacity = format!("{bytes}B");
+        let args = [
+            "quota",
+            "set",
+            &fs.metaurl,
+            "--path",
+            path,
+            "--capacity",
+            &capacity,
+            "--create",
+        ];
+        let out = self.output(fs, &self.command(fs, &args)).await?;
+        if out.code != 0 {
+            return Err(Error::Internal(format!(
+                "setting the quota of {path} on {:?} to {bytes} bytes failed: {}",
+                fs.name,
+                reason(&out)
+            )));
+        }
+        Ok(())
+    }
 }

@@ -1,6 +1,7 @@
-//! Formatting on first use against real metadata engines (redis and sqlite3
-//! from `tests/backends/juicefs.sh`) and file storage: idempotent, never a
-//! reformat, errors naming the Secret key, secrets only in the environment.
+//! Formatting on first use and directory quotas against real metadata
+//! engines (redis and sqlite3 from `tests/backends/juicefs.sh`) and file
+//! storage: idempotent, never a reformat, errors naming the Secret key,
+//! secrets only in the environment.
 
 use csi_core::exec::{Command, Exec, Output, SystemExec};
 use csi_core::types::Secrets;
@@ -75,6 +76,14 @@ async fn formats_once_and_names_the_failing_key() {
                 !cli.ensure_formatted(&fs).await.unwrap(),
                 "{file}: formatted once"
             );
+            // A volume directory with its quota, then raised, with nothing mounted.
+            for size in [32u64 << 20, 48 << 20] {
+                cli.set_quota(&fs, "/pvc-1", size).await.unwrap();
+                let get = ["quota", "get", &fs.metaurl, "--path", "/pvc-1"];
+                let got = watch.output(&cli.command(&fs, &get)).await.unwrap();
+                let want = format!("| {} MiB |", size >> 20);
+                assert!(got.stdout.contains(&want), "{file}: {}", got.stdout);
+            }
             // Another name on the same metadata is refused, not reformatted.
             secret.insert("name".into(), "other-fs".into());
             let other = FsSecret::parse(&Secrets(secret)).unwrap();
