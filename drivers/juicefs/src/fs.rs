@@ -140,4 +140,33 @@ impl Cli {
         }
         Ok(())
     }
+
+    /// Mounts the whole filesystem at `target` with `juicefs mount
+    /// --background`: the daemon starts its own session, so it is no child
+    /// of the caller and outlives it (a node plugin restart keeps every
+    /// application mount). Returns when the mount is ready. `log` receives
+    /// the daemon's log; `options` come after the Secret's mount options.
+    pub async fn mount(
+        &self,
+        fs: &FsSecret,
+        target: &std::path::Path,
+        log: &std::path::Path,
+        options: &[String],
+    ) -> Result<()> {
+        let target = target.to_string_lossy();
+        let log = log.to_string_lossy();
+        let mut args = vec!["mount", "--background", "--no-usage-report", "--log", &log];
+        args.extend(fs.mount_options.iter().map(String::as_str));
+        args.extend(options.iter().map(String::as_str));
+        args.extend([fs.metaurl.as_str(), target.as_ref()]);
+        let out = self.output(fs, &self.command(fs, &args)).await?;
+        if out.code != 0 {
+            return Err(Error::Internal(format!(
+                "mounting {:?} at {target} failed: {}",
+                fs.name,
+                reason(&out)
+            )));
+        }
+        Ok(())
+    }
 }

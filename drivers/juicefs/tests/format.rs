@@ -1,4 +1,4 @@
-//! Formatting on first use and directory quotas against real metadata
+//! Formatting on first use, directory quotas and detached mounts against real metadata
 //! engines (redis and sqlite3 from `tests/backends/juicefs.sh`) and file
 //! storage: idempotent, never a reformat, errors naming the Secret key,
 //! secrets only in the environment.
@@ -84,6 +84,40 @@ async fn formats_once_and_names_the_failing_key() {
                 let want = format!("| {} MiB |", size >> 20);
                 assert!(got.stdout.contains(&want), "{file}: {}", got.stdout);
             }
+            // The mount daemon runs in its own session, not as our child,
+            // so it outlives whoever started it.
+            let mnt = dir.path().join(format!("mnt-{file}"));
+            std::fs::create_dir_all(&mnt).unwrap();
+            let log = dir.path().join(format!("{file}.log"));
+            cli.mount(&fs, &mnt, &log, &["--no-bgjob".into()])
+                .await
+                .unwrap();
+            std::fs::write(mnt.join("pvc-1/data"), b"kept").unwrap();
+            let daemon = std::process::Command::new("pgrep")
+                .args(["-f", &format!("juicefs mount.*{}", mnt.display())])
+                .output()
+                .unwrap();
+            let pid: i32 = String::from_utf8_lossy(&daemon.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse().ok())
+                .expect("a juicefs daemon for the mount");
+            let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
+            assert_ne!(
+                sid,
+                nix::unistd::getsid(None).unwrap(),
+                "{file}: the daemon shares our session"
+            );
+            assert_eq!(std::fs::read(mnt.join("pvc-1/data")).unwrap(), b"kept");
+            let out = std::process::Command::new("umount")
+                .arg(&mnt)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             // Another name on the same metadata is refused, not reformatted.
             secret.insert("name".into(), "other-fs".into());
             let other = FsSecret::parse(&Secrets(secret)).unwrap();
