@@ -44,15 +44,10 @@ fn secret_of(file: &str) -> HashMap<String, String> {
 #[tokio::test]
 async fn formats_once_and_names_the_failing_key() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(script())
-        .arg("start")
-        .arg(dir.path().join("b"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeds(
+        std::process::Command::new(script())
+            .arg("start")
+            .arg(dir.path().join("b")),
     );
     let env: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -109,15 +104,7 @@ async fn formats_once_and_names_the_failing_key() {
                 "{file}: the daemon shares our session"
             );
             assert_eq!(std::fs::read(mnt.join("pvc-1/data")).unwrap(), b"kept");
-            let out = std::process::Command::new("umount")
-                .arg(&mnt)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            succeeds(std::process::Command::new("umount").arg(&mnt));
             // Another name on the same metadata is refused, not reformatted.
             secret.insert("name".into(), "other-fs".into());
             let other = FsSecret::parse(&Secrets(secret)).unwrap();
@@ -169,6 +156,17 @@ async fn formats_once_and_names_the_failing_key() {
         let e = cli.ensure_formatted(&fs).await.unwrap_err().to_string();
         assert!(e.contains("\"bucket\""), "{e}");
     }
+}
+
+/// Runs a command that must succeed; its output.
+fn succeeds(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// Stops the backend when the test ends, passed or failed.
