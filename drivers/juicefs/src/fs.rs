@@ -65,6 +65,19 @@ impl Cli {
         }
     }
 
+    /// Runs a juicefs command that must succeed; `what` names it in the error.
+    async fn run(&self, fs: &FsSecret, args: &[&str], what: impl FnOnce() -> String) -> Result<()> {
+        let out = self.output(fs, &self.command(fs, args)).await?;
+        if out.code != 0 {
+            return Err(Error::Internal(format!(
+                "{} failed: {}",
+                what(),
+                reason(&out)
+            )));
+        }
+        Ok(())
+    }
+
     /// Formats the filesystem unless its metadata engine already holds it
     /// (idempotent: an existing filesystem is never reformatted; one with
     /// another name is refused). Returns true when it was formatted now.
@@ -130,15 +143,13 @@ impl Cli {
             &capacity,
             "--create",
         ];
-        let out = self.output(fs, &self.command(fs, &args)).await?;
-        if out.code != 0 {
-            return Err(Error::Internal(format!(
-                "setting the quota of {path} on {:?} to {bytes} bytes failed: {}",
-                fs.name,
-                reason(&out)
-            )));
-        }
-        Ok(())
+        self.run(fs, &args, || {
+            format!(
+                "setting the quota of {path} on {:?} to {bytes} bytes",
+                fs.name
+            )
+        })
+        .await
     }
 
     /// Mounts the whole filesystem at `target` with `juicefs mount
@@ -159,14 +170,7 @@ impl Cli {
         args.extend(fs.mount_options.iter().map(String::as_str));
         args.extend(options.iter().map(String::as_str));
         args.extend([fs.metaurl.as_str(), target.as_ref()]);
-        let out = self.output(fs, &self.command(fs, &args)).await?;
-        if out.code != 0 {
-            return Err(Error::Internal(format!(
-                "mounting {:?} at {target} failed: {}",
-                fs.name,
-                reason(&out)
-            )));
-        }
-        Ok(())
+        self.run(fs, &args, || format!("mounting {:?} at {target}", fs.name))
+            .await
     }
 }

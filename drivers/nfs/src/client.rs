@@ -180,8 +180,6 @@ pub struct Attr {
     pub gid: u32,
     /// Size in bytes.
     pub size: u64,
-    /// Bytes allocated.
-    pub used: u64,
     /// Modification time (seconds, nanoseconds).
     pub mtime: (u32, u32),
     /// Change time (seconds, nanoseconds).
@@ -225,7 +223,6 @@ impl From<&fattr3> for Attr {
             uid: a.uid,
             gid: a.gid,
             size: a.size,
-            used: a.used,
             mtime: (a.mtime.seconds, a.mtime.nseconds),
             ctime: (a.ctime.seconds, a.ctime.nseconds),
             rdev: (a.rdev.specdata1, a.rdev.specdata2),
@@ -242,21 +239,6 @@ pub struct Entry {
     pub fh: nfs_fh3,
     /// Attributes.
     pub attr: Attr,
-}
-
-/// Space of an export as FSSTAT reports it.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FsStat {
-    /// Total bytes.
-    pub total: u64,
-    /// Free bytes.
-    pub free: u64,
-    /// Bytes available to this user.
-    pub available: u64,
-    /// Total inodes.
-    pub files: u64,
-    /// Inodes available to this user.
-    pub files_available: u64,
 }
 
 /// One RPC on a leased connection, bounded by the configured timeout; a
@@ -414,21 +396,14 @@ impl Share {
             .ok_or_else(|| self.transport("MOUNT", "no root handle"))
     }
 
-    /// FSSTAT of the export.
-    pub async fn fsstat(&self) -> Result<FsStat> {
+    /// Bytes available to this user on the export (FSSTAT).
+    pub async fn available(&self) -> Result<u64> {
         let root = self.root().await?;
         let what = format!("FSSTAT {}", self.label());
         let r = rpc!(self, what.clone(), |c| c.fsstat(&nfs3::FSSTAT3args {
             fsroot: root.clone()
         }))?;
-        let r = check(r, || what)?;
-        Ok(FsStat {
-            total: r.tbytes,
-            free: r.fbytes,
-            available: r.abytes,
-            files: r.tfiles,
-            files_available: r.afiles,
-        })
+        Ok(check(r, || what)?.abytes)
     }
 
     /// Looks `name` up in `dir`; None when it does not exist.

@@ -259,12 +259,12 @@ impl ControllerBackend for Nfs {
                         share.label()
                     )));
                 }
-                let fs = share.fsstat().await?;
-                if size > fs.available {
+                let available = share.available().await?;
+                if size > available {
                     return Err(Error::ResourceExhausted(format!(
                         "{} has {} bytes available; {size} were requested",
                         share.label(),
-                        fs.available
+                        available
                     )));
                 }
                 // The name is locked and was free: write without looking again.
@@ -403,10 +403,10 @@ impl ControllerBackend for Nfs {
             return Ok(Capacity::default());
         }
         let p = Params::parse(&params)?;
-        let fs = self.share_of(&p.server, &p.share).fsstat().await?;
+        let available = self.share_of(&p.server, &p.share).available().await?;
         Ok(Capacity {
-            available: fs.available,
-            maximum_volume_size: Some(fs.available),
+            available,
+            maximum_volume_size: Some(available),
             minimum_volume_size: None,
         })
     }
@@ -504,12 +504,12 @@ impl ControllerBackend for Nfs {
         if size <= current {
             return Ok((current, false));
         }
-        let fs = share.fsstat().await?;
-        if size - current > fs.available {
+        let available = share.available().await?;
+        if size - current > available {
             return Err(Error::ResourceExhausted(format!(
                 "{} has {} bytes available; growing by {} was requested",
                 share.label(),
-                fs.available,
+                available,
                 size - current
             )));
         }

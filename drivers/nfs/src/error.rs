@@ -104,8 +104,6 @@ pub mod nfsstat {
     pub const NOTDIR: u32 = 20;
     /// No space left.
     pub const NOSPC: u32 = 28;
-    /// Directory not empty.
-    pub const NOTEMPTY: u32 = 66;
     /// Quota exceeded.
     pub const DQUOT: u32 = 69;
     /// Stale file handle.
