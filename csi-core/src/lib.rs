@@ -21,6 +21,7 @@ pub mod blockdev;
 pub mod client;
 pub mod codec;
 pub mod controller;
+pub mod daemon;
 mod error;
 pub mod exec;
 pub mod fsutil;
@@ -35,6 +36,7 @@ pub mod paging;
 pub mod redact;
 pub mod registration;
 pub mod server;
+pub mod stats;
 pub mod types;
 
 pub use error::{Error, IoContext, Result};

@@ -472,6 +472,73 @@ pub fn check_path(value: &str, field: &str) -> Result<PathBuf> {
     Ok(p.to_path_buf())
 }
 
+/// Fills a directory template from CreateVolume's `csi.storage.k8s.io/*`
+/// metadata: `${pvc.metadata.name}`, `${pvc.metadata.namespace}`,
+/// `${pv.metadata.name}`. The error says what is wrong with the template.
+pub fn fill_template(
+    template: &str,
+    metadata: &BTreeMap<String, String>,
+) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let Some(len) = rest[start..].find('}') else {
+            return Err("an unclosed ${".into());
+        };
+        let var = &rest[start + 2..start + len];
+        let key = match var {
+            "pvc.metadata.name" => "csi.storage.k8s.io/pvc/name",
+            "pvc.metadata.namespace" => "csi.storage.k8s.io/pvc/namespace",
+            "pv.metadata.name" => "csi.storage.k8s.io/pv/name",
+            _ => {
+                return Err(format!(
+                    "unknown variable ${{{var}}}; use ${{pvc.metadata.name}}, ${{pvc.metadata.namespace}} or ${{pv.metadata.name}}"
+                ));
+            }
+        };
+        let value = metadata.get(key).ok_or_else(|| {
+            format!(
+                "${{{var}}} needs the {key} parameter; run the provisioner with --extra-create-metadata"
+            )
+        })?;
+        out.push_str(value);
+        rest = &rest[start + len + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A sub-directory of a volume's base (an export, a filesystem): relative,
+/// normalized, never the base itself, no part `.`, `..` or longer than 255
+/// bytes, no `#` (ids use it), NUL or newline, and its first part none of
+/// `reserved`. The error says what is wrong.
+pub fn check_sub_dir(v: &str, reserved: &[&str]) -> std::result::Result<String, String> {
+    let v = v.trim_matches('/');
+    if v.is_empty() {
+        return Err("the volume would be the whole filesystem".into());
+    }
+    if v.contains(['\0', '#', '\n']) {
+        return Err("must not contain '#', NUL or newlines".into());
+    }
+    for part in v.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(
+                "must not contain empty, '.' or '..' parts (it must stay inside its filesystem)"
+                    .into(),
+            );
+        }
+        if part.len() > 255 {
+            return Err("a path part is longer than 255 bytes".into());
+        }
+    }
+    let first = v.split('/').next().unwrap_or_default();
+    if reserved.contains(&first) {
+        return Err(format!("{first} is reserved"));
+    }
+    Ok(v.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

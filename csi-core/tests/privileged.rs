@@ -303,3 +303,36 @@ async fn journal_on_a_full_disk_keeps_every_acknowledged_record() {
         ["after-failure", "before", "full-big", "full-small"]
     );
 }
+
+/// A daemon started with a cgroup escape joins the named cgroup in every
+/// hierarchy (v1 here, with a cpuset that must be filled in), so stopping
+/// the caller's cgroup leaves it running.
+#[tokio::test]
+async fn daemons_escape_into_their_own_cgroup_in_every_hierarchy() {
+    use csi_core::daemon::{CgroupEscape, Spawner, SystemSpawner};
+    root();
+    let name = format!("rcsi-test-{}", std::process::id());
+    let spawner = SystemSpawner {
+        escape: Some(CgroupEscape {
+            root: "/sys/fs/cgroup".into(),
+            name: name.clone(),
+        }),
+    };
+    let d = tempfile::tempdir().unwrap();
+    let cmd = Command::new("sleep", ["30"]);
+    let daemon = spawner.spawn(&cmd, &d.path().join("log")).unwrap();
+    let groups = std::fs::read_to_string(format!("/proc/{}/cgroup", daemon.pid)).unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let mut exited = daemon.exited.clone();
+    exited.wait_for(Option::is_some).await.unwrap();
+    for line in groups.lines() {
+        assert!(line.ends_with(&format!(":/{name}")), "{line} in\n{groups}");
+    }
+    for e in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let _ = std::fs::remove_dir(e.path().join(&name));
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&name));
+}

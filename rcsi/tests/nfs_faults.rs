@@ -8,9 +8,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use csi_core::csi::{self, controller_client::ControllerClient, identity_client::IdentityClient};
 use csi_core::server::Endpoint;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -18,73 +16,32 @@ use tonic::transport::Channel;
 /// The per-call timeout given to the controller.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/backends/nfs.sh")
-}
-
-struct Server {
-    dir: tempfile::TempDir,
-    env: HashMap<String, String>,
-}
-
-fn exports(text: &[u8]) -> HashMap<String, String> {
-    String::from_utf8_lossy(text)
-        .lines()
-        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
+/// The NFS server, with what the fault tests do to it.
+struct Server(rcsi_tests::Backend);
 
 impl Server {
     fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("rcsi-nfsf-").tempdir()?;
-        let out = Command::new(script())
-            .arg("start")
-            .arg(dir.path())
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "nfs.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(Self {
-            env: exports(&out.stdout),
-            dir,
-        })
+        rcsi_tests::Backend::start("nfs").map(Self)
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
-        let pid: i32 = self.env["NFS_PID"].parse()?;
+        let pid: i32 = self.0.var("NFS_PID").parse()?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)?;
         Ok(())
     }
 
     fn restart(&mut self) -> Result<()> {
-        let out = Command::new(script())
-            .arg("restart")
-            .arg(self.dir.path())
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "nfs.sh restart: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.env.extend(exports(&out.stdout));
-        Ok(())
+        self.0.run("restart")
     }
 
     fn export(&self) -> PathBuf {
-        PathBuf::from(&self.env["NFS_EXPORT_DIR"])
+        PathBuf::from(self.0.var("NFS_EXPORT_DIR"))
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.signal(nix::sys::signal::Signal::SIGCONT);
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
     }
 }
 

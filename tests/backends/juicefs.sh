@@ -24,7 +24,7 @@ install() {
 secrets() {
   local kind
   for kind in CreateVolumeSecret DeleteVolumeSecret ControllerExpandVolumeSecret \
-    NodeStageVolumeSecret NodePublishVolumeSecret; do
+    ControllerValidateVolumeCapabilitiesSecret NodeStageVolumeSecret NodePublishVolumeSecret; do
     cat <<YAML
 $kind:
   name: $1

@@ -458,6 +458,9 @@ async fn delete_volume_semantics(c: &mut Ctx) -> Result<()> {
         .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
             volume_id: v.volume_id.clone(),
             volume_capabilities: vec![c.mount_cap()],
+            secrets: c
+                .profile
+                .secrets("ControllerValidateVolumeCapabilitiesSecret"),
             ..Default::default()
         })
         .await;
@@ -468,10 +471,14 @@ async fn delete_volume_semantics(c: &mut Ctx) -> Result<()> {
 
 async fn validate_volume_capabilities(c: &mut Ctx) -> Result<()> {
     let v = c.create("validate").await?;
+    let secrets = c
+        .profile
+        .secrets("ControllerValidateVolumeCapabilitiesSecret");
     let req = |id: &str, caps: Vec<csi::VolumeCapability>| csi::ValidateVolumeCapabilitiesRequest {
         volume_id: id.to_owned(),
         volume_context: v.volume_context.clone(),
         volume_capabilities: caps,
+        secrets: secrets.clone(),
         ..Default::default()
     };
     let r = c
@@ -878,13 +885,14 @@ async fn clone_volume_keeps_data(c: &mut Ctx) -> Result<()> {
     c.delete(&v.volume_id).await
 }
 
-fn expand_req(id: &str, bytes: Option<i64>) -> csi::ControllerExpandVolumeRequest {
+fn expand_req(c: &Ctx, id: &str, bytes: Option<i64>) -> csi::ControllerExpandVolumeRequest {
     csi::ControllerExpandVolumeRequest {
         volume_id: id.to_owned(),
         capacity_range: bytes.map(|b| csi::CapacityRange {
             required_bytes: b,
             limit_bytes: 0,
         }),
+        secrets: c.profile.secrets("ControllerExpandVolumeSecret"),
         ..Default::default()
     }
 }
@@ -893,7 +901,7 @@ fn expand_req(id: &str, bytes: Option<i64>) -> csi::ControllerExpandVolumeReques
 async fn grow(c: &mut Ctx, v: &csi::Volume, want: i64, staging: &str, target: &str) -> Result<i64> {
     let r = c
         .ctl
-        .controller_expand_volume(expand_req(&v.volume_id, Some(want)))
+        .controller_expand_volume(expand_req(c, &v.volume_id, Some(want)))
         .await?
         .into_inner();
     ensure!(
@@ -943,39 +951,53 @@ async fn node_grow(
 }
 
 /// Total bytes NodeGetVolumeStats reports for a published volume.
-async fn stats_total(c: &mut Ctx, v: &csi::Volume, target: &str) -> Result<i64> {
-    let stats = c
-        .node
-        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: v.volume_id.clone(),
-            volume_path: target.to_owned(),
-            staging_target_path: String::new(),
-        })
-        .await?
-        .into_inner();
-    Ok(stats
-        .usage
-        .iter()
-        .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
-        .map(|u| u.total)
-        .unwrap_or(0))
+/// Byte usage (total, used) of a published volume, asked again until `ok`
+/// holds or the profile's `stats_settle` has passed; the last answer.
+async fn stats_bytes(
+    c: &mut Ctx,
+    v: &csi::Volume,
+    (staging, target): (&str, &str),
+    ok: impl Fn(i64, i64) -> bool,
+) -> Result<(i64, i64)> {
+    let deadline = std::time::Instant::now() + c.profile.stats_settle;
+    loop {
+        let stats = c
+            .node
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: target.to_owned(),
+                staging_target_path: staging.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let (total, used) = stats
+            .usage
+            .iter()
+            .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
+            .map(|u| (u.total, u.used))
+            .ok_or_else(|| anyhow!("no byte usage"))?;
+        if ok(total, used) || std::time::Instant::now() >= deadline {
+            return Ok((total, used));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 async fn expand_volume(c: &mut Ctx) -> Result<()> {
     let r = c
         .ctl
-        .controller_expand_volume(expand_req("", Some(1 << 30)))
+        .controller_expand_volume(expand_req(c, "", Some(1 << 30)))
         .await;
     expect_code(r, Code::InvalidArgument, "no id")?;
     let v = c.create("expand").await?;
     let r = c
         .ctl
-        .controller_expand_volume(expand_req(&v.volume_id, None))
+        .controller_expand_volume(expand_req(c, &v.volume_id, None))
         .await;
     expect_code(r, Code::InvalidArgument, "no capacity range")?;
     let r = c
         .ctl
-        .controller_expand_volume(expand_req("unknown-volume-0123456789", Some(1 << 30)))
+        .controller_expand_volume(expand_req(c, "unknown-volume-0123456789", Some(1 << 30)))
         .await;
     expect_code(r, Code::NotFound, "unknown volume")?;
     // Stats of a volume that is a directory of a shared filesystem show
@@ -989,7 +1011,7 @@ async fn expand_volume(c: &mut Ctx) -> Result<()> {
     // totals are checked against 3/4 of the size and against the old total.
     let mut size = base;
     let before = if stats {
-        stats_total(c, &v, &tg).await?
+        stats_bytes(c, &v, ("", &tg), |_, _| true).await?.0
     } else {
         0
     };
@@ -999,9 +1021,10 @@ async fn expand_volume(c: &mut Ctx) -> Result<()> {
             size = grow(c, &v, base * 2, &st, &tg).await?;
         }
         if stats {
-            let total = stats_total(c, &v, &tg).await?;
+            let grown = |t: i64, _| t > before && t >= size * 3 / 4;
+            let (total, _) = stats_bytes(c, &v, ("", &tg), grown).await?;
             ensure!(
-                total > before && total >= size * 3 / 4,
+                grown(total, 0),
                 "stats total {total} after growing online to {size}"
             );
         }
@@ -1015,9 +1038,10 @@ async fn expand_volume(c: &mut Ctx) -> Result<()> {
         node_grow(c, &v, offline, &st, &tg).await?;
     }
     if stats {
-        let total = stats_total(c, &v, &tg).await?;
+        let grown = |t: i64, _| t > before && t >= offline * 3 / 4;
+        let (total, _) = stats_bytes(c, &v, ("", &tg), grown).await?;
         ensure!(
-            total > before && total >= offline * 3 / 4,
+            grown(total, 0),
             "stats total {total} after growing offline to {offline}"
         );
     }
@@ -1025,7 +1049,7 @@ async fn expand_volume(c: &mut Ctx) -> Result<()> {
     c.unmount(&v, &st, &tg).await?;
     let back = c
         .ctl
-        .controller_expand_volume(expand_req(&v.volume_id, Some(c.profile.volume_size)))
+        .controller_expand_volume(expand_req(c, &v.volume_id, Some(c.profile.volume_size)))
         .await?
         .into_inner();
     ensure!(
@@ -1188,26 +1212,13 @@ async fn full_lifecycle_idempotent(c: &mut Ctx) -> Result<()> {
     write_data(&target, 6)?;
     check_data(&target, 6)?;
     if c.node_caps.contains(&N::GetVolumeStats) {
-        let s = c
-            .node
-            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-                volume_id: v.volume_id.clone(),
-                volume_path: target.clone(),
-                staging_target_path: staging.clone(),
-            })
-            .await?
-            .into_inner();
-        let bytes = s
-            .usage
-            .iter()
-            .find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32)
-            .ok_or_else(|| anyhow!("no byte usage"))?;
+        let written = |_, used| used >= 256 * 1024;
+        let (total, used) = stats_bytes(c, &v, (&staging, &target), written).await?;
         ensure!(
-            bytes.used >= 256 * 1024,
-            "{} bytes used after writing 256 KiB",
-            bytes.used
+            written(total, used),
+            "{used} bytes used after writing 256 KiB"
         );
-        ensure!(bytes.total >= bytes.used, "used exceeds total");
+        ensure!(total >= used, "used exceeds total");
     }
     for _ in 0..REPEAT {
         c.unpublish(&v.volume_id, &target)
@@ -1406,18 +1417,25 @@ async fn volume_condition_abnormal(c: &mut Ctx) -> Result<()> {
     let v = c.create("condition").await?;
     let (st, tg) = c.mount(&v, "cond").await?;
     c.inst.break_volume(&v.volume_id).await?;
-    let s = c
-        .node
-        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: v.volume_id.clone(),
-            volume_path: tg.clone(),
-            staging_target_path: String::new(),
-        })
-        .await?
-        .into_inner();
-    let cond = s
-        .volume_condition
-        .ok_or_else(|| anyhow!("no volume condition"))?;
+    let deadline = std::time::Instant::now() + c.profile.stats_settle;
+    let cond = loop {
+        let s = c
+            .node
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: tg.clone(),
+                staging_target_path: String::new(),
+            })
+            .await?
+            .into_inner();
+        let cond = s
+            .volume_condition
+            .ok_or_else(|| anyhow!("no volume condition"))?;
+        if cond.abnormal || std::time::Instant::now() >= deadline {
+            break cond;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
     ensure!(cond.abnormal, "broken volume reported healthy");
     ensure!(
         !cond.message.is_empty(),
@@ -1486,6 +1504,12 @@ async fn size_is_enforced(c: &mut Ctx) -> Result<()> {
     let v = c.create("enforced").await?;
     let mib = (v.capacity_bytes.max(c.profile.volume_size) >> 20) as usize;
     let (st, tg) = c.mount(&v, "enforced").await?;
+    let settles = !c.profile.stats_settle.is_zero() && c.node_caps.contains(&N::GetVolumeStats);
+    if settles {
+        // The node learns the size late: wait until it reports it.
+        let size = (mib as i64) << 20;
+        stats_bytes(c, &v, (&st, &tg), |t, _| t > 0 && t <= size * 5 / 4).await?;
+    }
     match fill(&tg, "too-big", mib + 8)? {
         Some(e) if e.contains("quota") || e.contains("No space") => {}
         other => bail!(
@@ -1497,6 +1521,9 @@ async fn size_is_enforced(c: &mut Ctx) -> Result<()> {
     if c.can(C::ExpandVolume) && c.profile.online_expansion {
         let bigger = (mib as i64) << 21;
         grow(c, &v, bigger, &st, &tg).await?;
+        if settles {
+            stats_bytes(c, &v, (&st, &tg), |t, _| t >= bigger * 3 / 4).await?;
+        }
         if let Some(e) = fill(&tg, "fits-now", mib + 8)? {
             bail!(
                 "after growing to {bigger} bytes, writing {} MiB failed: {e}",
@@ -1952,7 +1979,7 @@ async fn controller_lookups_of_unknown_ids(c: &mut Ctx) -> Result<()> {
     if c.can(C::ExpandVolume) {
         expect_code(
             c.ctl
-                .controller_expand_volume(expand_req(unknown, Some(1 << 30)))
+                .controller_expand_volume(expand_req(c, unknown, Some(1 << 30)))
                 .await,
             Code::NotFound,
             "ControllerExpandVolume of an unknown id",

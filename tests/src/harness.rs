@@ -48,6 +48,10 @@ pub struct Profile {
     /// Whether NodeGetVolumeStats shows the shared filesystem a volume is a
     /// directory of, not the volume's size (NFS).
     pub shared_stats: bool,
+    /// How long NodeGetVolumeStats may take to show a write, a new size or
+    /// a removed volume (JuiceFS clients load quotas, flush usage and
+    /// expire cached entries periodically).
+    pub stats_settle: std::time::Duration,
 }
 
 impl Profile {

@@ -8,28 +8,21 @@ use crate::{Nfs, NodeConfig};
 use async_trait::async_trait;
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
 use csi_core::mount::{MountInfo, Mounter};
+use csi_core::stats::StatsCache;
 use csi_core::types::{AccessType, Capability, PublishVolume, StageVolume};
 use csi_core::{Error, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tokio::sync::watch;
 
 /// Volume-context key kubelet sets on CSI inline (ephemeral) volumes.
 const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 
-enum Slot {
-    Fresh(Instant, VolumeStats),
-    Running(Instant, watch::Receiver<Option<VolumeStats>>),
-}
-
 /// What the node plugin keeps in memory: which volume it mounted where, and
 /// NodeGetVolumeStats answers (cached for a while, one statfs per path in
 /// flight, and a statfs that does not return is reported, not waited on).
-#[derive(Default)]
 pub struct NodeState {
-    slots: Arc<Mutex<HashMap<PathBuf, Slot>>>,
+    stats: StatsCache,
     /// Volume id mounted at each staging or target path by this process.
     held: Mutex<HashMap<PathBuf, String>>,
 }
@@ -186,7 +179,7 @@ impl Nfs {
     async fn release(&self, path: &Path) -> Result<()> {
         let (cfg, m) = self.host()?;
         m.unmount_network(path, cfg.mount_timeout).await?;
-        self.state.forget(path);
+        self.state.stats.forget(path);
         self.held(|h| h.remove(path));
         self.remove_dir(path).await
     }
@@ -340,96 +333,31 @@ impl NodeBackend for Nfs {
                 info.source
             )));
         }
-        Ok(self.state.get(path, cfg).await)
+        Ok(self
+            .state
+            .stats
+            .get(path, cfg.stats_cache, cfg.stats_timeout)
+            .await)
     }
 }
 
-impl NodeState {
-    /// Drops what is known about `path` (it was unmounted).
-    fn forget(&self, path: &Path) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(path);
-    }
-
-    /// Usage and condition of the NFS mount at `path`.
-    async fn get(&self, path: &Path, cfg: &NodeConfig) -> VolumeStats {
-        let hung = |since: Instant| VolumeStats {
-            abnormal: Some(format!(
-                "statfs of {} has not returned for {:.0?}: the NFS server is not responding",
-                path.display(),
-                since.elapsed()
-            )),
-            ..Default::default()
-        };
-        let (since, mut rx) = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            match slots.get(path) {
-                Some(Slot::Fresh(at, s)) if at.elapsed() < cfg.stats_cache => return s.clone(),
-                Some(Slot::Running(since, _)) if since.elapsed() >= cfg.stats_timeout => {
-                    return hung(*since);
-                }
-                Some(Slot::Running(since, rx)) => (*since, rx.clone()),
-                _ => {
-                    let (tx, rx) = watch::channel(None);
-                    let now = Instant::now();
-                    slots.insert(path.to_path_buf(), Slot::Running(now, rx.clone()));
-                    self.spawn(path.to_path_buf(), tx);
-                    (now, rx)
-                }
-            }
-        };
-        let left = cfg.stats_timeout.saturating_sub(since.elapsed());
-        match tokio::time::timeout(left, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(s)) => s.clone().unwrap_or_default(),
-            _ => hung(since),
+impl Default for NodeState {
+    fn default() -> Self {
+        Self {
+            stats: StatsCache::new("the NFS server is not responding", describe),
+            held: Mutex::default(),
         }
     }
-
-    /// Runs one statfs on a blocking thread; its answer fills the slot
-    /// whenever it comes, however late.
-    fn spawn(&self, path: PathBuf, tx: watch::Sender<Option<VolumeStats>>) {
-        let slots = self.slots.clone();
-        tokio::spawn(async move {
-            let p = path.clone();
-            let s = tokio::task::spawn_blocking(move || statfs(&p))
-                .await
-                .unwrap_or_else(|e| VolumeStats {
-                    abnormal: Some(format!("statfs failed: {e}")),
-                    ..Default::default()
-                });
-            slots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(path, Slot::Fresh(Instant::now(), s.clone()));
-            let _ = tx.send(Some(s));
-        });
-    }
 }
 
-/// Usage of the filesystem at `path`, or the condition that prevents it.
-fn statfs(path: &Path) -> VolumeStats {
-    match csi_core::fsutil::statvfs(path) {
-        Ok(s) => VolumeStats {
-            bytes: Some((s.total_bytes, s.used_bytes, s.available_bytes)),
-            inodes: Some((
-                s.total_inodes,
-                s.total_inodes.saturating_sub(s.free_inodes),
-                s.free_inodes,
-            )),
-            abnormal: None,
-        },
-        Err(e) => VolumeStats {
-            abnormal: Some(match &e {
-                Error::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ESTALE)) => {
-                    format!(
-                        "the NFS file handle is stale (the directory was removed or the export changed on the server): {e}"
-                    )
-                }
-                _ => format!("the NFS mount does not answer: {e}"),
-            }),
-            ..Default::default()
-        },
+/// What a failed statfs of an NFS mount means.
+fn describe(e: &Error) -> String {
+    match e {
+        Error::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ESTALE)) => {
+            format!(
+                "the NFS file handle is stale (the directory was removed or the export changed on the server): {e}"
+            )
+        }
+        _ => format!("the NFS mount does not answer: {e}"),
     }
 }

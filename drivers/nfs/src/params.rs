@@ -102,41 +102,8 @@ impl Params {
         let Some(template) = &self.sub_dir else {
             return check_sub_dir("subDir", name);
         };
-        let mut out = String::new();
-        let mut rest = template.as_str();
-        while let Some(start) = rest.find("${") {
-            out.push_str(&rest[..start]);
-            let Some(len) = rest[start..].find('}') else {
-                return Err(bad("subDir", template, "an unclosed ${"));
-            };
-            let var = &rest[start + 2..start + len];
-            let key = match var {
-                "pvc.metadata.name" => "csi.storage.k8s.io/pvc/name",
-                "pvc.metadata.namespace" => "csi.storage.k8s.io/pvc/namespace",
-                "pv.metadata.name" => "csi.storage.k8s.io/pv/name",
-                _ => {
-                    return Err(bad(
-                        "subDir",
-                        template,
-                        format!(
-                            "unknown variable ${{{var}}}; use ${{pvc.metadata.name}}, ${{pvc.metadata.namespace}} or ${{pv.metadata.name}}"
-                        ),
-                    ));
-                }
-            };
-            let value = metadata.get(key).ok_or_else(|| {
-                bad(
-                    "subDir",
-                    template,
-                    format!(
-                        "${{{var}}} needs the {key} parameter; run the provisioner with --extra-create-metadata"
-                    ),
-                )
-            })?;
-            out.push_str(value);
-            rest = &rest[start + len + 1..];
-        }
-        out.push_str(rest);
+        let out = csi_core::types::fill_template(template, metadata)
+            .map_err(|why| bad("subDir", template, why))?;
         check_sub_dir("subDir", &out)
     }
 
@@ -226,33 +193,7 @@ pub const RESERVED: &str = ".rcsi";
 /// A sub-directory: relative, normalized, never the share root or our own
 /// records, every part a valid file name.
 pub fn check_sub_dir(key: &str, v: &str) -> Result<String, NfsError> {
-    let v = v.trim_matches('/');
-    if v.is_empty() {
-        return Err(bad(key, v, "the volume would be the whole share"));
-    }
-    if v.contains(['\0', '#', '\n']) {
-        return Err(bad(key, v, "must not contain '#', NUL or newlines"));
-    }
-    for part in v.split('/') {
-        if part.is_empty() || part == "." || part == ".." {
-            return Err(bad(
-                key,
-                v,
-                "must not contain empty, '.' or '..' parts (it must stay inside the share)",
-            ));
-        }
-        if part.len() > 255 {
-            return Err(bad(key, v, "a path part is longer than 255 bytes"));
-        }
-    }
-    if v.split('/').next() == Some(RESERVED) {
-        return Err(bad(
-            key,
-            v,
-            format!("{RESERVED} is reserved for rcsi's records"),
-        ));
-    }
-    Ok(v.to_owned())
+    csi_core::types::check_sub_dir(v, &[RESERVED]).map_err(|why| bad(key, v, why))
 }
 
 #[cfg(test)]

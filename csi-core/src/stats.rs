@@ -1,0 +1,120 @@
+//! NodeGetVolumeStats for network and FUSE filesystems: one statfs per path
+//! in flight, answers cached for a while, and a statfs that does not return
+//! reported as an abnormal condition instead of waited on.
+
+use crate::Error;
+use crate::backend::VolumeStats;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+enum Slot {
+    Fresh(Instant, VolumeStats),
+    Running(Instant, watch::Receiver<Option<VolumeStats>>),
+}
+
+/// Cached statfs answers by path; see the module documentation.
+pub struct StatsCache {
+    slots: Arc<Mutex<HashMap<PathBuf, Slot>>>,
+    hung: &'static str,
+    describe: fn(&Error) -> String,
+}
+
+impl StatsCache {
+    /// A cache whose hung statfs is reported with `hung` (e.g. "the NFS
+    /// server is not responding") and failed ones with `describe(error)`.
+    pub fn new(hung: &'static str, describe: fn(&Error) -> String) -> Self {
+        Self {
+            slots: Arc::default(),
+            hung,
+            describe,
+        }
+    }
+
+    /// Drops what is known about `path` (it was unmounted).
+    pub fn forget(&self, path: &Path) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
+    }
+
+    /// Usage and condition of the filesystem at `path`: answered from the
+    /// cache when younger than `cache`, abnormal when a statfs has run for
+    /// `timeout`.
+    pub async fn get(&self, path: &Path, cache: Duration, timeout: Duration) -> VolumeStats {
+        let hung = |since: Instant| VolumeStats {
+            abnormal: Some(format!(
+                "statfs of {} has not returned for {:.0?}: {}",
+                path.display(),
+                since.elapsed(),
+                self.hung
+            )),
+            ..Default::default()
+        };
+        let (since, mut rx) = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match slots.get(path) {
+                Some(Slot::Fresh(at, s)) if at.elapsed() < cache => return s.clone(),
+                Some(Slot::Running(since, _)) if since.elapsed() >= timeout => {
+                    return hung(*since);
+                }
+                Some(Slot::Running(since, rx)) => (*since, rx.clone()),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    let now = Instant::now();
+                    slots.insert(path.to_path_buf(), Slot::Running(now, rx.clone()));
+                    self.spawn(path.to_path_buf(), tx);
+                    (now, rx)
+                }
+            }
+        };
+        let left = timeout.saturating_sub(since.elapsed());
+        match tokio::time::timeout(left, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(s)) => s.clone().unwrap_or_default(),
+            _ => hung(since),
+        }
+    }
+
+    /// Runs one statfs on a blocking thread; its answer fills the slot
+    /// whenever it comes, however late.
+    fn spawn(&self, path: PathBuf, tx: watch::Sender<Option<VolumeStats>>) {
+        let slots = self.slots.clone();
+        let describe = self.describe;
+        tokio::spawn(async move {
+            let p = path.clone();
+            let s = tokio::task::spawn_blocking(move || statfs(&p, describe))
+                .await
+                .unwrap_or_else(|e| VolumeStats {
+                    abnormal: Some(format!("statfs failed: {e}")),
+                    ..Default::default()
+                });
+            slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(path, Slot::Fresh(Instant::now(), s.clone()));
+            let _ = tx.send(Some(s));
+        });
+    }
+}
+
+/// Usage of the filesystem at `path`, or the condition that prevents it.
+fn statfs(path: &Path, describe: fn(&Error) -> String) -> VolumeStats {
+    match crate::fsutil::statvfs(path) {
+        Ok(s) => VolumeStats {
+            bytes: Some((s.total_bytes, s.used_bytes, s.available_bytes)),
+            inodes: Some((
+                s.total_inodes,
+                s.total_inodes.saturating_sub(s.free_inodes),
+                s.free_inodes,
+            )),
+            abnormal: None,
+        },
+        Err(e) => VolumeStats {
+            abnormal: Some(describe(&e)),
+            ..Default::default()
+        },
+    }
+}
