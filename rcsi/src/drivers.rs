@@ -57,6 +57,16 @@ pub const DRIVERS: &[Driver] = &[
             build: nfs_controller,
         }),
     },
+    Driver {
+        name: "juicefs",
+        about: "juicefs.rcsi.io: quota-limited sub-directories of JuiceFS filesystems",
+        node_flags: JuicefsNodeArgs::augment_args,
+        node: juicefs_node,
+        controller: Ok(ControllerEntry {
+            flags: JuicefsArgs::augment_args,
+            build: juicefs_controller,
+        }),
+    },
 ];
 
 /// The driver named `name`.
@@ -211,6 +221,122 @@ fn nfs_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
 fn nfs_controller(m: &ArgMatches) -> anyhow::Result<Services> {
     let a = NfsClientArgs::from_arg_matches(m)?;
     let driver = Arc::new(rcsi_nfs::Nfs::controller(a.config()));
+    Ok(Services {
+        plugin: driver.clone(),
+        controller: Some(driver),
+        node: None,
+        group: None,
+    })
+}
+
+/// Flags of the JuiceFS driver shared by controller and node.
+#[derive(Args)]
+#[command(next_help_heading = "juicefs")]
+struct JuicefsArgs {
+    /// Directory for filesystem mounts, their logs and the node's state
+    /// (the node's must be under a path shared with the host, e.g. the
+    /// kubelet's plugins directory).
+    #[arg(long, default_value = "/var/lib/rcsi/juicefs")]
+    state_dir: PathBuf,
+    /// The juicefs client program.
+    #[arg(long, default_value = "juicefs")]
+    juicefs: String,
+    /// Seconds each juicefs command (format, quota, rmr) may take.
+    #[arg(long, default_value_t = 60)]
+    call_timeout: u64,
+    /// Seconds a mount may take to become ready (also bounds unmounts and lookups).
+    #[arg(long, default_value_t = 30)]
+    mount_timeout: u64,
+}
+
+impl JuicefsArgs {
+    fn config(&self) -> rcsi_juicefs::Config {
+        rcsi_juicefs::Config {
+            state_dir: self.state_dir.clone(),
+            program: self.juicefs.clone(),
+            call_timeout: Duration::from_secs(self.call_timeout.max(1)),
+            mount_timeout: Duration::from_secs(self.mount_timeout.max(1)),
+        }
+    }
+}
+
+/// Flags of the JuiceFS node plugin.
+#[derive(Args)]
+#[command(next_help_heading = "juicefs (node)")]
+struct JuicefsNodeArgs {
+    /// Seconds a statfs may take before the volume is reported abnormal.
+    #[arg(long, default_value_t = 10)]
+    stats_timeout: u64,
+    /// Seconds NodeGetVolumeStats answers from its cache.
+    #[arg(long, default_value_t = 5)]
+    stats_cache: u64,
+    /// Seconds between checks of the mounts (dead ones are mounted again and
+    /// their targets re-bound); 0: only when a mount process exits.
+    #[arg(long, default_value_t = 10)]
+    check_interval: u64,
+    /// The host's cgroup filesystem (a hostPath of /sys/fs/cgroup): mount
+    /// processes are moved into their own cgroup there, so stopping the
+    /// plugin's container does not kill them. Unset: they stay in the
+    /// plugin's cgroup (still in their own session).
+    #[arg(long)]
+    mount_cgroup_root: Option<PathBuf>,
+    /// Name of that cgroup, created in every hierarchy.
+    #[arg(long, default_value = "rcsi-juicefs")]
+    mount_cgroup: String,
+    /// Also serve the Controller service from this process (small clusters, tests).
+    #[arg(long)]
+    serve_controller: bool,
+    #[command(flatten)]
+    common: JuicefsArgs,
+}
+
+/// Builds the JuiceFS driver and runs its start-up work (re-adopting mounts).
+fn juicefs_driver(
+    cfg: rcsi_juicefs::Config,
+    node: Option<rcsi_juicefs::NodeConfig>,
+    escape: Option<csi_core::daemon::CgroupEscape>,
+) -> anyhow::Result<Arc<rcsi_juicefs::Juicefs>> {
+    let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
+    let mounter = Arc::new(csi_core::mount::SystemMounter::new(
+        exec.clone(),
+        cfg.mount_timeout,
+    ));
+    let spawner = Arc::new(csi_core::daemon::SystemSpawner { escape });
+    let driver = Arc::new(
+        rcsi_juicefs::Juicefs::new(cfg, node, exec, spawner, mounter)
+            .context("opening the JuiceFS state directory")?,
+    );
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| handle.block_on(driver.start()))
+        .context("re-adopting JuiceFS mounts")?;
+    Ok(driver)
+}
+
+fn juicefs_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
+    let a = JuicefsNodeArgs::from_arg_matches(m)?;
+    let node = rcsi_juicefs::NodeConfig {
+        node_id: common.node_id,
+        stats_timeout: Duration::from_secs(a.stats_timeout.max(1)),
+        stats_cache: Duration::from_secs(a.stats_cache),
+        check_interval: Duration::from_secs(a.check_interval),
+    };
+    let escape = a
+        .mount_cgroup_root
+        .map(|root| csi_core::daemon::CgroupEscape {
+            root,
+            name: a.mount_cgroup,
+        });
+    let driver = juicefs_driver(a.common.config(), Some(node), escape)?;
+    let mut services = Services::all(driver);
+    if !a.serve_controller {
+        services.controller = None;
+    }
+    Ok(services)
+}
+
+fn juicefs_controller(m: &ArgMatches) -> anyhow::Result<Services> {
+    let a = JuicefsArgs::from_arg_matches(m)?;
+    let driver = juicefs_driver(a.config(), None, None)?;
     Ok(Services {
         plugin: driver.clone(),
         controller: Some(driver),

@@ -48,6 +48,47 @@ pub enum JuicefsError {
         /// Name found in the metadata.
         found: String,
     },
+    /// A StorageClass parameter with a value the driver cannot use.
+    #[error("StorageClass parameter {key:?} is invalid: {why}")]
+    BadParameter {
+        /// The parameter.
+        key: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A StorageClass parameter this driver does not know.
+    #[error("unknown StorageClass parameter {0:?}; accepted: pathPattern, onDelete, mountOptions")]
+    UnknownParameter(String),
+    /// A volume directory that would leave the filesystem or hit a reserved name.
+    #[error("the directory {path:?} (from {from}) cannot be a volume: {why}")]
+    BadPath {
+        /// Where the path came from (pathPattern, the volume name, the volume context).
+        from: &'static str,
+        /// The path.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The call carried no filesystem Secret.
+    #[error(
+        "{call} needs the filesystem Secret; set csi.storage.k8s.io/{kind}-secret-name and -namespace in the StorageClass (or the secret reference in a static PV)"
+    )]
+    NoSecret {
+        /// The CSI call.
+        call: &'static str,
+        /// The external-provisioner / kubelet secret kind, e.g. provisioner, node-publish.
+        kind: &'static str,
+    },
+    /// The Secret describes another filesystem than the volume is on.
+    #[error("volume {volume} is on filesystem {on:?}, but the Secret describes {secret:?}")]
+    WrongFilesystem {
+        /// The volume id.
+        volume: String,
+        /// Filesystem named in the id.
+        on: String,
+        /// Filesystem named in the Secret.
+        secret: String,
+    },
 }
 
 impl From<JuicefsError> for CoreError {
@@ -55,7 +96,14 @@ impl From<JuicefsError> for CoreError {
         use JuicefsError::*;
         let msg = e.to_string();
         match e {
-            MissingKey(_) | UnknownKey(_) | BadKey { .. } => CoreError::InvalidArgument(msg),
+            MissingKey(_)
+            | UnknownKey(_)
+            | BadKey { .. }
+            | BadParameter { .. }
+            | UnknownParameter(_)
+            | BadPath { .. }
+            | NoSecret { .. }
+            | WrongFilesystem { .. } => CoreError::InvalidArgument(msg),
             Metadata { .. } | Format { .. } => CoreError::Unavailable(msg),
             OtherFilesystem { .. } => CoreError::FailedPrecondition(msg),
         }

@@ -16,13 +16,18 @@ pub struct Cli {
     timeout: Duration,
 }
 
-/// The last line of juicefs's log output, without its timestamp prefix.
+/// The last line of juicefs's output, without its timestamp prefix.
 fn reason(out: &Output) -> String {
-    let text = if out.stderr.trim().is_empty() {
-        &out.stdout
+    if out.stderr.trim().is_empty() {
+        reason_of(&out.stdout)
     } else {
-        &out.stderr
-    };
+        reason_of(&out.stderr)
+    }
+}
+
+/// The last non-empty line of juicefs log text, without its prefix and
+/// source location.
+pub(crate) fn reason_of(text: &str) -> String {
     let line = text
         .lines()
         .rev()
@@ -152,25 +157,12 @@ impl Cli {
         .await
     }
 
-    /// Mounts the whole filesystem at `target` with `juicefs mount
-    /// --background`: the daemon starts its own session, so it is no child
-    /// of the caller and outlives it (a node plugin restart keeps every
-    /// application mount). Returns when the mount is ready. `log` receives
-    /// the daemon's log; `options` come after the Secret's mount options.
-    pub async fn mount(
-        &self,
-        fs: &FsSecret,
-        target: &std::path::Path,
-        log: &std::path::Path,
-        options: &[String],
-    ) -> Result<()> {
-        let target = target.to_string_lossy();
-        let log = log.to_string_lossy();
-        let mut args = vec!["mount", "--background", "--no-usage-report", "--log", &log];
-        args.extend(fs.mount_options.iter().map(String::as_str));
-        args.extend(options.iter().map(String::as_str));
-        args.extend([fs.metaurl.as_str(), target.as_ref()]);
-        self.run(fs, &args, || format!("mounting {:?} at {target}", fs.name))
+    /// Removes directory `path` of a mounted filesystem and everything in
+    /// it with `juicefs rmr` (done by the mount daemon, far faster than one
+    /// unlink per file; into the trash when the filesystem keeps one).
+    pub async fn remove_tree(&self, fs: &FsSecret, path: &std::path::Path) -> Result<()> {
+        let p = path.to_string_lossy();
+        self.run(fs, &["rmr", p.as_ref()], || format!("removing {p}"))
             .await
     }
 }

@@ -6,7 +6,7 @@ use csi_core::types::Secrets;
 use std::fmt;
 
 /// A JuiceFS filesystem as its Secret describes it.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FsSecret {
     /// Filesystem name (`name`).
     pub name: String,
@@ -45,7 +45,7 @@ const OWN_KEYS: &[&str] = &["storage", "bucket", "access-key", "secret-key"];
 
 /// `a=1,b` (or space-separated) into `--a=1 --b`, refusing options that
 /// belong to their own keys.
-fn options(key: &'static str, value: &str) -> Result<Vec<String>, JuicefsError> {
+pub(crate) fn options(key: &'static str, value: &str) -> Result<Vec<String>, JuicefsError> {
     value
         .split([',', ' ', '\n'])
         .map(str::trim)

@@ -1,11 +1,14 @@
-//! Formatting on first use, directory quotas and detached mounts against real metadata
+//! Formatting on first use, directory quotas and mounts that outlive their starter, against real metadata
 //! engines (redis and sqlite3 from `tests/backends/juicefs.sh`) and file
 //! storage: idempotent, never a reformat, errors naming the Secret key,
 //! secrets only in the environment.
 
+use csi_core::daemon::SystemSpawner;
 use csi_core::exec::{Command, Exec, Output, SystemExec};
+use csi_core::mount::SystemMounter;
 use csi_core::types::Secrets;
-use rcsi_juicefs::{Cli, FsSecret};
+use rcsi_juicefs::mounts::Health;
+use rcsi_juicefs::{Cli, FsMounts, FsSecret};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -57,7 +60,7 @@ async fn formats_once_and_names_the_failing_key() {
     let _backend = Backend(dir.path().join("b"));
     {
         let watch = Arc::new(Watch::default());
-        let cli = Cli::new(watch.clone(), "juicefs", Duration::from_secs(30));
+        let cli = cli_for(&watch);
         for file in ["JUICEFS_SECRETS_FILE", "JUICEFS_SQLITE_SECRETS_FILE"] {
             let mut secret = secret_of(&env[file]);
             secret.insert("secret-key".into(), "never-in-argv".into());
@@ -79,32 +82,7 @@ async fn formats_once_and_names_the_failing_key() {
                 let want = format!("| {} MiB |", size >> 20);
                 assert!(got.stdout.contains(&want), "{file}: {}", got.stdout);
             }
-            // The mount daemon runs in its own session, not as our child,
-            // so it outlives whoever started it.
-            let mnt = dir.path().join(format!("mnt-{file}"));
-            std::fs::create_dir_all(&mnt).unwrap();
-            let log = dir.path().join(format!("{file}.log"));
-            cli.mount(&fs, &mnt, &log, &["--no-bgjob".into()])
-                .await
-                .unwrap();
-            std::fs::write(mnt.join("pvc-1/data"), b"kept").unwrap();
-            let daemon = std::process::Command::new("pgrep")
-                .args(["-f", &format!("juicefs mount.*{}", mnt.display())])
-                .output()
-                .unwrap();
-            let pid: i32 = String::from_utf8_lossy(&daemon.stdout)
-                .lines()
-                .next()
-                .and_then(|l| l.trim().parse().ok())
-                .expect("a juicefs daemon for the mount");
-            let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
-            assert_ne!(
-                sid,
-                nix::unistd::getsid(None).unwrap(),
-                "{file}: the daemon shares our session"
-            );
-            assert_eq!(std::fs::read(mnt.join("pvc-1/data")).unwrap(), b"kept");
-            succeeds(std::process::Command::new("umount").arg(&mnt));
+            mounts_outlive_their_starter(&cli_for(&watch), &fs, &dir.path().join(file)).await;
             // Another name on the same metadata is refused, not reformatted.
             secret.insert("name".into(), "other-fs".into());
             let other = FsSecret::parse(&Secrets(secret)).unwrap();
@@ -156,6 +134,90 @@ async fn formats_once_and_names_the_failing_key() {
         let e = cli.ensure_formatted(&fs).await.unwrap_err().to_string();
         assert!(e.contains("\"bucket\""), "{e}");
     }
+}
+
+fn cli_for(watch: &Arc<Watch>) -> Arc<Cli> {
+    Arc::new(Cli::new(watch.clone(), "juicefs", Duration::from_secs(30)))
+}
+
+/// A mount daemon runs in its own session, not as our child; a second
+/// manager (a restarted plugin) finds the live mount and keeps it; after
+/// the daemon is killed the mount is dead, and `ensure` mounts it again.
+async fn mounts_outlive_their_starter(cli: &Arc<Cli>, fs: &FsSecret, root: &Path) {
+    let manager = || {
+        let exec: Arc<dyn Exec> = Arc::new(SystemExec);
+        FsMounts::new(
+            root,
+            cli.clone(),
+            Arc::new(SystemSpawner::default()),
+            Arc::new(SystemMounter::new(exec, Duration::from_secs(30))),
+            Duration::from_secs(30),
+        )
+    };
+    let options = ["--no-bgjob".to_owned()];
+    let key = FsMounts::key(fs, &options);
+    let first = manager();
+    assert!(
+        first.ensure(&key, fs, &options).await.unwrap(),
+        "mounted now"
+    );
+    let mnt = first.mountpoint(&key);
+    std::fs::write(mnt.join("pvc-1/data"), b"kept").unwrap();
+    let pids = daemons_of(&mnt);
+    let sid = nix::unistd::getsid(Some(pids[0])).unwrap();
+    assert_ne!(
+        sid,
+        nix::unistd::getsid(None).unwrap(),
+        "the daemon shares our session"
+    );
+
+    let second = manager();
+    assert_eq!(second.health(&key).await.unwrap(), Health::Up);
+    assert!(
+        !second.ensure(&key, fs, &options).await.unwrap(),
+        "a live mount is kept"
+    );
+    assert_eq!(daemons_of(&mnt), pids, "the same daemons serve it");
+
+    // Both processes: juicefs restarts a lone dead child itself.
+    for pid in pids {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    let dead = async {
+        loop {
+            if matches!(second.health(&key).await.unwrap(), Health::Dead(_)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), dead)
+        .await
+        .expect("the mount dies");
+    assert!(
+        second.ensure(&key, fs, &options).await.unwrap(),
+        "mounted again"
+    );
+    assert_eq!(std::fs::read(mnt.join("pvc-1/data")).unwrap(), b"kept");
+    second.unmount(&key).await.unwrap();
+    assert_eq!(second.health(&key).await.unwrap(), Health::Absent);
+    assert!(!mnt.exists(), "mountpoint removed");
+}
+
+/// The juicefs processes serving `mnt` (a supervisor and the child it
+/// restarts when the child dies).
+fn daemons_of(mnt: &Path) -> Vec<nix::unistd::Pid> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("juicefs mount.*{}", mnt.display())])
+        .output()
+        .unwrap();
+    let pids: Vec<_> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .map(nix::unistd::Pid::from_raw)
+        .collect();
+    assert!(!pids.is_empty(), "no juicefs daemon for the mount");
+    pids
 }
 
 /// Runs a command that must succeed; its output.
