@@ -74,6 +74,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let kill = {
+        let mut secret = b.secrets("JUICEFS_SECRETS_FILE")["NodePublishVolumeSecret"].clone();
+        // A filesystem of its own, so killing its mounts touches no other trial.
+        let url = b.var("JUICEFS_REDIS_URL");
+        let own_db = format!("{}2", url.trim_end_matches(char::is_numeric));
+        secret.insert("name".into(), "rcsi-kill".into());
+        secret.insert("metaurl".into(), own_db.clone());
+        secret.insert(
+            "bucket".into(),
+            format!("{}-kill/", b.var("JUICEFS_BUCKET_DIR")),
+        );
+        libtest_mimic::Trial::test("juicefs/redis::kill-plugin-and-mounts", move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(kill_plugin_and_mounts(secret, own_db))
+                .map_err(|e| format!("{e:#}").into())
+        })
+    };
     let code = run_suite(
         vec![
             (
@@ -86,9 +104,218 @@ fn main() -> std::process::ExitCode {
             ),
         ],
         rcsi_tests::cases::all(),
-        vec![],
+        vec![kill],
     )
     .exit_code();
     drop(b);
     code
+}
+
+/// The juicefs processes of the node's mounts of the filesystem at `url`
+/// (not the controller's).
+fn node_daemons(url: &str) -> Vec<nix::unistd::Pid> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("juicefs mount .*{url} .*/mounts/")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .map(nix::unistd::Pid::from_raw)
+        .collect()
+}
+
+/// Appends 4 KiB and fsyncs, every 5 ms, until stopped; the bytes made
+/// durable, or the first error.
+fn writer(
+    path: std::path::PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Result<u64, String>> {
+    use std::io::Write;
+    std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("open: {e}"))?;
+        let mut done = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            f.write_all(&[7u8; 4096])
+                .and_then(|_| f.sync_data())
+                .map_err(|e| format!("after {done} bytes: {e}"))?;
+            done += 4096;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(done)
+    })
+}
+
+/// SIGKILL the node plugin while volumes are published and a writer is
+/// running: the writer sees no error, the mounts and their daemons stay.
+/// Then kill the filesystem's juicefs processes: the plugin mounts it
+/// again, re-binds every target, and the volume condition says so.
+async fn kill_plugin_and_mounts(
+    secret: std::collections::HashMap<String, String>,
+    url: String,
+) -> anyhow::Result<()> {
+    use anyhow::{Context, ensure};
+    use csi_core::csi::{self, volume_capability as vc};
+    use rcsi_tests::Driver;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let mut inst = plugin().start().await?;
+    let connect = |inst: &dyn rcsi_tests::Instance| {
+        let ep = inst.endpoint();
+        async move {
+            let ch = csi_core::client::connect(&ep).await?;
+            anyhow::Ok((
+                csi::controller_client::ControllerClient::new(ch.clone()),
+                csi::node_client::NodeClient::new(ch),
+            ))
+        }
+    };
+    let (mut ctl, mut node) = connect(inst.as_ref()).await?;
+    let scratch = tempfile::tempdir()?;
+    let cap = csi::VolumeCapability {
+        access_type: Some(vc::AccessType::Mount(Default::default())),
+        access_mode: Some(vc::AccessMode {
+            mode: vc::access_mode::Mode::MultiNodeMultiWriter as i32,
+        }),
+    };
+    let mut vols = Vec::new();
+    for name in ["kill-a", "kill-b"] {
+        let v = ctl
+            .create_volume(csi::CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: 256 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap.clone()],
+                secrets: secret.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .volume
+            .context("no volume")?;
+        vols.push(v);
+    }
+    // a at two targets, b at one.
+    let targets: Vec<(usize, std::path::PathBuf)> = [(0, "a1"), (0, "a2"), (1, "b1")]
+        .into_iter()
+        .map(|(v, t)| (v, scratch.path().join(t)))
+        .collect();
+    let publish = |v: &csi::Volume, t: &std::path::Path| csi::NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: t.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        volume_context: v.volume_context.clone(),
+        secrets: secret.clone(),
+        ..Default::default()
+    };
+    for (v, t) in &targets {
+        node.node_publish_volume(publish(&vols[*v], t)).await?;
+    }
+    let daemons = node_daemons(&url);
+    ensure!(!daemons.is_empty(), "no juicefs daemon for the node mount");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(targets[0].1.join("log"), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    inst.crash().await.context("restarting the plugin")?;
+    let (mut ctl, mut node) = connect(inst.as_ref()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = w
+        .join()
+        .expect("writer")
+        .map_err(|e| anyhow::anyhow!("the writer failed across the plugin kill: {e}"))?;
+    ensure!(written > 0, "the writer wrote nothing");
+    ensure!(
+        node_daemons(&url) == daemons,
+        "the juicefs daemons changed across the plugin kill"
+    );
+    for (v, t) in &targets {
+        node.node_publish_volume(publish(&vols[*v], t))
+            .await
+            .context("publish again after the restart")?;
+    }
+    let stats = |v: &csi::Volume, t: &std::path::Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: v.volume_id.clone(),
+        volume_path: t.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    let c = node
+        .node_get_volume_stats(stats(&vols[0], &targets[0].1))
+        .await?
+        .into_inner()
+        .volume_condition
+        .unwrap_or_default();
+    ensure!(!c.abnormal, "after the plugin restart: {}", c.message);
+    eprintln!("plugin SIGKILL: the writer made {written} bytes durable without an error");
+
+    // Kill the filesystem's mount processes: every target dies with them.
+    for pid in &daemons {
+        let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let killed = Instant::now();
+    let alive = |p: &std::path::Path| std::fs::read_dir(p).is_ok();
+    while !targets.iter().all(|(_, t)| alive(t)) {
+        ensure!(
+            killed.elapsed() < Duration::from_secs(20),
+            "targets not usable 20 s after the juicefs processes died"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "juicefs killed: all targets usable again after {:?}",
+        killed.elapsed()
+    );
+    let log = std::fs::metadata(targets[0].1.join("log"))?.len();
+    ensure!(
+        log >= written,
+        "the log has {log} bytes, {written} were made durable"
+    );
+    std::fs::write(targets[1].1.join("after"), b"healed")?;
+    ensure!(
+        std::fs::read(targets[0].1.join("after"))? == b"healed",
+        "targets of one volume differ"
+    );
+    std::fs::write(targets[2].1.join("after"), b"healed")?;
+    let c = node
+        .node_get_volume_stats(stats(&vols[0], &targets[0].1))
+        .await?
+        .into_inner()
+        .volume_condition
+        .unwrap_or_default();
+    ensure!(
+        c.abnormal && c.message.contains("mounted it again"),
+        "condition after the heal: {c:?}"
+    );
+    eprintln!("condition: {}", c.message);
+
+    for (v, t) in &targets {
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: vols[*v].volume_id.clone(),
+            target_path: t.display().to_string(),
+        })
+        .await?;
+    }
+    let released = Instant::now();
+    while !node_daemons(&url).is_empty() {
+        ensure!(
+            released.elapsed() < Duration::from_secs(10),
+            "the node mount's daemons outlived its last target"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for v in &vols {
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets: secret.clone(),
+        })
+        .await?;
+    }
+    inst.stop().await
 }

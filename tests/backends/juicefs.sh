@@ -72,7 +72,7 @@ stop() {
   dir=$(cd "$dir" && pwd)
   # Mounts of these filesystems, wherever the tests put them.
   for m in $(awk '{ for (i = 7; i < NF; i++) if ($i == "-") { t = $(i + 1); s = $(i + 2); break } }
-                  t ~ /^fuse.juicefs/ && s ~ /^JuiceFS:rcsi-(test|sqlite)$/ { print $5 }' /proc/self/mountinfo | sort -r); do
+                  t ~ /^fuse.juicefs/ && s ~ /^JuiceFS:rcsi-/ { print $5 }' /proc/self/mountinfo | sort -r); do
     umount -l "$m" 2>/dev/null || true
   done
   pkill -f "juicefs mount .*(127.0.0.1:$port|$dir)" 2>/dev/null || true

@@ -178,11 +178,17 @@ impl Node {
         .await
     }
 
-    /// Mounts the filesystem of `key` again and re-binds its targets (the
-    /// caller holds the key's lock).
-    async fn heal(&self, key: &str, why: &str) -> Result<()> {
+    /// Makes sure the mount of `key` is up and every target of it is bound
+    /// to that mount (the caller holds the key's lock): a dead or vanished
+    /// mount is mounted again and its targets re-bound, which the volume
+    /// condition then reports.
+    async fn restore(&self, key: &str) -> Result<()> {
         let Some(fs) = self.saved(|s| s.filesystems.get(key).cloned()) else {
             return Ok(());
+        };
+        let dead = match self.mounts.health(key).await? {
+            Health::Dead(why) => Some(why),
+            Health::Up | Health::Absent => None,
         };
         self.mounts.ensure(key, &fs.secret, &fs.options).await?;
         let targets: Vec<(PathBuf, Target)> = self.saved(|s| {
@@ -204,11 +210,15 @@ impl Node {
             self.stats.forget(path);
             rebound += 1;
         }
+        if dead.is_none() && rebound == 0 {
+            return Ok(());
+        }
+        let why = dead.unwrap_or_else(|| "it was no longer mounted".into());
         let msg = format!(
-            "the juicefs mount process of filesystem {:?} died ({why}); the plugin mounted it again and re-bound {rebound} target(s)",
+            "the juicefs mount of filesystem {:?} was lost ({why}); the plugin mounted it again and re-bound {rebound} target(s)",
             fs.secret.name
         );
-        warn!(key, rebound, "restored a dead JuiceFS mount");
+        warn!(key, rebound, "restored a lost JuiceFS mount");
         self.heals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -216,28 +226,18 @@ impl Node {
         Ok(())
     }
 
-    /// Checks every filesystem with targets; restores the dead ones.
+    /// Restores every filesystem mount that targets use.
     async fn check(&self) {
-        let keys: Vec<String> = self.saved(|s| s.filesystems.keys().cloned().collect());
+        let keys: Vec<String> = self.saved(|s| {
+            let mut k: Vec<String> = s.targets.values().map(|t| t.key.clone()).collect();
+            k.sort();
+            k.dedup();
+            k
+        });
         for key in keys {
             let _lock = self.mounts.lock(&key).await;
-            let health = match self.mounts.health(&key).await {
-                Ok(h) => h,
-                Err(e) => {
-                    warn!(key, "checking a JuiceFS mount: {e}");
-                    continue;
-                }
-            };
-            let why = match health {
-                Health::Up => continue,
-                Health::Dead(why) => why,
-                Health::Absent => "it was no longer mounted".into(),
-            };
-            if let Err(e) = self.heal(&key, &why).await {
-                warn!(
-                    key,
-                    "restoring a dead JuiceFS mount failed, will retry: {e}"
-                );
+            if let Err(e) = self.restore(&key).await {
+                warn!(key, "restoring a JuiceFS mount failed, will retry: {e}");
             }
         }
     }
@@ -437,7 +437,7 @@ impl NodeBackend for Juicefs {
             )
         });
         let result = async {
-            n.mounts.ensure(&key, &fs, &options).await?;
+            n.restore(&key).await?;
             let src = n.mounts.mountpoint(&key).join(&dir);
             let is_dir = n
                 .blocking(format!("looking up {}", src.display()), move || {
