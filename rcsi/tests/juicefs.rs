@@ -92,6 +92,15 @@ fn main() -> std::process::ExitCode {
                 .map_err(|e| format!("{e:#}").into())
         })
     };
+    let fixed = {
+        let secret = b.secrets("JUICEFS_SECRETS_FILE")["NodePublishVolumeSecret"].clone();
+        libtest_mimic::Trial::test("juicefs/redis::static-volumes", move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(static_volumes(secret))
+                .map_err(|e| format!("{e:#}").into())
+        })
+    };
     let code = run_suite(
         vec![
             (
@@ -104,7 +113,7 @@ fn main() -> std::process::ExitCode {
             ),
         ],
         rcsi_tests::cases::all(),
-        vec![kill],
+        vec![kill, fixed],
     )
     .exit_code();
     drop(b);
@@ -317,5 +326,117 @@ async fn kill_plugin_and_mounts(
         })
         .await?;
     }
+    inst.stop().await
+}
+
+/// Static volumes: any handle with the directory in the `path` attribute
+/// (and `/` for the whole filesystem) publishes that directory; a handle
+/// with no `path` is NotFound, a missing directory NotFound, a `path` that
+/// climbs out InvalidArgument.
+async fn static_volumes(secret: std::collections::HashMap<String, String>) -> anyhow::Result<()> {
+    use anyhow::{Context, ensure};
+    use csi_core::csi::{self, volume_capability as vc};
+    use rcsi_tests::Driver;
+    let mut inst = plugin().start().await?;
+    let ch = csi_core::client::connect(&inst.endpoint()).await?;
+    let mut ctl = csi::controller_client::ControllerClient::new(ch.clone());
+    let mut node = csi::node_client::NodeClient::new(ch);
+    let scratch = tempfile::tempdir()?;
+    let cap = csi::VolumeCapability {
+        access_type: Some(vc::AccessType::Mount(Default::default())),
+        access_mode: Some(vc::AccessMode {
+            mode: vc::access_mode::Mode::MultiNodeMultiWriter as i32,
+        }),
+    };
+    // A provisioned volume gives the static ones an existing directory.
+    let v = ctl
+        .create_volume(csi::CreateVolumeRequest {
+            name: "static-source".into(),
+            volume_capabilities: vec![cap.clone()],
+            secrets: secret.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .context("no volume")?;
+    let rw = scratch.path().join("rw");
+    let mut req = csi::NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: rw.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        volume_context: v.volume_context.clone(),
+        secrets: secret.clone(),
+        ..Default::default()
+    };
+    node.node_publish_volume(req.clone()).await?;
+    std::fs::write(rw.join("shared"), b"from the provisioned volume")?;
+    let code = |r: Result<tonic::Response<csi::NodePublishVolumeResponse>, tonic::Status>| {
+        r.map(drop).map_err(|s| s.code())
+    };
+    let target = scratch.path().join("static");
+    req.volume_id = "team-data-handle".into();
+    req.target_path = target.display().to_string();
+    req.readonly = true;
+    req.volume_context = [("path".to_owned(), "/static-source".to_owned())].into();
+    node.node_publish_volume(req.clone())
+        .await
+        .context("a static volume")?;
+    ensure!(
+        std::fs::read(target.join("shared"))? == b"from the provisioned volume",
+        "the static volume does not show the directory"
+    );
+    ensure!(
+        std::fs::write(target.join("x"), b"").is_err(),
+        "a read-only static volume is writable"
+    );
+    let whole = scratch.path().join("whole");
+    let mut r = req.clone();
+    r.target_path = whole.display().to_string();
+    r.volume_context = [("path".to_owned(), "/".to_owned())].into();
+    node.node_publish_volume(r)
+        .await
+        .context("the whole filesystem")?;
+    ensure!(
+        whole.join("static-source/shared").exists(),
+        "the whole filesystem is not shown"
+    );
+    for (tag, path, want) in [
+        ("no path", None, tonic::Code::NotFound),
+        (
+            "a missing directory",
+            Some("/no-such-dir"),
+            tonic::Code::NotFound,
+        ),
+        (
+            "a path climbing out",
+            Some("/a/../../etc"),
+            tonic::Code::InvalidArgument,
+        ),
+    ] {
+        let mut r = req.clone();
+        r.target_path = scratch.path().join("refused").display().to_string();
+        r.volume_context = path
+            .map(|p| [("path".to_owned(), p.to_owned())].into())
+            .unwrap_or_default();
+        let got = code(node.node_publish_volume(r).await);
+        ensure!(got == Err(want), "{tag}: {got:?}");
+    }
+    for (id, t) in [
+        ("team-data-handle", &target),
+        ("team-data-handle", &whole),
+        (v.volume_id.as_str(), &rw),
+    ] {
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: t.display().to_string(),
+        })
+        .await?;
+    }
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets: secret,
+    })
+    .await?;
     inst.stop().await
 }

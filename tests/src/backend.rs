@@ -67,36 +67,42 @@ impl Backend {
         self.env.get(k).cloned().unwrap_or_default()
     }
 
-    /// The StorageClass parameters in the file named by variable `var`
-    /// (`key: value` lines).
+    /// The StorageClass parameters in the file named by variable `var`.
     pub fn params(&self, var: &str) -> HashMap<String, String> {
-        std::fs::read_to_string(self.var(var))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_owned(), unquote(v)))
-            .collect()
+        params_file(Path::new(&self.var(var)))
     }
 
-    /// The secrets file named by variable `var`: `Kind:` lines, each
-    /// followed by indented `key: value` lines.
+    /// The secrets in the file named by variable `var`.
     pub fn secrets(&self, var: &str) -> HashMap<String, HashMap<String, String>> {
-        let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
-        let mut kind = String::new();
-        for line in std::fs::read_to_string(self.var(var))
-            .unwrap_or_default()
-            .lines()
-        {
-            if !line.starts_with(' ') {
-                kind = line.trim_end_matches(':').trim().to_owned();
-            } else if let Some((k, v)) = line.trim().split_once(':') {
-                out.entry(kind.clone())
-                    .or_default()
-                    .insert(k.trim().to_owned(), unquote(v));
-            }
-        }
-        out
+        secrets_file(Path::new(&self.var(var)))
     }
+}
+
+/// A StorageClass parameters file (`key: value` lines); empty when unreadable.
+pub fn params_file(path: &Path) -> HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), unquote(v)))
+        .collect()
+}
+
+/// A secrets file as CSI test tools read it: `Kind:` lines (e.g.
+/// `NodePublishVolumeSecret:`), each followed by indented `key: value` lines.
+pub fn secrets_file(path: &Path) -> HashMap<String, HashMap<String, String>> {
+    let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let mut kind = String::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if !line.starts_with(' ') {
+            kind = line.trim_end_matches(':').trim().to_owned();
+        } else if let Some((k, v)) = line.trim().split_once(':') {
+            out.entry(kind.clone())
+                .or_default()
+                .insert(k.trim().to_owned(), unquote(v));
+        }
+    }
+    out
 }
 
 impl Drop for Backend {

@@ -166,7 +166,10 @@ impl FsMounts {
     pub async fn ensure(&self, key: &str, fs: &FsSecret, options: &[String]) -> Result<bool> {
         match self.health(key).await? {
             Health::Up => return Ok(false),
-            Health::Dead(_) => self.unmount(key).await?,
+            Health::Dead(_) => {
+                let mp = self.mountpoint(key);
+                self.mounter.unmount_network(&mp, self.timeout).await?;
+            }
             Health::Absent => {}
         }
         let known = self
@@ -248,6 +251,12 @@ impl FsMounts {
         let dir = mp.clone();
         csi_core::fsutil::blocking("removing a mountpoint", self.timeout, move || {
             match std::fs::remove_dir(&dir) {
+                // Still a mountpoint in another mount namespace: the
+                // directory stays, to be used again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    tracing::warn!(path = %dir.display(), "mountpoint busy elsewhere; kept");
+                    Ok(())
+                }
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     Err(Error::io(format!("removing {}", dir.display()), e))
                 }

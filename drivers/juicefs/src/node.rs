@@ -160,8 +160,8 @@ impl Node {
         self.mounter.bind(&src, target, readonly, &[]).await
     }
 
-    /// Unmounts `target` (forcing, then detaching, when it is busy or
-    /// dead) and removes the directory.
+    /// Unmounts `target`, every mount stacked there (forcing, then
+    /// detaching, when busy or dead), and removes the directory.
     async fn unbind(&self, target: &Path) -> Result<()> {
         self.mounter.unmount_network(target, self.timeout).await?;
         self.stats.forget(target);
@@ -201,12 +201,17 @@ impl Node {
         let live = self.mounts.entry(key).await?.map(|m| m.dev);
         let mut rebound = 0;
         for (path, t) in &targets {
-            let current = self.mount_at(path).await?;
-            if current.is_some_and(|m| Some(&m.dev) == live.as_ref()) {
-                continue;
+            match self.mount_at(path).await? {
+                Some(m) if Some(&m.dev) == live.as_ref() => continue,
+                // Stacked on the dead bind, not in its place: a container
+                // that mounted the target with HostToContainer propagation
+                // receives a mount made on top of it, never a replacement.
+                Some(_) => {
+                    let src = self.mounts.mountpoint(key).join(&t.path);
+                    self.mounter.bind(&src, path, t.readonly, &[]).await?;
+                }
+                None => self.bind(key, &t.path, path, t.readonly).await?,
             }
-            self.mounter.unmount_network(path, self.timeout).await?;
-            self.bind(key, &t.path, path, t.readonly).await?;
             self.stats.forget(path);
             rebound += 1;
         }
