@@ -39,6 +39,7 @@ direct=$mnt/bench-direct
 mkdir -p "$direct"
 for where in "$target" "$direct"; do
   echo "== rbench through ${where/$work/WORK}"
+  mkdir -p "$where/meta"
   "$bin/rbench" -w -r -t 1 -s 512m -b 1m --progress never "$where/seq"
   "$bin/rbench" -d -w -r --stat -F -D -t 2 -n 4 -N 250 -s 4k -b 4k --progress never "$where/meta"
 done

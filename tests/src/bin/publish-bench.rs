@@ -62,12 +62,13 @@ fn rss_kb(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Resident memory of every process whose command line contains `pattern`.
+/// Resident memory and count of the other processes whose command line
+/// contains `pattern`.
 fn helpers_rss_kb(pattern: &str) -> (u64, usize) {
     let mut total = (0, 0);
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == std::process::id().to_string() {
             continue;
         }
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
