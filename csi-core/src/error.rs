@@ -32,6 +32,9 @@ pub enum Error {
     /// A backend could not be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// A backend refused the credentials the request carried.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// An external command or backend call ran out of time.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -64,6 +67,7 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::ResourceExhausted,
@@ -87,6 +91,7 @@ impl Error {
             Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
             Error::Unimplemented(m) => Error::Unimplemented(m.clone()),
             Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
             Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m.clone()),
             Error::Io { context, source } => Error::Io {
                 context: context.clone(),
