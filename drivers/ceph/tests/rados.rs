@@ -1,7 +1,7 @@
 //! The librados layer against a real single-node Ceph from
 //! `tests/backends/ceph.sh`: connecting with the Secret's cephx user (a
 //! wrong key is PermissionDenied, a dead monitor fails within the timeout),
-//! pools, and omap reads, writes and listings.
+//! pools, omap reads, writes and listings, and the name→id journal.
 
 use csi_core::Error;
 use csi_core::types::Secrets;
@@ -13,8 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[test]
-fn connects_reads_and_writes_omaps() {
+#[tokio::test(flavor = "multi_thread")]
+async fn connects_reads_and_writes_omaps_and_keeps_a_journal() {
     let b = Backend::start("ceph").expect("a real Ceph from tests/backends/ceph.sh");
     let map = ClusterMap::load(Path::new(&b.var("CEPH_CONFIG_FILE"))).unwrap();
     let cluster = map.get("rcsi-test").unwrap();
@@ -65,6 +65,8 @@ fn connects_reads_and_writes_omaps() {
     assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
     assert!(!e.to_string().contains(&creds.key));
 
+    journal(Arc::new(conn.ioctx(pool, None).unwrap()), pool).await;
+
     let t = Instant::now();
     let dead = ["127.0.0.1:1".to_owned()];
     let e = Connection::connect(&dead, &creds, Duration::from_secs(3))
@@ -76,4 +78,78 @@ fn connects_reads_and_writes_omaps() {
         t.elapsed()
     );
     eprintln!("dead monitor: {e} after {:?}", t.elapsed());
+}
+
+/// Reservations survive as the core's journal trait promises, and a crash
+/// between the directory write and the entry write still finds the id.
+async fn journal(io: Arc<rcsi_ceph::rados::IoCtx>, pool: i64) {
+    use csi_core::journal::{NameJournal, Reservation};
+    use rcsi_ceph::journal::{Kind, OmapJournal};
+    let j = OmapJournal::new(
+        io.clone(),
+        "rcsi-test",
+        pool,
+        Kind::Volumes,
+        Duration::from_secs(10),
+    );
+    let id = j.id_for("pvc-1").to_string();
+    assert_eq!(
+        j.id_for("pvc-1").to_string(),
+        id,
+        "ids derive from the name"
+    );
+    let r = Reservation {
+        name: "pvc-1".into(),
+        id: id.clone(),
+        attrs: [
+            ("image".into(), "csi-vol-1".into()),
+            ("size".into(), "1024".into()),
+        ]
+        .into(),
+    };
+    assert_eq!(j.reserve(r.clone()).await.unwrap(), r);
+    let mut other = r.clone();
+    other.attrs.clear();
+    assert_eq!(
+        j.reserve(other).await.unwrap(),
+        r,
+        "a second reserve returns the first"
+    );
+    assert_eq!(j.lookup("pvc-1").await.unwrap(), Some(r.clone()));
+    assert_eq!(j.lookup_id(&id).await.unwrap(), Some(r.clone()));
+    let mut grown = r.clone();
+    grown.attrs.remove("image");
+    grown.attrs.insert("size".into(), "2048".into());
+    j.update(grown.clone()).await.unwrap();
+    assert_eq!(j.lookup("pvc-1").await.unwrap(), Some(grown.clone()));
+    assert_eq!(j.list().await.unwrap(), vec![grown]);
+    j.release("pvc-1").await.unwrap();
+    j.release("pvc-1").await.unwrap();
+    assert_eq!(j.lookup("pvc-1").await.unwrap(), None);
+    assert_eq!(j.lookup_id(&id).await.unwrap(), None);
+    assert!(j.list().await.unwrap().is_empty());
+    assert_eq!(
+        j.lookup_id("0001-0003-abc-0000000000000001-6a1f3c52-9d0e-4b7a-8e21-5f4c0b9da713")
+            .await
+            .unwrap(),
+        None
+    );
+
+    // A crash after the directory write: the name still finds its id.
+    let id2 = j.id_for("pvc-2");
+    let uuid = id2.uuid.hyphenated().to_string();
+    io.omap_update("csi.volumes.rcsi", &[("name.pvc-2", uuid.as_bytes())], &[])
+        .unwrap();
+    let found = j
+        .lookup("pvc-2")
+        .await
+        .unwrap()
+        .expect("the half-written reservation");
+    assert_eq!(found.id, id2.to_string());
+    assert!(found.attrs.is_empty());
+    j.release("pvc-2").await.unwrap();
+    assert!(
+        io.omap_all("csi.volumes.rcsi").unwrap().is_empty(),
+        "nothing left in the directory"
+    );
 }
