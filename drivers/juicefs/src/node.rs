@@ -59,6 +59,8 @@ pub(crate) struct Node {
     timeout: Duration,
     file: PathBuf,
     saved: Mutex<Saved>,
+    /// Held across serializing and writing, so writes land in order.
+    save_lock: tokio::sync::Mutex<()>,
     /// Per filesystem key: when its mount was restored, and what happened.
     heals: Mutex<HashMap<String, (Instant, String)>>,
     stats: StatsCache,
@@ -107,6 +109,7 @@ impl Node {
             timeout: cfg.mount_timeout,
             file,
             saved: Mutex::new(saved),
+            save_lock: tokio::sync::Mutex::default(),
             heals: Mutex::default(),
             stats: StatsCache::new("the JuiceFS mount is not responding", describe),
         })
@@ -118,6 +121,7 @@ impl Node {
 
     /// Writes the state file (temp file, fsync, rename).
     async fn save(&self) -> Result<()> {
+        let _order = self.save_lock.lock().await;
         let data = self
             .saved(|s| serde_json::to_vec(s))
             .map_err(|e| Error::Internal(e.to_string()))?;
