@@ -1,12 +1,14 @@
 //! The Ceph layer shared by `rbd.rcsi.io` and `cephfs.rcsi.io`: which
 //! monitors a `clusterID` names ([`config`]), the cephx credentials a call
 //! carries ([`secret`]), the volume ids ([`id`]), a librados connection
-//! ([`rados`]) and the name→id journal in RADOS omaps ([`journal`]).
+//! ([`rados`]) pooled per cluster and user ([`pool`]), and the name→id
+//! journal in RADOS omaps ([`journal`]).
 
 pub mod config;
 pub mod error;
 pub mod id;
 pub mod journal;
+pub mod pool;
 pub mod rados;
 pub mod secret;
 

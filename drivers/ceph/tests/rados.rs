@@ -67,6 +67,30 @@ async fn connects_reads_and_writes_omaps_and_keeps_a_journal() {
 
     journal(Arc::new(conn.ioctx(pool, None).unwrap()), pool).await;
 
+    // Pooled: one connection per cluster and user, a clear error for an
+    // unknown cluster, and a call abandoned at the deadline.
+    let pooled = rcsi_ceph::pool::Pool::new(map.clone(), Duration::from_secs(3));
+    let a = pooled.get("rcsi-test", &creds).await.unwrap();
+    let b = pooled.get("rcsi-test", &creds).await.unwrap();
+    assert!(Arc::ptr_eq(&a, &b), "the connection is reused");
+    let id = pooled
+        .run(&a, "pool lookup", |c| c.pool_id("rbd"))
+        .await
+        .unwrap();
+    assert_eq!(id, pool);
+    let e = pooled.get("elsewhere", &creds).await.err().unwrap();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    let t = Instant::now();
+    let e = pooled
+        .run(&a, "a stuck call", |_| {
+            std::thread::sleep(Duration::from_secs(7));
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DeadlineExceeded(_)), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+
     let t = Instant::now();
     let dead = ["127.0.0.1:1".to_owned()];
     let e = Connection::connect(&dead, &creds, Duration::from_secs(3))

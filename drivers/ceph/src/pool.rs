@@ -1,0 +1,74 @@
+//! Connections by cluster and cephx user, opened on first use and kept, with
+//! every call run off the runtime under our own deadline (on top of
+//! librados's op timeouts), so a sick cluster never blocks Probe or other
+//! clusters' calls.
+
+use crate::config::ClusterMap;
+use crate::rados::Connection;
+use crate::secret::Credentials;
+use csi_core::Result;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The connections of one driver process.
+pub struct Pool {
+    map: ClusterMap,
+    timeout: Duration,
+    conns: Mutex<HashMap<(String, Credentials), Arc<Connection>>>,
+}
+
+impl Pool {
+    /// Connections to the clusters of `map`; librados gives up after
+    /// `timeout`, and every call is abandoned shortly after that.
+    pub fn new(map: ClusterMap, timeout: Duration) -> Self {
+        Self {
+            map,
+            timeout,
+            conns: Mutex::default(),
+        }
+    }
+
+    /// The deadline of one call: librados's timeout plus a margin.
+    fn deadline(&self) -> Duration {
+        self.timeout + Duration::from_secs(2)
+    }
+
+    /// The connection to `cluster` as `creds` (a rotated key gets a new one).
+    pub async fn get(&self, cluster: &str, creds: &Credentials) -> Result<Arc<Connection>> {
+        let key = (cluster.to_owned(), creds.clone());
+        if let Some(c) = self.lock().get(&key) {
+            return Ok(c.clone());
+        }
+        let monitors = self.map.get(cluster)?.monitors.clone();
+        let (c, t) = (creds.clone(), self.timeout);
+        let conn = csi_core::fsutil::blocking(
+            format!("connecting to Ceph cluster {cluster:?}"),
+            self.deadline(),
+            move || Connection::connect(&monitors, &c, t),
+        )
+        .await?;
+        Ok(self.lock().entry(key).or_insert(Arc::new(conn)).clone())
+    }
+
+    /// Runs `f` on `conn` off the runtime under the deadline; `what` names it.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        conn: &Arc<Connection>,
+        what: &str,
+        f: impl FnOnce(&Arc<Connection>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let c = conn.clone();
+        csi_core::fsutil::blocking(what.to_owned(), self.deadline(), move || f(&c)).await
+    }
+
+    /// Drops the connection to `cluster` as `creds` (after a failure that
+    /// may have left it unusable); the next call connects again.
+    pub fn forget(&self, cluster: &str, creds: &Credentials) {
+        self.lock().remove(&(cluster.to_owned(), creds.clone()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Credentials), Arc<Connection>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
