@@ -1,8 +1,9 @@
 //! The Ceph layer shared by `rbd.rcsi.io` and `cephfs.rcsi.io`: which
 //! monitors a `clusterID` names ([`config`]), the cephx credentials a call
 //! carries ([`secret`]), the volume ids ([`id`]), a librados connection
-//! ([`rados`]) pooled per cluster and user ([`pool`]), and the name→id
-//! journal in RADOS omaps ([`journal`]).
+//! ([`rados`]) pooled per cluster and user ([`pool`]), the name→id journal
+//! in RADOS omaps ([`journal`]), and the librbd calls of the RBD driver
+//! ([`rbd`]).
 
 pub mod config;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod id;
 pub mod journal;
 pub mod pool;
 pub mod rados;
+pub mod rbd;
 pub mod secret;
 
 pub use error::CephError;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A librados error code as a gRPC-meaningful error; `what` names the call.
-fn check(code: i32, what: &str) -> Result<i32> {
+pub(crate) fn check(code: i32, what: &str) -> Result<i32> {
     if code >= 0 {
         return Ok(code);
     }
@@ -32,7 +32,7 @@ fn check(code: i32, what: &str) -> Result<i32> {
     })
 }
 
-fn cstr(s: &str) -> Result<CString> {
+pub(crate) fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::InvalidArgument(format!("{s:?} contains NUL")))
 }
 

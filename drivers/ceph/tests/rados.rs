@@ -66,6 +66,7 @@ async fn connects_reads_and_writes_omaps_and_keeps_a_journal() {
     assert!(!e.to_string().contains(&creds.key));
 
     journal(Arc::new(conn.ioctx(pool, None).unwrap()), pool).await;
+    images(&conn.ioctx(pool, None).unwrap());
 
     // Pooled: one connection per cluster and user, a clear error for an
     // unknown cluster, and a call abandoned at the deadline.
@@ -176,4 +177,33 @@ async fn journal(io: Arc<rcsi_ceph::rados::IoCtx>, pool: i64) {
         io.omap_all("csi.volumes.rcsi").unwrap().is_empty(),
         "nothing left in the directory"
     );
+}
+
+/// An RBD image created with features, grown, and deleted through the
+/// trash (move, then purge by id).
+fn images(io: &rcsi_ceph::rados::IoCtx) {
+    use rcsi_ceph::rbd::{self, Image, ImageSpec};
+    let spec = ImageSpec {
+        features: 1, // layering
+        order: 22,
+        ..Default::default()
+    };
+    rbd::create(io, "csi-vol-test", 64 << 20, &spec).unwrap();
+    let e = rbd::create(io, "csi-vol-test", 64 << 20, &spec).unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+    let img = Image::open(io, "csi-vol-test").unwrap();
+    assert_eq!(img.size().unwrap(), 64 << 20);
+    assert_eq!(img.features().unwrap() & 1, 1);
+    img.resize(128 << 20).unwrap();
+    assert_eq!(img.size().unwrap(), 128 << 20);
+    let id = img.id().unwrap();
+    assert!(!id.is_empty());
+    drop(img);
+    rbd::trash_move(io, "csi-vol-test").unwrap();
+    assert!(matches!(
+        Image::open(io, "csi-vol-test"),
+        Err(Error::NotFound(_))
+    ));
+    rbd::trash_remove(io, &id).unwrap();
+    rbd::trash_remove(io, &id).unwrap();
 }
