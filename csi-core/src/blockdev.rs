@@ -27,8 +27,9 @@ pub trait LoopDevices: Send + Sync {
 pub trait BlockDevices: Send + Sync {
     /// Filesystem type found on `dev` by blkid, None when blank.
     async fn fs_type(&self, dev: &Path) -> Result<Option<String>>;
-    /// Creates `fs_type` on `dev` unless blkid finds a filesystem; returns the type in use.
-    async fn mkfs_if_blank(&self, dev: &Path, fs_type: &str) -> Result<String>;
+    /// Creates `fs_type` on `dev` (with extra `args`) unless blkid finds a
+    /// filesystem; returns the type in use.
+    async fn mkfs_if_blank(&self, dev: &Path, fs_type: &str, args: &[String]) -> Result<String>;
     /// Grows the filesystem on `dev` (mounted at `mount_point` when given) to fill it.
     async fn grow_fs(&self, dev: &Path, fs_type: &str, mount_point: Option<&Path>) -> Result<()>;
     /// Size of a block device in bytes.
@@ -269,7 +270,7 @@ impl BlockDevices for SystemBlockDevices {
         }
     }
 
-    async fn mkfs_if_blank(&self, dev: &Path, fs_type: &str) -> Result<String> {
+    async fn mkfs_if_blank(&self, dev: &Path, fs_type: &str, extra: &[String]) -> Result<String> {
         if let Some(existing) = self.fs_type(dev).await? {
             return Ok(existing);
         }
@@ -283,6 +284,7 @@ impl BlockDevices for SystemBlockDevices {
             "xfs" => vec!["-q".into()],
             _ => vec![],
         };
+        args.extend(extra.iter().map(Into::into));
         args.push(dev.into());
         self.exec
             .run(&Command::new(&format!("mkfs.{fs_type}"), args))

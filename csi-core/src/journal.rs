@@ -389,6 +389,40 @@ pub struct Reservation {
     pub attrs: BTreeMap<String, String>,
 }
 
+impl Reservation {
+    /// Attribute `key` ("" when unset).
+    pub fn attr(&self, key: &str) -> &str {
+        self.attrs.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    /// The volume a reservation describes, by the drivers' attribute
+    /// conventions: `size` in bytes, `source` as `snapshot:<id>` or
+    /// `volume:<id>`, and the volume context in `ctx.<key>`.
+    pub fn to_volume(&self) -> crate::csi::Volume {
+        use crate::types::ContentSource;
+        let context = self
+            .attrs
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("ctx.")?.to_owned(), v.clone())))
+            .collect();
+        let source = self.attr("source");
+        let content_source = if let Some(id) = source.strip_prefix("snapshot:") {
+            Some(ContentSource::Snapshot(id.into()).to_proto())
+        } else {
+            source
+                .strip_prefix("volume:")
+                .map(|id| ContentSource::Volume(id.into()).to_proto())
+        };
+        crate::csi::Volume {
+            capacity_bytes: crate::types::proto_i64(self.attr("size").parse().unwrap_or(0)),
+            volume_id: self.id.clone(),
+            volume_context: context,
+            content_source,
+            accessible_topology: vec![],
+        }
+    }
+}
+
 /// The name→id reservations of one kind of object (volumes or snapshots):
 /// written before the object is created and removed after it is deleted,
 /// so a retry after a crash at any step finds the same id and nothing leaks.

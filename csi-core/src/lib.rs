@@ -22,6 +22,7 @@ pub mod client;
 pub mod codec;
 pub mod controller;
 pub mod daemon;
+pub mod devvol;
 mod error;
 pub mod exec;
 pub mod fsutil;

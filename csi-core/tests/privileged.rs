@@ -182,9 +182,9 @@ async fn loop_attach_mkfs_once_grow_and_detach() {
     std::fs::copy(&img, &copy).unwrap();
     assert_eq!(loops.find_loop(&copy).await.unwrap(), None);
 
-    assert_eq!(bd.mkfs_if_blank(&dev, "ext4").await.unwrap(), "ext4");
+    assert_eq!(bd.mkfs_if_blank(&dev, "ext4", &[]).await.unwrap(), "ext4");
     assert_eq!(
-        bd.mkfs_if_blank(&dev, "xfs").await.unwrap(),
+        bd.mkfs_if_blank(&dev, "xfs", &[]).await.unwrap(),
         "ext4",
         "an existing filesystem is kept"
     );

@@ -5,6 +5,7 @@ use crate::meta::{Backing, VolumeMeta};
 use crate::quota::Quotas;
 use crate::{LocalPath, TOPOLOGY_KEY};
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
+use csi_core::devvol::{Format, mount_filesystem, publish_device, same_device};
 use csi_core::mount::{MountInfo, MountState, exposures, vfs_flags};
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
@@ -14,13 +15,6 @@ use std::path::{Path, PathBuf};
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
-fn same_device(a: &Path, b: &Path) -> bool {
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.rdev() == y.rdev() && x.rdev() != 0,
         _ => false,
     }
 }
@@ -70,16 +64,6 @@ impl LocalPath {
         })
     }
 
-    /// Grows an unmounted ext filesystem to fill its device, so volumes
-    /// expanded while unstaged are full size at the next stage.
-    async fn grow_ext_offline(&self, dev: &Path) -> Result<()> {
-        if !self.needs_growth(dev, "ext4").await? {
-            return Ok(());
-        }
-        self.host.blockdev.fsck(dev, "ext4").await?;
-        self.host.blockdev.grow_fs(dev, "ext4", None).await
-    }
-
     async fn stage_filesystem(
         &self,
         v: &VolumeMeta,
@@ -88,38 +72,21 @@ impl LocalPath {
     ) -> Result<()> {
         let img = self.volume_path(&v.id, &v.backing);
         let dev = self.host.loops.attach_loop(&img).await?;
-        match self.host.mounter.state(&req.staging_path).await? {
-            MountState::Mounted(m) if Path::new(&m.source) == dev => return Ok(()),
-            MountState::Mounted(m) => {
-                return Err(Error::AlreadyExists(format!(
-                    "{} already has {} mounted",
-                    req.staging_path.display(),
-                    m.source
-                )));
-            }
-            MountState::Dead(_) => self.host.mounter.unmount(&req.staging_path).await?,
-            MountState::NotMounted => {}
-        }
-        let fresh = self.host.blockdev.fs_type(&dev).await?.is_none();
-        let found = self.host.blockdev.mkfs_if_blank(&dev, fs_type).await?;
-        if found != fs_type {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {} holds a {found} filesystem, not {fs_type}",
-                v.id
-            )));
-        }
-        if fs_type.starts_with("ext") && !fresh {
-            self.grow_ext_offline(&dev).await?;
-        }
-        let mut options = mount_flags(&req.capability).to_vec();
-        if fs_type == "xfs" && !options.iter().any(|o| o.split(',').any(|o| o == "nouuid")) {
-            // Snapshots and clones share the source's UUID, which xfs refuses twice.
-            options.push("nouuid".into());
-        }
-        self.host
-            .mounter
-            .mount(&dev.to_string_lossy(), &req.staging_path, fs_type, &options)
-            .await?;
+        let format = Format {
+            fs_type,
+            mkfs_args: &[],
+            options: mount_flags(&req.capability),
+        };
+        let what = format!("volume {}", v.id);
+        let fresh = mount_filesystem(
+            self.host.blockdev.as_ref(),
+            self.host.mounter.as_ref(),
+            &dev,
+            &req.staging_path,
+            format,
+            &what,
+        )
+        .await?;
         if fresh {
             let (root, mode) = (req.staging_path.clone(), Self::mode_of(v));
             self.fs("setting a new volume's mode", move || {
@@ -127,11 +94,6 @@ impl LocalPath {
                     .ctx(|| format!("chmod {}", root.display()))
             })
             .await?;
-        } else if !fs_type.starts_with("ext") {
-            self.host
-                .blockdev
-                .grow_fs(&dev, fs_type, Some(&req.staging_path))
-                .await?;
         }
         Ok(())
     }
@@ -176,7 +138,7 @@ impl LocalPath {
         }
         if v.backing == Backing::Block
             && let Some(dev) = dev
-            && self.is_same_device(path, &dev).await?
+            && same_device(path, &dev).await?
         {
             return Ok(());
         }
@@ -213,13 +175,6 @@ impl LocalPath {
     async fn is_same_file(&self, a: &Path, b: &Path) -> Result<bool> {
         let (a, b) = (a.to_path_buf(), b.to_path_buf());
         self.fs("comparing mount sources", move || Ok(same_file(&a, &b)))
-            .await
-    }
-
-    /// `same_device`, off the runtime.
-    async fn is_same_device(&self, a: &Path, b: &Path) -> Result<bool> {
-        let (a, b) = (a.to_path_buf(), b.to_path_buf());
-        self.fs("comparing devices", move || Ok(same_device(&a, &b)))
             .await
     }
 
@@ -406,35 +361,7 @@ impl NodeBackend for LocalPath {
             let dev = self.host.loops.find_loop(&img).await?.ok_or_else(|| {
                 Error::FailedPrecondition(format!("volume {} is not staged on this node", v.id))
             })?;
-            let t = target.clone();
-            self.fs("creating the block target", move || {
-                if let Some(dir) = t.parent() {
-                    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-                }
-                if !t.exists() {
-                    std::fs::File::create(&t).ctx(|| format!("creating {}", t.display()))?;
-                }
-                Ok(())
-            })
-            .await?;
-            return match self.host.mounter.state(target).await? {
-                MountState::Mounted(m)
-                    if m.read_only() == req.readonly
-                        && self.is_same_device(target, &dev).await? =>
-                {
-                    Ok(())
-                }
-                MountState::Mounted(_) => Err(Error::AlreadyExists(format!(
-                    "{} is already published with another device or read-only setting",
-                    target.display()
-                ))),
-                _ => {
-                    self.host
-                        .mounter
-                        .bind(&dev, target, req.readonly, &[])
-                        .await
-                }
-            };
+            return publish_device(self.host.mounter.as_ref(), &dev, target, req.readonly).await;
         }
 
         let staging: PathBuf = req

@@ -51,30 +51,6 @@ fn size_of(r: &Reservation) -> u64 {
     attr(r, "size").parse().unwrap_or(0)
 }
 
-/// The volume a record describes, as CreateVolume and ControllerGetVolume return it.
-fn volume_of(r: &Reservation) -> csi::Volume {
-    let context: HashMap<String, String> = r
-        .attrs
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix("ctx.")?.to_owned(), v.clone())))
-        .collect();
-    let source = attr(r, "source");
-    let content_source = if let Some(id) = source.strip_prefix("snapshot:") {
-        Some(ContentSource::Snapshot(id.into()).to_proto())
-    } else {
-        source
-            .strip_prefix("volume:")
-            .map(|id| ContentSource::Volume(id.into()).to_proto())
-    };
-    csi::Volume {
-        capacity_bytes: proto_i64(size_of(r)),
-        volume_id: r.id.clone(),
-        volume_context: context,
-        content_source,
-        accessible_topology: vec![],
-    }
-}
-
 /// Removes what an interrupted copy left in `.rcsi/tmp`.
 async fn remove_tmp(share: &Share, name: &str) -> Result<()> {
     let tmp = share.rcsi_dir("tmp").await?;
@@ -296,9 +272,9 @@ impl ControllerBackend for Nfs {
             None => {
                 let fh = share.mkdir_all(&dest, mode).await?;
                 share.setattr(&fh, crate::client::mode_attr(mode)).await?;
-                return Ok(volume_of(&held));
+                return Ok(held.to_volume());
             }
-            Some(_) if attr(&held, "state") == READY => return Ok(volume_of(&held)),
+            Some(_) if attr(&held, "state") == READY => return Ok(held.to_volume()),
             Some((from, dir, _, _)) => {
                 let tmp = format!("v-{}", vid.uuid.simple());
                 let exists = share.walk(&dest).await?.is_some();
@@ -312,7 +288,7 @@ impl ControllerBackend for Nfs {
         }
         held.attrs.insert("state".into(), READY.into());
         journal.update(held.clone()).await?;
-        Ok(volume_of(&held))
+        Ok(held.to_volume())
     }
 
     async fn delete_volume(&self, volume_id: &str, _secrets: &Secrets) -> Result<()> {
@@ -365,7 +341,7 @@ impl ControllerBackend for Nfs {
             },
         };
         Ok((
-            volume_of(&r),
+            r.to_volume(),
             VolumeStatus {
                 published_node_ids: vec![],
                 condition: Some(condition),
