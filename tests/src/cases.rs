@@ -716,6 +716,7 @@ async fn list_snaps(c: &mut Ctx, snapshot_id: &str, source: &str) -> Result<Vec<
         .list_snapshots(csi::ListSnapshotsRequest {
             snapshot_id: snapshot_id.to_owned(),
             source_volume_id: source.to_owned(),
+            secrets: c.profile.secrets("ListSnapshotsSecret"),
             ..Default::default()
         })
         .await?
@@ -788,6 +789,7 @@ async fn list_snapshots_pagination(c: &mut Ctx) -> Result<()> {
             .list_snapshots(csi::ListSnapshotsRequest {
                 max_entries: 1,
                 starting_token: token.clone(),
+                secrets: c.profile.secrets("ListSnapshotsSecret"),
                 ..Default::default()
             })
             .await?
@@ -806,6 +808,7 @@ async fn list_snapshots_pagination(c: &mut Ctx) -> Result<()> {
         .ctl
         .list_snapshots(csi::ListSnapshotsRequest {
             starting_token: "garbage-token".into(),
+            secrets: c.profile.secrets("ListSnapshotsSecret"),
             ..Default::default()
         })
         .await;

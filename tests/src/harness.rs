@@ -757,7 +757,17 @@ pub fn run_suite(
     cases: Vec<Case>,
     extra: Vec<libtest_mimic::Trial>,
 ) -> libtest_mimic::Conclusion {
-    let args = libtest_mimic::Arguments::from_args();
+    run_suite_with(libtest_mimic::Arguments::from_args(), suites, cases, extra)
+}
+
+/// [`run_suite`] with given arguments (e.g. one trial at a time, for
+/// drivers whose volumes share a listing).
+pub fn run_suite_with(
+    args: libtest_mimic::Arguments,
+    suites: Vec<(Arc<dyn Driver>, Profile)>,
+    cases: Vec<Case>,
+    extra: Vec<libtest_mimic::Trial>,
+) -> libtest_mimic::Conclusion {
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
             "the conformance suite mounts filesystems and attaches loop devices: run it as root"

@@ -11,5 +11,5 @@ pub mod raw;
 
 pub use backend::Backend;
 pub use harness::{
-    CommandDriver, Ctx, Driver, Instance, LoopFs, Profile, node_vm_trial, run_suite,
+    CommandDriver, Ctx, Driver, Instance, LoopFs, Profile, node_vm_trial, run_suite, run_suite_with,
 };

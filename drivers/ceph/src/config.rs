@@ -94,6 +94,11 @@ impl ClusterMap {
         Self::parse(&text, &shown)
     }
 
+    /// Every cluster, in the map's order.
+    pub fn iter(&self) -> impl Iterator<Item = &Cluster> {
+        self.0.iter()
+    }
+
     /// The cluster `id`, or an error listing the known ones.
     pub fn get(&self, id: &str) -> Result<&Cluster, CephError> {
         self.0.iter().find(|c| c.cluster_id == id).ok_or_else(|| {

@@ -20,6 +20,34 @@ pub enum CephError {
     /// The call's Secret lacks a key.
     #[error("the Secret has no {0:?} key (required: userID, userKey)")]
     MissingKey(&'static str),
+    /// A call that needs cephx credentials came without a Secret.
+    #[error(
+        "{call} needs the {kind} secret (userID, userKey); name it in the StorageClass (csi.storage.k8s.io/{kind}-secret-name and -namespace)"
+    )]
+    NoSecret {
+        /// The RPC.
+        call: &'static str,
+        /// Which secret (provisioner, node-stage, controller-expand, ...).
+        kind: &'static str,
+    },
+    /// A StorageClass parameter with a value that cannot be used.
+    #[error("parameter {key:?}: {why}")]
+    BadParameter {
+        /// The parameter.
+        key: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A parameter this driver does not know.
+    #[error(
+        "unknown parameter {0:?} (known: clusterID, pool, dataPool, imageFeatures, imageFormat, objectSize, stripeUnit, stripeCount, csi.storage.k8s.io/fstype, mkfsOptions, mounter, mapOptions, volumeNamePrefix)"
+    )]
+    UnknownParameter(String),
+    /// A ceph-csi parameter asking for what this driver does not do.
+    #[error(
+        "parameter {0:?} asks for a feature rcsi does not provide; remove it or set it to \"false\""
+    )]
+    UnsupportedParameter(String),
     /// A Secret key with a value that cannot be used.
     #[error("Secret key {key:?} is invalid: {why}")]
     BadKey {
@@ -35,9 +63,13 @@ impl From<CephError> for CoreError {
         let msg = e.to_string();
         match e {
             CephError::Config { .. } => CoreError::FailedPrecondition(msg),
-            CephError::UnknownCluster(..) | CephError::MissingKey(_) | CephError::BadKey { .. } => {
-                CoreError::InvalidArgument(msg)
-            }
+            CephError::UnknownCluster(..)
+            | CephError::MissingKey(_)
+            | CephError::BadKey { .. }
+            | CephError::NoSecret { .. }
+            | CephError::BadParameter { .. }
+            | CephError::UnknownParameter(_)
+            | CephError::UnsupportedParameter(_) => CoreError::InvalidArgument(msg),
         }
     }
 }

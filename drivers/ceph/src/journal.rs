@@ -24,6 +24,17 @@ const NAME_KEY: &str = "csi.name";
 const ID_KEY: &str = "csi.id";
 const ATTR: &str = "attr.";
 
+/// The id a CO name gets in pool `pool` of `cluster` (the same for
+/// volumes and snapshots; they live in different journals).
+pub fn derived_id(cluster: &str, pool: i64, name: &str) -> CephId {
+    let seed = format!("{cluster}/{pool}/{name}");
+    CephId {
+        cluster: cluster.to_owned(),
+        pool,
+        uuid: Uuid::new_v5(&NAMESPACE, seed.as_bytes()),
+    }
+}
+
 /// Which objects a journal keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -77,12 +88,7 @@ impl OmapJournal {
 
     /// The id the name `name` gets in this pool.
     pub fn id_for(&self, name: &str) -> CephId {
-        let seed = format!("{}/{}/{name}", self.cluster, self.pool);
-        CephId {
-            cluster: self.cluster.clone(),
-            pool: self.pool,
-            uuid: Uuid::new_v5(&NAMESPACE, seed.as_bytes()),
-        }
+        derived_id(&self.cluster, self.pool, name)
     }
 
     /// Runs blocking RADOS work under the deadline.

@@ -2,13 +2,14 @@
 //! monitors a `clusterID` names ([`config`]), the cephx credentials a call
 //! carries ([`secret`]), the volume ids ([`id`]), a librados connection
 //! ([`rados`]) pooled per cluster and user ([`pool`]), the name→id journal
-//! in RADOS omaps ([`journal`]), and the librbd calls of the RBD driver
-//! ([`rbd`]).
+//! in RADOS omaps ([`journal`]), the librbd calls ([`librbd`]), and the
+//! RBD driver ([`rbd`]).
 
 pub mod config;
 pub mod error;
 pub mod id;
 pub mod journal;
+pub mod librbd;
 pub mod pool;
 pub mod rados;
 pub mod rbd;

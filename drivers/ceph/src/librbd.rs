@@ -4,7 +4,8 @@
 
 use crate::rados::{IoCtx, check, cstr};
 use ceph::rados::rados_ioctx_t;
-use csi_core::Result;
+use csi_core::{Error, Result};
+use std::marker::PhantomData;
 use std::os::raw::{c_char, c_int, c_void};
 use std::ptr;
 
@@ -40,6 +41,87 @@ unsafe extern "C" {
     fn rbd_resize(image: RbdImage, size: u64) -> c_int;
     fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
     fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
+    fn rbd_open_by_id(
+        io: rados_ioctx_t,
+        id: *const c_char,
+        image: *mut RbdImage,
+        snap: *const c_char,
+    ) -> c_int;
+    fn rbd_snap_list(image: RbdImage, snaps: *mut SnapInfo, max: *mut c_int) -> c_int;
+    fn rbd_snap_list_end(snaps: *mut SnapInfo);
+    fn rbd_snap_get_namespace_type(image: RbdImage, snap_id: u64, ns: *mut c_int) -> c_int;
+    fn rbd_open_by_id_read_only(
+        io: rados_ioctx_t,
+        id: *const c_char,
+        image: *mut RbdImage,
+        snap: *const c_char,
+    ) -> c_int;
+    fn rbd_snap_exists(image: RbdImage, name: *const c_char, exists: *mut bool) -> c_int;
+    fn rbd_snap_create(image: RbdImage, name: *const c_char) -> c_int;
+    fn rbd_snap_remove(image: RbdImage, name: *const c_char) -> c_int;
+    fn rbd_clone3(
+        p_io: rados_ioctx_t,
+        p_name: *const c_char,
+        p_snap: *const c_char,
+        c_io: rados_ioctx_t,
+        c_name: *const c_char,
+        opts: RbdImageOptions,
+    ) -> c_int;
+    fn rbd_flatten(image: RbdImage) -> c_int;
+    fn rbd_get_parent(image: RbdImage, parent: *mut LinkedImageSpec, snap: *mut SnapSpec) -> c_int;
+    fn rbd_linked_image_spec_cleanup(spec: *mut LinkedImageSpec);
+    fn rbd_snap_spec_cleanup(spec: *mut SnapSpec);
+    fn rbd_watchers_list(image: RbdImage, watchers: *mut Watcher, max: *mut usize) -> c_int;
+    fn rbd_watchers_list_cleanup(watchers: *mut Watcher, n: usize);
+}
+
+/// `rbd_linked_image_spec_t`.
+#[repr(C)]
+struct LinkedImageSpec {
+    pool_id: i64,
+    pool_name: *mut c_char,
+    pool_namespace: *mut c_char,
+    image_id: *mut c_char,
+    image_name: *mut c_char,
+    trash: bool,
+}
+
+/// `rbd_snap_spec_t`.
+#[repr(C)]
+struct SnapSpec {
+    id: u64,
+    namespace_type: c_int,
+    name: *mut c_char,
+}
+
+/// `rbd_snap_info_t`.
+#[repr(C)]
+struct SnapInfo {
+    id: u64,
+    size: u64,
+    name: *const c_char,
+}
+
+/// `rbd_image_watcher_t`.
+#[repr(C)]
+struct Watcher {
+    addr: *mut c_char,
+    id: i64,
+    cookie: u64,
+}
+
+/// A C string librbd returned, copied (empty for NULL).
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string.
+unsafe fn owned(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: the caller promises a NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 const OPTION_FEATURES: c_int = 1;
@@ -47,6 +129,7 @@ const OPTION_ORDER: c_int = 2;
 const OPTION_STRIPE_UNIT: c_int = 3;
 const OPTION_STRIPE_COUNT: c_int = 4;
 const OPTION_DATA_POOL: c_int = 10;
+const OPTION_CLONE_FORMAT: c_int = 12;
 
 /// RBD image features by the names StorageClasses use (`imageFeatures`).
 pub const FEATURES: &[(&str, u64)] = &[
@@ -73,52 +156,119 @@ pub struct ImageSpec {
     pub data_pool: Option<String>,
 }
 
-/// Creates image `name` of `size` bytes.
-pub fn create(io: &IoCtx, name: &str, size: u64, spec: &ImageSpec) -> Result<()> {
-    let n = cstr(name)?;
-    let dp = spec.data_pool.as_deref().map(cstr).transpose()?;
-    // SAFETY: the options handle is created and destroyed here; every
-    // string outlives the create call.
-    unsafe {
-        let mut opts: RbdImageOptions = ptr::null_mut();
-        rbd_image_options_create(&mut opts);
-        let mut r = rbd_image_options_set_uint64(opts, OPTION_FEATURES, spec.features);
-        if r == 0 && spec.order > 0 {
-            r = rbd_image_options_set_uint64(opts, OPTION_ORDER, u64::from(spec.order));
-        }
-        if let (0, Some((unit, count))) = (r, spec.stripe) {
-            r = rbd_image_options_set_uint64(opts, OPTION_STRIPE_UNIT, unit);
-            if r == 0 {
-                r = rbd_image_options_set_uint64(opts, OPTION_STRIPE_COUNT, count);
-            }
-        }
-        if let (0, Some(dp)) = (r, &dp) {
-            r = rbd_image_options_set_string(opts, OPTION_DATA_POOL, dp.as_ptr());
-        }
-        if r == 0 {
-            r = rbd_create4(io.raw(), n.as_ptr(), size, opts);
-        }
-        rbd_image_options_destroy(opts);
-        check(r, &format!("creating image {name}")).map(drop)
+/// Image options built from a spec, destroyed when dropped.
+struct Options(RbdImageOptions);
+
+impl Drop for Options {
+    fn drop(&mut self) {
+        // SAFETY: created by rbd_image_options_create, destroyed once.
+        unsafe { rbd_image_options_destroy(self.0) }
     }
 }
 
-/// An open image, closed when dropped.
-pub struct Image {
-    handle: RbdImage,
-    name: String,
+impl Options {
+    /// Options for `spec`; clones use clone format 2 (no protected parent
+    /// snapshot, and the parent snapshot may be removed while clones live).
+    fn new(spec: &ImageSpec, clone: bool) -> Result<Self> {
+        let dp = spec.data_pool.as_deref().map(cstr).transpose()?;
+        let mut opts: RbdImageOptions = ptr::null_mut();
+        // SAFETY: an out pointer; the handle is owned by the returned value.
+        unsafe { rbd_image_options_create(&mut opts) };
+        let o = Self(opts);
+        let u = |k: c_int, v: u64| {
+            // SAFETY: a live options handle.
+            check(
+                unsafe { rbd_image_options_set_uint64(o.0, k, v) },
+                "image options",
+            )
+        };
+        u(OPTION_FEATURES, spec.features)?;
+        if spec.order > 0 {
+            u(OPTION_ORDER, u64::from(spec.order))?;
+        }
+        if let Some((unit, count)) = spec.stripe {
+            u(OPTION_STRIPE_UNIT, unit)?;
+            u(OPTION_STRIPE_COUNT, count)?;
+        }
+        if clone {
+            u(OPTION_CLONE_FORMAT, 2)?;
+        }
+        if let Some(dp) = &dp {
+            // SAFETY: a live handle; librbd copies the string.
+            let r = unsafe { rbd_image_options_set_string(o.0, OPTION_DATA_POOL, dp.as_ptr()) };
+            check(r, "image options")?;
+        }
+        Ok(o)
+    }
 }
 
-impl Drop for Image {
+/// Creates image `name` of `size` bytes.
+pub fn create(io: &IoCtx, name: &str, size: u64, spec: &ImageSpec) -> Result<()> {
+    let n = cstr(name)?;
+    let opts = Options::new(spec, false)?;
+    // SAFETY: live ioctx and options; the name outlives the call.
+    let r = unsafe { rbd_create4(io.raw(), n.as_ptr(), size, opts.0) };
+    check(r, &format!("creating image {name}")).map(drop)
+}
+
+/// Clones snapshot `snap` of image `parent` (in `parent_io`) as image
+/// `name` in `io`, laid out as `spec` (clone format 2).
+pub fn clone(
+    parent_io: &IoCtx,
+    parent: &str,
+    snap: &str,
+    io: &IoCtx,
+    name: &str,
+    spec: &ImageSpec,
+) -> Result<()> {
+    let (p, s, n) = (cstr(parent)?, cstr(snap)?, cstr(name)?);
+    let opts = Options::new(spec, true)?;
+    // SAFETY: live contexts and options; the strings outlive the call.
+    let r = unsafe {
+        rbd_clone3(
+            parent_io.raw(),
+            p.as_ptr(),
+            s.as_ptr(),
+            io.raw(),
+            n.as_ptr(),
+            opts.0,
+        )
+    };
+    check(r, &format!("cloning {parent}@{snap} as {name}")).map(drop)
+}
+
+/// The image a clone was made from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parent {
+    /// Its pool.
+    pub pool_id: i64,
+    /// Its RADOS namespace ("" for none).
+    pub namespace: String,
+    /// Its internal id.
+    pub image_id: String,
+    /// Its name.
+    pub image_name: String,
+    /// Whether it is in the trash (deleted, kept for its clones).
+    pub trash: bool,
+}
+
+/// An open image, closed when dropped; it may not outlive its context.
+pub struct Image<'a> {
+    handle: RbdImage,
+    name: String,
+    _io: PhantomData<&'a IoCtx>,
+}
+
+impl Drop for Image<'_> {
     fn drop(&mut self) {
         // SAFETY: opened by rbd_open, closed once.
         unsafe { rbd_close(self.handle) };
     }
 }
 
-impl Image {
+impl<'a> Image<'a> {
     /// Opens image `name` (NotFound when it does not exist).
-    pub fn open(io: &IoCtx, name: &str) -> Result<Self> {
+    pub fn open(io: &'a IoCtx, name: &str) -> Result<Self> {
         let n = cstr(name)?;
         let mut handle: RbdImage = ptr::null_mut();
         // SAFETY: handle is an out pointer; the name outlives the call.
@@ -127,7 +277,166 @@ impl Image {
         Ok(Self {
             handle,
             name: name.to_owned(),
+            _io: PhantomData,
         })
+    }
+
+    /// Opens the image with internal id `id`, also when it is in the trash.
+    pub fn open_by_id(io: &'a IoCtx, id: &str) -> Result<Self> {
+        Self::by_id(io, id, false)
+    }
+
+    /// As [`Image::open_by_id`], read-only: it registers no watch, so
+    /// [`Image::watchers`] shows only other clients.
+    pub fn inspect_by_id(io: &'a IoCtx, id: &str) -> Result<Self> {
+        Self::by_id(io, id, true)
+    }
+
+    fn by_id(io: &'a IoCtx, id: &str, read_only: bool) -> Result<Self> {
+        let i = cstr(id)?;
+        let mut handle: RbdImage = ptr::null_mut();
+        let open = if read_only {
+            rbd_open_by_id_read_only
+        } else {
+            rbd_open_by_id
+        };
+        // SAFETY: handle is an out pointer; the id outlives the call.
+        let r = unsafe { open(io.raw(), i.as_ptr(), &mut handle, ptr::null()) };
+        check(r, &format!("opening image id {id}"))?;
+        Ok(Self {
+            handle,
+            name: format!("id {id}"),
+            _io: PhantomData,
+        })
+    }
+
+    /// Whether snapshot `snap` exists.
+    pub fn snap_exists(&self, snap: &str) -> Result<bool> {
+        let s = cstr(snap)?;
+        let mut exists = false;
+        // SAFETY: open image, out pointer, string outlives the call.
+        let r = unsafe { rbd_snap_exists(self.handle, s.as_ptr(), &mut exists) };
+        check(r, &format!("looking up snapshot {}@{snap}", self.name))?;
+        Ok(exists)
+    }
+
+    /// Creates snapshot `snap` unless it exists.
+    pub fn snap_create(&self, snap: &str) -> Result<()> {
+        if self.snap_exists(snap)? {
+            return Ok(());
+        }
+        let s = cstr(snap)?;
+        // SAFETY: open image; the name outlives the call.
+        let r = unsafe { rbd_snap_create(self.handle, s.as_ptr()) };
+        match check(r, &format!("creating snapshot {}@{snap}", self.name)) {
+            Err(Error::AlreadyExists(_)) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// Removes snapshot `snap`; success when it does not exist. A snapshot
+    /// with format-2 clones moves to the trash namespace until they go.
+    pub fn snap_remove(&self, snap: &str) -> Result<()> {
+        let s = cstr(snap)?;
+        // SAFETY: open image; the name outlives the call.
+        let r = unsafe { rbd_snap_remove(self.handle, s.as_ptr()) };
+        if r == -libc::ENOENT {
+            return Ok(());
+        }
+        check(r, &format!("removing snapshot {}@{snap}", self.name)).map(drop)
+    }
+
+    /// Names of the image's user snapshots (not those kept in the trash
+    /// namespace for clones).
+    pub fn snapshots(&self) -> Result<Vec<String>> {
+        let mut max: c_int = 16;
+        loop {
+            // SAFETY: zeroed entries (NULL names) for librbd to fill; after
+            // success rbd_snap_list_end frees the names it allocated.
+            let mut snaps: Vec<SnapInfo> =
+                (0..max).map(|_| unsafe { std::mem::zeroed() }).collect();
+            let mut n = max;
+            let r = unsafe { rbd_snap_list(self.handle, snaps.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            let count = usize::try_from(check(r, &format!("snapshots of image {}", self.name))?)
+                .unwrap_or(0);
+            let mut out = Vec::new();
+            for s in &snaps[..count] {
+                let mut ns: c_int = 0;
+                // SAFETY: an open image and an out pointer.
+                let r = unsafe { rbd_snap_get_namespace_type(self.handle, s.id, &mut ns) };
+                check(r, &format!("snapshot namespace on image {}", self.name))?;
+                if ns == 0 {
+                    // SAFETY: librbd filled this entry's name.
+                    out.push(unsafe { owned(s.name) });
+                }
+            }
+            // SAFETY: frees what librbd allocated.
+            unsafe { rbd_snap_list_end(snaps.as_mut_ptr()) };
+            return Ok(out);
+        }
+    }
+
+    /// Copies every block of the parent into this clone and detaches it.
+    pub fn flatten(&self) -> Result<()> {
+        // SAFETY: open image.
+        let r = unsafe { rbd_flatten(self.handle) };
+        if r == -libc::EINVAL {
+            // Not a clone (any more): nothing to do.
+            return Ok(());
+        }
+        check(r, &format!("flattening image {}", self.name)).map(drop)
+    }
+
+    /// The image this one was cloned from (None when it is no clone).
+    pub fn parent(&self) -> Result<Option<Parent>> {
+        // SAFETY: zeroed specs are valid out values (NULL pointers); librbd
+        // fills them and the cleanups free what it allocated.
+        unsafe {
+            let mut image: LinkedImageSpec = std::mem::zeroed();
+            let mut snap: SnapSpec = std::mem::zeroed();
+            let r = rbd_get_parent(self.handle, &mut image, &mut snap);
+            if r == -libc::ENOENT {
+                return Ok(None);
+            }
+            check(r, &format!("parent of image {}", self.name))?;
+            let p = Parent {
+                pool_id: image.pool_id,
+                namespace: owned(image.pool_namespace),
+                image_id: owned(image.image_id),
+                image_name: owned(image.image_name),
+                trash: image.trash,
+            };
+            rbd_linked_image_spec_cleanup(&mut image);
+            rbd_snap_spec_cleanup(&mut snap);
+            Ok(Some(p))
+        }
+    }
+
+    /// Addresses of the clients watching the image (a mapped or open image
+    /// has one per client).
+    pub fn watchers(&self) -> Result<Vec<String>> {
+        let mut max: usize = 8;
+        loop {
+            // SAFETY: a zeroed array of `max` watchers for librbd to fill;
+            // on success the cleanup frees the strings it allocated.
+            let mut ws: Vec<Watcher> = (0..max).map(|_| unsafe { std::mem::zeroed() }).collect();
+            let mut n = max;
+            let r = unsafe { rbd_watchers_list(self.handle, ws.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            check(r, &format!("watchers of image {}", self.name))?;
+            // SAFETY: librbd filled the first `n` entries.
+            let out = ws[..n].iter().map(|w| unsafe { owned(w.addr) }).collect();
+            // SAFETY: frees what librbd allocated for those entries.
+            unsafe { rbd_watchers_list_cleanup(ws.as_mut_ptr(), n) };
+            return Ok(out);
+        }
     }
 
     /// Size in bytes.

@@ -29,8 +29,18 @@ impl Pool {
         }
     }
 
+    /// The cluster `id` of the map.
+    pub fn cluster(&self, id: &str) -> Result<&crate::config::Cluster> {
+        Ok(self.map.get(id)?)
+    }
+
+    /// Every cluster of the map.
+    pub fn clusters(&self) -> &ClusterMap {
+        &self.map
+    }
+
     /// The deadline of one call: librados's timeout plus a margin.
-    fn deadline(&self) -> Duration {
+    pub fn deadline(&self) -> Duration {
         self.timeout + Duration::from_secs(2)
     }
 

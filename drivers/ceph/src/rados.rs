@@ -27,7 +27,7 @@ pub(crate) fn check(code: i32, what: &str) -> Result<i32> {
         libc::EACCES | libc::EPERM => Error::PermissionDenied(msg),
         libc::ENOSPC | libc::EDQUOT => Error::ResourceExhausted(msg),
         libc::EINVAL => Error::InvalidArgument(msg),
-        libc::EBUSY => Error::FailedPrecondition(msg),
+        libc::EBUSY | libc::ENOTEMPTY => Error::FailedPrecondition(msg),
         _ => Error::Unavailable(msg),
     })
 }

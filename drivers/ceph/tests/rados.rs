@@ -182,7 +182,7 @@ async fn journal(io: Arc<rcsi_ceph::rados::IoCtx>, pool: i64) {
 /// An RBD image created with features, grown, and deleted through the
 /// trash (move, then purge by id).
 fn images(io: &rcsi_ceph::rados::IoCtx) {
-    use rcsi_ceph::rbd::{self, Image, ImageSpec};
+    use rcsi_ceph::librbd::{self as rbd, Image, ImageSpec};
     let spec = ImageSpec {
         features: 1, // layering
         order: 22,

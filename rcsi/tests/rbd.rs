@@ -1,0 +1,617 @@
+//! `rbd.rcsi.io`'s controller against a real single-node Ceph
+//! (`tests/backends/ceph.sh`): the conformance cases a controller alone
+//! can run, the states a crash leaves at each step of clone, snapshot and
+//! delete, flattening, deferred purges, an image in use, a stopped OSD,
+//! and at the end a pool with no image, trash entry or journal key left.
+
+use anyhow::{Context, Result, ensure};
+use csi_core::csi::{self, controller_client::ControllerClient, volume_capability as vc};
+use rcsi_tests::{Backend, CommandDriver, Driver, Profile, run_suite_with};
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+/// Cases that read or write volume data, which needs a node plugin.
+const NEED_DATA: &[&str] = &[
+    "restore_snapshot_keeps_data",
+    "clone_volume_keeps_data",
+    "expand_volume",
+];
+
+fn controller(b: &Backend, extra: &[&str]) -> Arc<CommandDriver> {
+    let mut args: Vec<String> = [
+        "controller",
+        "--driver",
+        "rbd",
+        "--endpoint",
+        "unix://{endpoint}",
+        "--ceph-config",
+        &b.var("CEPH_CONFIG_FILE"),
+        "--call-timeout",
+        "3",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Arc::new(CommandDriver {
+        program: env!("CARGO_BIN_EXE_rcsi").into(),
+        args,
+        break_volume: None,
+        state_root: None,
+    })
+}
+
+/// Runs the admin CLI (`rbd`, `rados`, `ceph`) of the test cluster.
+fn admin(b: &Backend, program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(["-c", &b.var("CEPH_CONF"), "-k", &b.var("CEPH_KEYRING")])
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn json(b: &Backend, program: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let mut a = args.to_vec();
+    a.extend(["--format", "json"]);
+    let text = admin(b, program, &a)?;
+    serde_json::from_str(&text).with_context(|| format!("{program} {args:?} printed {text:?}"))
+}
+
+/// What a pool still holds of ours: images, trash entries, journal keys
+/// and journal objects.
+fn leftovers(b: &Backend) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for v in json(b, "rbd", &["ls", "rbd"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push(format!("image {v}"));
+    }
+    for v in json(b, "rbd", &["trash", "ls", "rbd"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push(format!("trash {}", v["name"]));
+    }
+    for dir in ["csi.volumes.rcsi", "csi.snaps.rcsi"] {
+        let keys = Command::new("rados")
+            .args(["-c", &b.var("CEPH_CONF"), "-k", &b.var("CEPH_KEYRING")])
+            .args(["-p", "rbd", "listomapkeys", dir])
+            .output()?;
+        for k in String::from_utf8_lossy(&keys.stdout).lines() {
+            out.push(format!("{dir} key {k}"));
+        }
+    }
+    for o in admin(b, "rados", &["-p", "rbd", "ls"])?.lines() {
+        if o.starts_with("csi.volume.") || o.starts_with("csi.snap.") {
+            out.push(format!("object {o}"));
+        }
+    }
+    Ok(out)
+}
+
+/// A gRPC session with one controller instance.
+struct Session {
+    inst: Box<dyn rcsi_tests::Instance>,
+    ctl: ControllerClient<tonic::transport::Channel>,
+    params: HashMap<String, String>,
+    secrets: HashMap<String, String>,
+}
+
+fn cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(vc::AccessType::Mount(Default::default())),
+        access_mode: Some(vc::AccessMode {
+            mode: vc::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+impl Session {
+    async fn start(b: &Backend, extra: &[&str]) -> Result<Self> {
+        let inst = controller(b, extra).start().await?;
+        let ch = csi_core::client::connect(&inst.endpoint()).await?;
+        Ok(Self {
+            inst,
+            ctl: ControllerClient::new(ch),
+            params: b.params("CEPH_RBD_SC_PARAMS_FILE"),
+            secrets: b.secrets("CEPH_SECRETS_FILE")["CreateVolumeSecret"].clone(),
+        })
+    }
+
+    fn req(
+        &self,
+        name: &str,
+        source: Option<csi::volume_content_source::Type>,
+    ) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap()],
+            parameters: self.params.clone(),
+            secrets: self.secrets.clone(),
+            volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
+            ..Default::default()
+        }
+    }
+
+    async fn create(
+        &mut self,
+        name: &str,
+        source: Option<csi::volume_content_source::Type>,
+    ) -> Result<csi::Volume> {
+        let r = self.req(name, source);
+        self.ctl
+            .create_volume(r)
+            .await
+            .with_context(|| format!("CreateVolume {name}"))?
+            .into_inner()
+            .volume
+            .context("no volume")
+    }
+
+    async fn snapshot(&mut self, vol: &str, name: &str) -> Result<csi::Snapshot> {
+        self.ctl
+            .create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: vol.into(),
+                name: name.into(),
+                secrets: self.secrets.clone(),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("CreateSnapshot {name}"))?
+            .into_inner()
+            .snapshot
+            .context("no snapshot")
+    }
+
+    async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.ctl
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.into(),
+                secrets: self.secrets.clone(),
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn delete_snapshot(&mut self, id: &str) -> Result<()> {
+        self.ctl
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id.into(),
+                secrets: self.secrets.clone(),
+            })
+            .await
+            .with_context(|| format!("DeleteSnapshot {id}"))?;
+        Ok(())
+    }
+}
+
+fn from_volume(id: &str) -> Option<csi::volume_content_source::Type> {
+    Some(csi::volume_content_source::Type::Volume(
+        csi::volume_content_source::VolumeSource {
+            volume_id: id.into(),
+        },
+    ))
+}
+
+fn from_snapshot(id: &str) -> Option<csi::volume_content_source::Type> {
+    Some(csi::volume_content_source::Type::Snapshot(
+        csi::volume_content_source::SnapshotSource {
+            snapshot_id: id.into(),
+        },
+    ))
+}
+
+fn image_of(v: &csi::Volume) -> String {
+    v.volume_context["imageName"].clone()
+}
+
+/// The uuid part of a Ceph id.
+fn uuid_of(id: &str) -> String {
+    id[id.len() - 36..].to_owned()
+}
+
+/// Snapshots of `image` in every namespace (user and trash).
+fn snaps(b: &Backend, image: &str) -> Result<Vec<String>> {
+    let v = json(b, "rbd", &["snap", "ls", "--all", &format!("rbd/{image}")])?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s["namespace"]["type"].as_str().unwrap_or(""),
+                s["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect())
+}
+
+fn parent(b: &Backend, image: &str) -> Result<Option<String>> {
+    let v = json(b, "rbd", &["info", &format!("rbd/{image}")])?;
+    Ok(v.get("parent")
+        .map(|p| p["image"].as_str().unwrap_or("").to_owned()))
+}
+
+/// The pool id of `rbd`.
+fn pool_id(b: &Backend) -> Result<i64> {
+    let v = json(b, "ceph", &["osd", "pool", "ls", "detail"])?;
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pool_name"] == "rbd")
+        .and_then(|p| p["pool_id"].as_i64())
+        .context("no pool rbd")
+}
+
+/// Each step of clone, snapshot and delete interrupted as a crash leaves
+/// it (made here with the admin CLI), then retried through the driver.
+async fn crash_states(b: &Backend) -> Result<()> {
+    let mut s = Session::start(b, &[]).await?;
+    let pool = pool_id(b)?;
+    let uuid = |name: &str| {
+        rcsi_ceph::journal::derived_id("rcsi-test", pool, name)
+            .uuid
+            .hyphenated()
+            .to_string()
+    };
+    let a = s.create("crash-src", None).await?;
+    let a_img = image_of(&a);
+
+    // Clone: the temporary snapshot made, then the clone made, before a crash.
+    let tmp = format!("rbd/{a_img}@csi-tmp-{}", uuid("crash-clone"));
+    admin(b, "rbd", &["snap", "create", &tmp])?;
+    let c = s.create("crash-clone", from_volume(&a.volume_id)).await?;
+    ensure!(
+        uuid_of(&c.volume_id) == uuid("crash-clone"),
+        "clone got another id"
+    );
+    ensure!(
+        snaps(b, &a_img)?.iter().all(|n| !n.contains("csi-tmp")),
+        "temporary snapshot left: {:?}",
+        snaps(b, &a_img)?
+    );
+    let tmp2 = format!("rbd/{a_img}@csi-tmp-{}", uuid("crash-clone-2"));
+    admin(b, "rbd", &["snap", "create", &tmp2])?;
+    admin(
+        b,
+        "rbd",
+        &[
+            "clone",
+            "--rbd-default-clone-format",
+            "2",
+            &tmp2,
+            &format!("rbd/csi-vol-{}", uuid("crash-clone-2")),
+        ],
+    )?;
+    let c2 = s.create("crash-clone-2", from_volume(&a.volume_id)).await?;
+    ensure!(
+        parent(b, &image_of(&c2))?.as_deref() == Some(a_img.as_str()),
+        "not a clone of the source"
+    );
+    ensure!(
+        snaps(b, &a_img)?.iter().all(|n| !n.starts_with("user:")),
+        "user snapshot left on the source: {:?}",
+        snaps(b, &a_img)?
+    );
+
+    // Snapshot: temporary snapshot and snapshot image made, its own snapshot not.
+    let sid = uuid("crash-snap");
+    let tmp3 = format!("rbd/{a_img}@csi-tmp-{sid}");
+    admin(b, "rbd", &["snap", "create", &tmp3])?;
+    admin(
+        b,
+        "rbd",
+        &[
+            "clone",
+            "--rbd-default-clone-format",
+            "2",
+            &tmp3,
+            &format!("rbd/csi-snap-{sid}"),
+        ],
+    )?;
+    let snap = s.snapshot(&a.volume_id, "crash-snap").await?;
+    ensure!(
+        uuid_of(&snap.snapshot_id) == sid && snap.ready_to_use,
+        "snapshot {snap:?}"
+    );
+    ensure!(
+        snaps(b, &format!("csi-snap-{sid}"))? == vec![format!("user:csi-snap-{sid}")],
+        "snapshot image holds {:?}",
+        snaps(b, &format!("csi-snap-{sid}"))?
+    );
+    let again = s.snapshot(&a.volume_id, "crash-snap").await?;
+    ensure!(
+        again.snapshot_id == snap.snapshot_id,
+        "a second snapshot for the same name"
+    );
+
+    // Delete: image already in the trash when the controller died.
+    admin(b, "rbd", &["trash", "mv", &format!("rbd/{}", image_of(&c))])?;
+    s.delete(&c.volume_id).await?;
+    s.delete(&c.volume_id).await?;
+
+    // A name reserved in the directory alone (crash right after that write).
+    let ruuid = uuid("crash-reserved");
+    admin(
+        b,
+        "rados",
+        &[
+            "-p",
+            "rbd",
+            "setomapval",
+            "csi.volumes.rcsi",
+            "name.crash-reserved",
+            &ruuid,
+        ],
+    )?;
+    let r = s.create("crash-reserved", None).await?;
+    ensure!(
+        uuid_of(&r.volume_id) == ruuid,
+        "the reserved id was not used"
+    );
+    json(b, "rbd", &["info", &format!("rbd/{}", image_of(&r))])?;
+
+    for id in [&c2.volume_id, &r.volume_id] {
+        s.delete(id).await?;
+    }
+    s.delete_snapshot(&snap.snapshot_id).await?;
+    s.delete(&a.volume_id).await?;
+    s.inst.stop().await?;
+    Ok(())
+}
+
+/// Clone chains stay short, a source with clones waits in the trash until
+/// they go, and an image in use is not deleted.
+async fn chains_and_purges(b: &Backend) -> Result<()> {
+    let mut s = Session::start(b, &["--max-clone-depth", "1"]).await?;
+    let a = s.create("chain-a", None).await?;
+    let s1 = s.snapshot(&a.volume_id, "chain-s1").await?;
+    let r = s.create("chain-r", from_snapshot(&s1.snapshot_id)).await?;
+    ensure!(
+        parent(b, &image_of(&r))?.is_none(),
+        "a clone two deep was not flattened"
+    );
+    let s2 = s.snapshot(&r.volume_id, "chain-s2").await?;
+    ensure!(
+        parent(b, &format!("csi-snap-{}", uuid_of(&s2.snapshot_id)))?.is_some(),
+        "a clone one deep was flattened"
+    );
+    let clone = s.create("chain-clone", from_volume(&a.volume_id)).await?;
+    ensure!(
+        clone.capacity_bytes == a.capacity_bytes,
+        "clone size {}",
+        clone.capacity_bytes
+    );
+    let mut bigger = s.req("chain-big", from_snapshot(&s1.snapshot_id));
+    bigger.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 128 << 20,
+        limit_bytes: 0,
+    });
+    let big = s
+        .ctl
+        .create_volume(bigger)
+        .await?
+        .into_inner()
+        .volume
+        .context("no volume")?;
+    ensure!(
+        big.capacity_bytes == 128 << 20,
+        "restore to a larger size gave {}",
+        big.capacity_bytes
+    );
+    let mut smaller = s.req("chain-small", from_snapshot(&s1.snapshot_id));
+    smaller.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 32 << 20,
+        limit_bytes: 32 << 20,
+    });
+    let e = s
+        .ctl
+        .create_volume(smaller)
+        .await
+        .expect_err("restore smaller than its snapshot");
+    ensure!(
+        e.code() == Code::OutOfRange,
+        "restore smaller than its snapshot: {e:?}"
+    );
+
+    // The source goes first: it waits in the trash for its clones.
+    s.delete(&a.volume_id).await?;
+    let trash = json(b, "rbd", &["trash", "ls", "rbd"])?;
+    ensure!(
+        trash.as_array().is_some_and(|t| t.len() == 1),
+        "trash: {trash}"
+    );
+    for id in [&clone.volume_id, &big.volume_id, &r.volume_id] {
+        s.delete(id).await?;
+    }
+    s.delete_snapshot(&s2.snapshot_id).await?;
+    s.delete_snapshot(&s1.snapshot_id).await?;
+    let trash = json(b, "rbd", &["trash", "ls", "rbd"])?;
+    ensure!(
+        trash.as_array().is_some_and(|t| t.is_empty()),
+        "purged parent still in the trash: {trash}"
+    );
+
+    // In use: a client watches the image.
+    let u = s.create("chain-in-use", None).await?;
+    let mut watch = Command::new("rbd")
+        .args([
+            "-c",
+            &b.var("CEPH_CONF"),
+            "-k",
+            &b.var("CEPH_KEYRING"),
+            "watch",
+        ])
+        .arg(format!("rbd/{}", image_of(&u)))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let t = Instant::now();
+    loop {
+        let st = json(b, "rbd", &["status", &format!("rbd/{}", image_of(&u))])?;
+        if st["watchers"].as_array().is_some_and(|w| !w.is_empty()) {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "rbd watch never registered: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = s.delete(&u.volume_id).await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let e = refused
+        .err()
+        .context("DeleteVolume removed an image a client has open")?;
+    ensure!(
+        e.code() == Code::FailedPrecondition,
+        "delete of an image in use: {e:?}"
+    );
+    ensure!(e.message().contains("in use"), "{}", e.message());
+    // The watch of a killed client lapses after the OSD's timeout.
+    let t = Instant::now();
+    while let Err(e) = s.delete(&u.volume_id).await {
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "still refused: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    s.inst.stop().await?;
+    Ok(())
+}
+
+/// With the OSD stopped, calls fail within the bound and Probe stays quick.
+async fn stopped_osd(b: &Backend) -> Result<()> {
+    let mut s = Session::start(b, &[]).await?;
+    let a = s.create("sick-a", None).await?;
+    let pid = std::fs::read_to_string(
+        std::path::Path::new(&b.var("CEPH_CONF")).with_file_name("run/osd.0.pid"),
+    )?;
+    let pid = pid.trim().to_owned();
+    Command::new("kill").args(["-STOP", &pid]).status()?;
+    let result = async {
+        let t = Instant::now();
+        let e = s
+            .create("sick-b", None)
+            .await
+            .expect_err("create with the OSD stopped");
+        ensure!(
+            t.elapsed() < Duration::from_secs(12),
+            "create took {:?}",
+            t.elapsed()
+        );
+        eprintln!(
+            "stopped OSD: CreateVolume failed after {:?}: {e:#}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let mut ident = csi::identity_client::IdentityClient::new(
+            csi_core::client::connect(&s.inst.endpoint()).await?,
+        );
+        ident.probe(csi::ProbeRequest {}).await?;
+        ensure!(
+            t.elapsed() < Duration::from_secs(1),
+            "Probe took {:?}",
+            t.elapsed()
+        );
+        Ok(())
+    }
+    .await;
+    Command::new("kill").args(["-CONT", &pid]).status()?;
+    result?;
+    let t = Instant::now();
+    loop {
+        match s.create("sick-b", None).await {
+            Ok(v) => {
+                s.delete(&v.volume_id).await?;
+                break;
+            }
+            Err(e) if t.elapsed() < Duration::from_secs(60) => {
+                eprintln!("after the OSD resumed: {e:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    s.delete(&a.volume_id).await?;
+    s.inst.stop().await?;
+    Ok(())
+}
+
+/// The body of one extra trial.
+type TrialFn =
+    fn(&Backend) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + '_>>;
+
+fn main() -> std::process::ExitCode {
+    let b = match Backend::start("ceph") {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let profile = Profile {
+        name: "rbd/controller".into(),
+        parameters: b.params("CEPH_RBD_SC_PARAMS_FILE"),
+        secrets: b.secrets("CEPH_SECRETS_FILE"),
+        volume_size: 64 << 20,
+        ..Default::default()
+    };
+    let cases = rcsi_tests::cases::all()
+        .into_iter()
+        .filter(|c| !NEED_DATA.contains(&c.name))
+        .collect();
+    let b = Arc::new(b);
+    let trial = |name: &str, f: TrialFn| {
+        let b = b.clone();
+        libtest_mimic::Trial::test(name, move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(f(&b))
+                .map_err(|e| format!("{e:#}").into())
+        })
+    };
+    let extra = vec![
+        trial("rbd/controller::crash-states", |b| {
+            Box::pin(crash_states(b))
+        }),
+        trial("rbd/controller::chains-and-purges", |b| {
+            Box::pin(chains_and_purges(b))
+        }),
+        trial("rbd/controller::stopped-osd", |b| Box::pin(stopped_osd(b))),
+    ];
+    // One trial at a time: unfiltered snapshot listings see the whole pool.
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let conclusion = run_suite_with(args, vec![(controller(&b, &[]), profile)], cases, extra);
+    let left = leftovers(&b);
+    drop(b);
+    match left {
+        Ok(l) if l.is_empty() => conclusion.exit_code(),
+        Ok(l) => {
+            eprintln!("the pool still holds: {l:#?}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("cannot list what the pool holds: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
