@@ -3,7 +3,7 @@
 //! and mounted at the staging path; raw devices bound at their targets.
 
 use crate::blockdev::BlockDevices;
-use crate::mount::{MountState, Mounter};
+use crate::mount::{MountInfo, MountState, Mounter};
 use crate::{Error, IoContext, Result};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -125,4 +125,15 @@ pub async fn publish_device(
         ))),
         _ => mounter.bind(dev, target, readonly, &[]).await,
     }
+}
+
+/// The mount points in `exposed` other than `keep` (a volume's staging
+/// path, the target being published), for "in use elsewhere" refusals.
+pub fn elsewhere(exposed: &[MountInfo], keep: &[&Path]) -> Vec<String> {
+    exposed
+        .iter()
+        .map(|m| m.mount_point.as_path())
+        .filter(|p| !keep.contains(p))
+        .map(|p| p.display().to_string())
+        .collect()
 }

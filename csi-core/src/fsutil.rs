@@ -142,6 +142,22 @@ pub fn tree_usage(root: &Path) -> Result<(u64, u64)> {
     Ok((bytes, inodes))
 }
 
+/// Removes a publish target (a directory, or a file for raw block
+/// volumes); success when it is gone already. Blocking.
+pub fn remove_target(t: &Path) -> Result<()> {
+    let r = match std::fs::symlink_metadata(t) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(t),
+        Ok(_) => std::fs::remove_file(t),
+        Err(e) => Err(e),
+    };
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("removing {}", t.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

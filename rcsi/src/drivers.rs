@@ -69,8 +69,8 @@ pub const DRIVERS: &[Driver] = &[
     },
     Driver {
         name: "rbd",
-        about: "rbd.rcsi.io: Ceph RBD images (controller only in this build)",
-        node_flags: RbdArgs::augment_args,
+        about: "rbd.rcsi.io: Ceph RBD images",
+        node_flags: RbdNodeArgs::augment_args,
         node: rbd_node,
         controller: Ok(ControllerEntry {
             flags: RbdArgs::augment_args,
@@ -373,25 +373,95 @@ struct RbdArgs {
     flatten_timeout: u64,
 }
 
-fn rbd_driver(m: &ArgMatches) -> anyhow::Result<Arc<rcsi_ceph::rbd::Rbd>> {
-    let a = RbdArgs::from_arg_matches(m)?;
-    let map = rcsi_ceph::config::ClusterMap::load(&a.ceph_config)?;
-    let cfg = rcsi_ceph::rbd::Config {
-        call_timeout: Duration::from_secs(a.call_timeout.max(1)),
-        max_clone_depth: a.max_clone_depth,
-        flatten_timeout: Duration::from_secs(a.flatten_timeout.max(1)),
-    };
-    Ok(Arc::new(rcsi_ceph::rbd::Rbd::new(map, cfg)))
+impl RbdArgs {
+    fn config(&self) -> anyhow::Result<(rcsi_ceph::config::ClusterMap, rcsi_ceph::rbd::Config)> {
+        let map = rcsi_ceph::config::ClusterMap::load(&self.ceph_config)?;
+        let cfg = rcsi_ceph::rbd::Config {
+            call_timeout: Duration::from_secs(self.call_timeout.max(1)),
+            max_clone_depth: self.max_clone_depth,
+            flatten_timeout: Duration::from_secs(self.flatten_timeout.max(1)),
+        };
+        Ok((map, cfg))
+    }
 }
 
-fn rbd_node(_m: &ArgMatches, _common: NodeCommon) -> anyhow::Result<Services> {
-    anyhow::bail!(
-        "rbd.rcsi.io has no node plugin in this build yet; run its controller with `rcsi controller --driver rbd`"
-    )
+/// Flags of the Ceph RBD node plugin.
+#[derive(Args)]
+#[command(next_help_heading = "rbd (node)")]
+struct RbdNodeArgs {
+    /// State files, keyrings and rbd-fuse mounts (on the host's filesystem,
+    /// under a path shared with the host such as the kubelet's plugins directory).
+    #[arg(long, default_value = "/var/lib/kubelet/plugins/rbd.rcsi.io/state")]
+    state_dir: PathBuf,
+    /// The rbd-fuse program.
+    #[arg(long, default_value = "rbd-fuse")]
+    rbd_fuse: String,
+    /// Seconds a mapping, mount or unmount may take.
+    #[arg(long, default_value_t = 30)]
+    mount_timeout: u64,
+    /// Seconds a statfs may take before the volume is reported abnormal.
+    #[arg(long, default_value_t = 10)]
+    stats_timeout: u64,
+    /// Seconds NodeGetVolumeStats answers from its cache.
+    #[arg(long, default_value_t = 5)]
+    stats_cache: u64,
+    /// The host's cgroup filesystem (a hostPath of /sys/fs/cgroup): mapping
+    /// processes move into their own cgroup there, so stopping the plugin's
+    /// container does not kill them.
+    #[arg(long)]
+    mount_cgroup_root: Option<PathBuf>,
+    /// Name of that cgroup, created in every hierarchy.
+    #[arg(long, default_value = "rcsi-rbd")]
+    mount_cgroup: String,
+    /// Also serve the Controller service from this process (small clusters, tests).
+    #[arg(long)]
+    serve_controller: bool,
+    #[command(flatten)]
+    common: RbdArgs,
+}
+
+fn rbd_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
+    let a = RbdNodeArgs::from_arg_matches(m)?;
+    let (map, cfg) = a.common.config()?;
+    let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
+    let mount_timeout = Duration::from_secs(a.mount_timeout.max(1));
+    let escape = a
+        .mount_cgroup_root
+        .map(|root| csi_core::daemon::CgroupEscape {
+            root,
+            name: a.mount_cgroup,
+        });
+    let host = rcsi_ceph::rbd::NodeHost {
+        mounter: Arc::new(csi_core::mount::SystemMounter::new(
+            exec.clone(),
+            mount_timeout,
+        )),
+        loops: Arc::new(csi_core::blockdev::SystemLoopDevices::new(exec.clone())),
+        blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec)),
+        spawner: Arc::new(csi_core::daemon::SystemSpawner { escape }),
+    };
+    let node = rcsi_ceph::rbd::NodeConfig {
+        node_id: common.node_id,
+        state_dir: a.state_dir,
+        rbd_fuse: a.rbd_fuse,
+        mount_timeout,
+        stats_timeout: Duration::from_secs(a.stats_timeout.max(1)),
+        stats_cache: Duration::from_secs(a.stats_cache),
+    };
+    let driver = Arc::new(
+        rcsi_ceph::rbd::Rbd::with_node(map, cfg, node, host)
+            .context("opening the RBD node state directory")?,
+    );
+    let mut services = Services::all(driver);
+    if !a.serve_controller {
+        services.controller = None;
+    }
+    Ok(services)
 }
 
 fn rbd_controller(m: &ArgMatches) -> anyhow::Result<Services> {
-    let driver = rbd_driver(m)?;
+    let (map, cfg) = RbdArgs::from_arg_matches(m)?.config()?;
+    let driver = Arc::new(rcsi_ceph::rbd::Rbd::new(map, cfg));
     Ok(Services {
         plugin: driver.clone(),
         controller: Some(driver),

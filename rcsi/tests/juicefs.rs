@@ -134,31 +134,6 @@ fn node_daemons(url: &str) -> Vec<nix::unistd::Pid> {
         .collect()
 }
 
-/// Appends 4 KiB and fsyncs, every 5 ms, until stopped; the bytes made
-/// durable, or the first error.
-fn writer(
-    path: std::path::PathBuf,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<Result<u64, String>> {
-    use std::io::Write;
-    std::thread::spawn(move || {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("open: {e}"))?;
-        let mut done = 0u64;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            f.write_all(&[7u8; 4096])
-                .and_then(|_| f.sync_data())
-                .map_err(|e| format!("after {done} bytes: {e}"))?;
-            done += 4096;
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        Ok(done)
-    })
-}
-
 /// SIGKILL the node plugin while volumes are published and a writer is
 /// running: the writer sees no error, the mounts and their daemons stay.
 /// Then kill the filesystem's juicefs processes: the plugin mounts it
@@ -230,7 +205,7 @@ async fn kill_plugin_and_mounts(
     ensure!(!daemons.is_empty(), "no juicefs daemon for the node mount");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(targets[0].1.join("log"), stop.clone());
+    let w = rcsi_tests::writer(targets[0].1.join("log"), stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     inst.crash().await.context("restarting the plugin")?;
     let (mut ctl, mut node) = connect(inst.as_ref()).await?;

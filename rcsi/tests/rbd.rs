@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
+/// Pools of the node profiles.
+const NODE_POOLS: [&str; 2] = ["rbd-ext4", "rbd-xfs"];
+
 /// Cases that read or write volume data, which needs a node plugin.
 const NEED_DATA: &[&str] = &[
     "restore_snapshot_keeps_data",
@@ -43,6 +46,73 @@ fn controller(b: &Backend, extra: &[&str]) -> Arc<CommandDriver> {
     })
 }
 
+/// The node plugin (serving the controller too) on this host, mapping
+/// images with rbd-fuse + loop.
+fn node_plugin(b: &Backend) -> Arc<CommandDriver> {
+    Arc::new(CommandDriver {
+        program: env!("CARGO_BIN_EXE_rcsi").into(),
+        args: [
+            "node",
+            "--driver",
+            "rbd",
+            "--endpoint",
+            "unix://{endpoint}",
+            "--node-id",
+            "rbd-test-node",
+            "--serve-controller",
+            "--ceph-config",
+            &b.var("CEPH_CONFIG_FILE"),
+            "--call-timeout",
+            "5",
+            "--state-dir",
+            "{state}",
+            "--stats-cache",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec(),
+        break_volume: Some(kill_rbd_fuse),
+        state_root: None,
+    })
+}
+
+/// Kills the rbd-fuse process behind a volume.
+fn kill_rbd_fuse(state: &std::path::Path, volume_id: &str) -> Result<()> {
+    let pattern = format!("{}/fuse/{volume_id}", state.display());
+    let ok = Command::new("pkill")
+        .args(["-9", "-f", &pattern])
+        .status()?
+        .success();
+    ensure!(ok, "no rbd-fuse process for {volume_id}");
+    Ok(())
+}
+
+/// A profile for the node plugin with volumes in `pool` (each profile has
+/// its own: the cases reuse names).
+fn node_profile(b: &Backend, name: &str, pool: &str, fs_type: &str, online: bool) -> Profile {
+    let mut parameters = b.params("CEPH_RBD_SC_PARAMS_FILE");
+    parameters.insert("pool".into(), pool.into());
+    Profile {
+        name: name.into(),
+        parameters,
+        secrets: b.secrets("CEPH_SECRETS_FILE"),
+        block: true,
+        // mkfs.xfs needs 300 MiB.
+        volume_size: if fs_type == "xfs" {
+            320 << 20
+        } else {
+            64 << 20
+        },
+        fs_type: fs_type.into(),
+        online_expansion: online,
+        enforces_size: true,
+        // The image's watchers show the controller a volume in use.
+        controller_sees_node: true,
+        stats_settle: Duration::from_secs(3),
+        ..Default::default()
+    }
+}
+
 /// Runs the admin CLI (`rbd`, `rados`, `ceph`) of the test cluster.
 fn admin(b: &Backend, program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
@@ -67,16 +137,16 @@ fn json(b: &Backend, program: &str, args: &[&str]) -> Result<serde_json::Value> 
 
 /// What a pool still holds of ours: images, trash entries, journal keys
 /// and journal objects.
-fn leftovers(b: &Backend) -> Result<Vec<String>> {
+fn leftovers(b: &Backend, pool: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for v in json(b, "rbd", &["ls", "rbd"])?
+    for v in json(b, "rbd", &["ls", pool])?
         .as_array()
         .into_iter()
         .flatten()
     {
         out.push(format!("image {v}"));
     }
-    for v in json(b, "rbd", &["trash", "ls", "rbd"])?
+    for v in json(b, "rbd", &["trash", "ls", pool])?
         .as_array()
         .into_iter()
         .flatten()
@@ -86,13 +156,13 @@ fn leftovers(b: &Backend) -> Result<Vec<String>> {
     for dir in ["csi.volumes.rcsi", "csi.snaps.rcsi"] {
         let keys = Command::new("rados")
             .args(["-c", &b.var("CEPH_CONF"), "-k", &b.var("CEPH_KEYRING")])
-            .args(["-p", "rbd", "listomapkeys", dir])
+            .args(["-p", pool, "listomapkeys", dir])
             .output()?;
         for k in String::from_utf8_lossy(&keys.stdout).lines() {
             out.push(format!("{dir} key {k}"));
         }
     }
-    for o in admin(b, "rados", &["-p", "rbd", "ls"])?.lines() {
+    for o in admin(b, "rados", &["-p", pool, "ls"])?.lines() {
         if o.starts_with("csi.volume.") || o.starts_with("csi.snap.") {
             out.push(format!("object {o}"));
         }
@@ -497,6 +567,154 @@ async fn chains_and_purges(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+/// The pids of the rbd-fuse processes serving the volumes of one node
+/// plugin state directory.
+fn rbd_fuse_pids() -> Vec<String> {
+    let out = Command::new("pgrep").args(["-x", "rbd-fuse"]).output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// SIGKILL the node plugin while a writer fsyncs into a published volume:
+/// the writer sees no error, the rbd-fuse process stays, and the restarted
+/// plugin carries on from its state files. Then the rbd-fuse process is
+/// killed: the volume condition says so, and unpublish, unstage and delete
+/// still work (the dead client is blocklisted, so its watch does not keep
+/// the image busy).
+async fn kill_plugin(b: &Backend) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut inst = node_plugin(b).start().await?;
+    let ch = csi_core::client::connect(&inst.endpoint()).await?;
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut node = csi::node_client::NodeClient::new(ch);
+    let profile = node_profile(b, "kill", NODE_POOLS[0], "", false);
+    let secrets = profile.secrets("NodeStageVolumeSecret");
+    let v = ctl
+        .create_volume(csi::CreateVolumeRequest {
+            name: "kill-plugin".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap()],
+            parameters: profile.parameters.clone(),
+            secrets: secrets.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .context("no volume")?;
+    let scratch = tempfile::tempdir()?;
+    let (st, tg) = (
+        scratch.path().join("staging"),
+        scratch.path().join("target"),
+    );
+    std::fs::create_dir_all(&st)?;
+    let path = |p: &std::path::Path| p.display().to_string();
+    node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: path(&st),
+        volume_capability: Some(cap()),
+        secrets: secrets.clone(),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    })
+    .await?;
+    node.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: path(&st),
+        target_path: path(&tg),
+        volume_capability: Some(cap()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let fuse_before = rbd_fuse_pids();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = rcsi_tests::writer(tg.join("log"), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    inst.crash().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    let written = written.map_err(|e| anyhow::anyhow!("the writer saw an error: {e}"))?;
+    ensure!(written > 0, "nothing written");
+    ensure!(
+        rbd_fuse_pids() == fuse_before,
+        "rbd-fuse processes changed across the plugin's SIGKILL"
+    );
+    eprintln!("plugin SIGKILLed under a writer: {written} bytes fsynced, no error, same rbd-fuse");
+
+    let ch = csi_core::client::connect(&inst.endpoint()).await?;
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut node = csi::node_client::NodeClient::new(ch);
+    let stats = |node: &mut csi::node_client::NodeClient<tonic::transport::Channel>| {
+        let req = csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: path(&tg),
+            staging_target_path: String::new(),
+        };
+        let mut node = node.clone();
+        async move {
+            node.node_get_volume_stats(req)
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let healthy = stats(&mut node).await?;
+    ensure!(
+        healthy
+            .volume_condition
+            .as_ref()
+            .is_some_and(|c| !c.abnormal),
+        "after the restart: {healthy:?}"
+    );
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &format!("/fuse/{}$", v.volume_id)])
+        .status()?;
+    ensure!(killed.success(), "no rbd-fuse for the volume");
+    let t = Instant::now();
+    loop {
+        let s = stats(&mut node).await?;
+        if s.volume_condition.as_ref().is_some_and(|c| c.abnormal) {
+            eprintln!(
+                "rbd-fuse killed: {}",
+                s.volume_condition.unwrap_or_default().message
+            );
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "condition still healthy: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: path(&tg),
+    })
+    .await?;
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: path(&st),
+    })
+    .await?;
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets,
+    })
+    .await
+    .context("DeleteVolume right after the dead client's unstage")?;
+    inst.stop().await?;
+    Ok(())
+}
+
 /// With the OSD stopped, calls fail within the bound and Probe stays quick.
 async fn stopped_osd(b: &Backend) -> Result<()> {
     let mut s = Session::start(b, &[]).await?;
@@ -574,10 +792,18 @@ fn main() -> std::process::ExitCode {
         volume_size: 64 << 20,
         ..Default::default()
     };
-    let cases = rcsi_tests::cases::all()
+    let controller_cases = rcsi_tests::cases::all()
         .into_iter()
         .filter(|c| !NEED_DATA.contains(&c.name))
         .collect();
+    for pool in NODE_POOLS {
+        let made = admin(&b, "ceph", &["osd", "pool", "create", pool, "8"])
+            .and_then(|_| admin(&b, "rbd", &["pool", "init", pool]));
+        if let Err(e) = made {
+            eprintln!("creating pool {pool}: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let b = Arc::new(b);
     let trial = |name: &str, f: TrialFn| {
         let b = b.clone();
@@ -600,8 +826,41 @@ fn main() -> std::process::ExitCode {
     // One trial at a time: unfiltered snapshot listings see the whole pool.
     let mut args = libtest_mimic::Arguments::from_args();
     args.test_threads = Some(1);
-    let conclusion = run_suite_with(args, vec![(controller(&b, &[]), profile)], cases, extra);
-    let left = leftovers(&b);
+    let mut conclusion = run_suite_with(
+        args.clone(),
+        vec![(controller(&b, &[]), profile)],
+        controller_cases,
+        extra,
+    );
+    let b2 = b.clone();
+    let kill = libtest_mimic::Trial::test("rbd/fuse-ext4::kill-plugin-under-writer", move || {
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(kill_plugin(&b2))
+            .map_err(|e| format!("{e:#}").into())
+    });
+    let nodes = run_suite_with(
+        args,
+        vec![
+            (
+                node_plugin(&b),
+                node_profile(&b, "rbd/fuse-ext4", NODE_POOLS[0], "", false),
+            ),
+            (
+                node_plugin(&b),
+                node_profile(&b, "rbd/fuse-xfs", NODE_POOLS[1], "xfs", true),
+            ),
+        ],
+        rcsi_tests::cases::all(),
+        vec![kill],
+    );
+    conclusion.num_failed += nodes.num_failed;
+    conclusion.num_passed += nodes.num_passed;
+    let left = ["rbd", NODE_POOLS[0], NODE_POOLS[1]]
+        .iter()
+        .map(|p| leftovers(&b, p))
+        .collect::<Result<Vec<_>>>()
+        .map(|l| l.concat());
     drop(b);
     match left {
         Ok(l) if l.is_empty() => conclusion.exit_code(),

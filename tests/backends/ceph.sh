@@ -156,8 +156,17 @@ stop() {
   local dir=$1 m pid
   [ -d "$dir" ] || return 0
   dir=$(cd "$dir" && pwd)
-  # FUSE mounts of this cluster's clients, wherever the tests put them.
-  for m in $(awk '$0 ~ /fuse\.(ceph-fuse|rbd-fuse)/ { print $5 }' /proc/self/mountinfo | sort -r); do
+  # The FUSE clients (only one test cluster runs at a time: its ports are
+  # fixed): killed first, so nothing waits on them; then loop devices over
+  # their files detached and their mounts removed.
+  local mounts
+  mounts=$(awk '$0 ~ /fuse\.(ceph-fuse|rbd-fuse)/ { print $5 }' /proc/self/mountinfo | sort -r)
+  pkill -9 -x rbd-fuse 2>/dev/null || true
+  pkill -9 -x ceph-fuse 2>/dev/null || true
+  for m in $mounts; do
+    for l in $(losetup -a | awk -F: -v m="$m/" 'index($0, m) { print $1 }'); do
+      losetup -d "$l" 2>/dev/null || true
+    done
     umount -l "$m" 2>/dev/null || true
   done
   pkill -9 -f -- "-c $dir/ceph.conf" 2>/dev/null || true

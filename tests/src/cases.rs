@@ -1513,6 +1513,9 @@ async fn size_is_enforced(c: &mut Ctx) -> Result<()> {
         let size = (mib as i64) << 20;
         stats_bytes(c, &v, (&st, &tg), |t, _| t > 0 && t <= size * 5 / 4).await?;
     }
+    // The writer is unprivileged (root may use reserved space); the
+    // volume's root may be root's alone (kubelet's fsGroup opens it up).
+    std::fs::set_permissions(&tg, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
     match fill(&tg, "too-big", mib + 8)? {
         Some(e) if e.contains("quota") || e.contains("No space") => {}
         other => bail!(
@@ -1831,10 +1834,12 @@ async fn delete_refused_while_in_use(c: &mut Ctx) -> Result<()> {
             c.unstage(&v.volume_id, &st).await?;
         }
         c.delete(&v.volume_id).await?;
-        ensure!(
-            !c.list_ids().await?.contains(&v.volume_id),
-            "{kind}: volume listed after delete"
-        );
+        if c.can(C::ListVolumes) {
+            ensure!(
+                !c.list_ids().await?.contains(&v.volume_id),
+                "{kind}: volume listed after delete"
+            );
+        }
     }
     Ok(())
 }

@@ -945,3 +945,28 @@ pub fn node_vm_trial(name: &str, env: &[(&str, &str)]) -> libtest_mimic::Trial {
         run().map_err(|e| format!("{e:#}").into())
     })
 }
+
+/// Appends 4 KiB and fsyncs, every 5 ms, until stopped; the bytes made
+/// durable, or the first error.
+pub fn writer(
+    path: std::path::PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<std::result::Result<u64, String>> {
+    use std::io::Write;
+    std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("open: {e}"))?;
+        let mut done = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            f.write_all(&[7u8; 4096])
+                .and_then(|_| f.sync_data())
+                .map_err(|e| format!("after {done} bytes: {e}"))?;
+            done += 4096;
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(done)
+    })
+}

@@ -11,5 +11,6 @@ pub mod raw;
 
 pub use backend::Backend;
 pub use harness::{
-    CommandDriver, Ctx, Driver, Instance, LoopFs, Profile, node_vm_trial, run_suite, run_suite_with,
+    CommandDriver, Ctx, Driver, Instance, LoopFs, Profile, node_vm_trial, run_suite,
+    run_suite_with, writer,
 };

@@ -39,6 +39,7 @@ unsafe extern "C" {
     fn rbd_get_features(image: RbdImage, features: *mut u64) -> c_int;
     fn rbd_get_id(image: RbdImage, id: *mut c_char, len: usize) -> c_int;
     fn rbd_resize(image: RbdImage, size: u64) -> c_int;
+    fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
     fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
     fn rbd_open_by_id(
@@ -472,6 +473,18 @@ impl<'a> Image<'a> {
         let r = unsafe { rbd_resize(self.handle, size) };
         check(r, &format!("resizing image {}", self.name)).map(drop)
     }
+}
+
+/// Removes image `name` at once, also one a crash left half made;
+/// success when it does not exist.
+pub fn remove(io: &IoCtx, name: &str) -> Result<()> {
+    let n = cstr(name)?;
+    // SAFETY: the name outlives the call.
+    let r = unsafe { rbd_remove(io.raw(), n.as_ptr()) };
+    if r == -libc::ENOENT {
+        return Ok(());
+    }
+    check(r, &format!("removing image {name}")).map(drop)
 }
 
 /// Moves image `name` to the trash (a cheap rename; it keeps its data).

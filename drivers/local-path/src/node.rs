@@ -5,7 +5,7 @@ use crate::meta::{Backing, VolumeMeta};
 use crate::quota::Quotas;
 use crate::{LocalPath, TOPOLOGY_KEY};
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
-use csi_core::devvol::{Format, mount_filesystem, publish_device, same_device};
+use csi_core::devvol::{Format, elsewhere, mount_filesystem, publish_device, same_device};
 use csi_core::mount::{MountInfo, MountState, exposures, vfs_flags};
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
@@ -309,13 +309,7 @@ impl NodeBackend for LocalPath {
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let volume = self.volume(volume_id).ok();
         if let Some(v) = &volume {
-            let published: Vec<String> = self
-                .exposures(v)
-                .await?
-                .into_iter()
-                .filter(|m| m.mount_point != staging_path)
-                .map(|m| m.mount_point.display().to_string())
-                .collect();
+            let published = elsewhere(&self.exposures(v).await?, &[staging_path]);
             if !published.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {volume_id} is still published at {}; call NodeUnpublishVolume first",
@@ -340,14 +334,9 @@ impl NodeBackend for LocalPath {
         check_fits(&v, &req.capability)?;
         let target = &req.target_path;
         if req.capability.mode == AccessMode::SingleNodeSingleWriter {
-            let elsewhere: Vec<String> = self
-                .exposures(&v)
-                .await?
-                .into_iter()
-                .map(|m| m.mount_point)
-                .filter(|p| p != target && Some(p) != req.staging_path.as_ref())
-                .map(|p| p.display().to_string())
-                .collect();
+            let mut keep = vec![target.as_path()];
+            keep.extend(req.staging_path.as_deref());
+            let elsewhere = elsewhere(&self.exposures(&v).await?, &keep);
             if !elsewhere.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod) and already published at {}",
@@ -423,17 +412,7 @@ impl NodeBackend for LocalPath {
         self.host.mounter.unmount(target_path).await?;
         let t = target_path.to_path_buf();
         self.fs("removing the target", move || {
-            let r = match std::fs::symlink_metadata(&t) {
-                Ok(m) if m.is_dir() => std::fs::remove_dir(&t),
-                Ok(_) => std::fs::remove_file(&t),
-                Err(e) => Err(e),
-            };
-            match r {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(Error::io(format!("removing {}", t.display()), e))
-                }
-                _ => Ok(()),
-            }
+            csi_core::fsutil::remove_target(&t)
         })
         .await
     }

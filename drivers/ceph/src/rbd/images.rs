@@ -72,12 +72,7 @@ pub fn ensure_image(
     spec: &ImageSpec,
     origin: &Origin,
 ) -> Result<String> {
-    let exists = match Image::open(io, name) {
-        Ok(_) => true,
-        Err(Error::NotFound(_)) => false,
-        Err(e) => return Err(e),
-    };
-    if !exists {
+    let make = || {
         let made = match origin {
             Origin::Empty => librbd::create(io, name, size, spec),
             Origin::Snapshot {
@@ -92,8 +87,22 @@ pub fn ensure_image(
             } => clone_current(sio, image, tmp, io, name, spec),
         };
         match made {
-            Ok(()) | Err(Error::AlreadyExists(_)) => {}
-            Err(e) => return Err(e),
+            Ok(()) | Err(Error::AlreadyExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    };
+    let exists = match Image::open(io, name) {
+        Ok(_) => true,
+        Err(Error::NotFound(_)) => false,
+        Err(e) => return Err(e),
+    };
+    if !exists {
+        make()?;
+        if let Err(Error::NotFound(_)) = Image::open(io, name) {
+            // A crash in the middle of librbd's create left the name taken
+            // but no image: remove what is there and make it again.
+            librbd::remove(io, name)?;
+            make()?;
         }
     }
     if let Origin::Image {
@@ -166,6 +175,11 @@ pub fn ensure_snapshot(
         };
         drop(src);
         clone_current(src_io, src_image, tmp, io, name, &spec)?;
+        if let Err(Error::NotFound(_)) = Image::open(io, name) {
+            // Half made by a crash inside librbd: start over.
+            librbd::remove(io, name)?;
+            clone_current(src_io, src_image, tmp, io, name, &spec)?;
+        }
     }
     drop_tmp(src_io, src_image, tmp)?;
     let img = Image::open(io, name)?;
@@ -194,7 +208,8 @@ pub fn remove_image(
         Some(id) => id.to_owned(),
         None => match Image::open(io, name) {
             Ok(img) => img.id()?,
-            Err(Error::NotFound(_)) => return Ok(()),
+            // Nothing, or what a crash inside librbd's create left.
+            Err(Error::NotFound(_)) => return librbd::remove(io, name),
             Err(e) => return Err(e),
         },
     };

@@ -4,7 +4,10 @@
 
 pub mod controller;
 pub mod images;
+pub mod node;
 pub mod params;
+
+pub use node::{NodeConfig, NodeHost};
 
 use crate::id::CephId;
 use crate::journal::{Kind, OmapJournal};
@@ -48,6 +51,7 @@ impl Default for Config {
 pub struct Rbd {
     pool: Pool,
     cfg: Config,
+    node: Option<node::Node>,
 }
 
 /// A pool of a cluster, opened as one user.
@@ -71,12 +75,26 @@ pub(crate) fn creds_of(
 }
 
 impl Rbd {
-    /// A driver using the clusters of `map`.
+    /// A driver (controller only) using the clusters of `map`.
     pub fn new(map: ClusterMap, cfg: Config) -> Self {
         Self {
             pool: Pool::new(map, cfg.call_timeout),
             cfg,
+            node: None,
         }
+    }
+
+    /// A driver that also serves the node plugin, its state in `node.state_dir`.
+    pub fn with_node(
+        map: ClusterMap,
+        cfg: Config,
+        node: NodeConfig,
+        host: NodeHost,
+    ) -> Result<Self> {
+        Ok(Self {
+            node: Some(node::Node::open(node, host)?),
+            ..Self::new(map, cfg)
+        })
     }
 
     /// The RADOS namespace images of `cluster` live in.
