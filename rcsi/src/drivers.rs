@@ -396,6 +396,9 @@ struct RbdNodeArgs {
     /// The rbd-fuse program.
     #[arg(long, default_value = "rbd-fuse")]
     rbd_fuse: String,
+    /// The rbd program (`rbd map` for the krbd mounter).
+    #[arg(long, default_value = "rbd")]
+    rbd: String,
     /// Seconds a mapping, mount or unmount may take.
     #[arg(long, default_value_t = 30)]
     mount_timeout: u64,
@@ -437,13 +440,15 @@ fn rbd_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
             mount_timeout,
         )),
         loops: Arc::new(csi_core::blockdev::SystemLoopDevices::new(exec.clone())),
-        blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec)),
+        blockdev: Arc::new(csi_core::blockdev::SystemBlockDevices::new(exec.clone())),
         spawner: Arc::new(csi_core::daemon::SystemSpawner { escape }),
+        exec,
     };
     let node = rcsi_ceph::rbd::NodeConfig {
         node_id: common.node_id,
         state_dir: a.state_dir,
         rbd_fuse: a.rbd_fuse,
+        rbd: a.rbd,
         mount_timeout,
         stats_timeout: Duration::from_secs(a.stats_timeout.max(1)),
         stats_cache: Duration::from_secs(a.stats_cache),

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-/// Pools of the node profiles.
-const NODE_POOLS: [&str; 2] = ["rbd-ext4", "rbd-xfs"];
+/// Pools of the node profiles (the last for the kernel client in the VM).
+const NODE_POOLS: [&str; 3] = ["rbd-ext4", "rbd-xfs", "rbd-krbd"];
 
 /// Cases that read or write volume data, which needs a node plugin.
 const NEED_DATA: &[&str] = &[
@@ -49,6 +49,14 @@ fn controller(b: &Backend, extra: &[&str]) -> Arc<CommandDriver> {
 /// The node plugin (serving the controller too) on this host, mapping
 /// images with rbd-fuse + loop.
 fn node_plugin(b: &Backend) -> Arc<CommandDriver> {
+    node_plugin_with(&b.var("CEPH_CONFIG_FILE"), Some(kill_rbd_fuse))
+}
+
+/// The node plugin with the cluster map at `config`.
+fn node_plugin_with(
+    config: &str,
+    break_volume: Option<rcsi_tests::harness::BreakFn>,
+) -> Arc<CommandDriver> {
     Arc::new(CommandDriver {
         program: env!("CARGO_BIN_EXE_rcsi").into(),
         args: [
@@ -61,7 +69,7 @@ fn node_plugin(b: &Backend) -> Arc<CommandDriver> {
             "rbd-test-node",
             "--serve-controller",
             "--ceph-config",
-            &b.var("CEPH_CONFIG_FILE"),
+            config,
             "--call-timeout",
             "5",
             "--state-dir",
@@ -71,7 +79,7 @@ fn node_plugin(b: &Backend) -> Arc<CommandDriver> {
         ]
         .map(String::from)
         .to_vec(),
-        break_volume: Some(kill_rbd_fuse),
+        break_volume,
         state_root: None,
     })
 }
@@ -777,7 +785,48 @@ async fn stopped_osd(b: &Backend) -> Result<()> {
 type TrialFn =
     fn(&Backend) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + '_>>;
 
+/// Inside the node VM: the whole suite with the kernel client (krbd), the
+/// host's cluster relayed to the guest's 127.0.0.1.
+fn in_node_vm() -> std::process::ExitCode {
+    // The host's files are not all visible in the guest: they come as
+    // one-line JSON (the guest's shell takes no multi-line values).
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, var("RCSI_CEPH_CONFIG")).expect("writing the cluster map");
+    let mut parameters: HashMap<String, String> =
+        serde_json::from_str(&var("RCSI_CEPH_PARAMS")).expect("parameters");
+    parameters.insert("pool".into(), NODE_POOLS[2].into());
+    parameters.insert("mounter".into(), "krbd".into());
+    let secrets: HashMap<String, HashMap<String, String>> =
+        serde_json::from_str(&var("RCSI_CEPH_SECRETS")).expect("secrets");
+    let config = config.display().to_string();
+    let profile = Profile {
+        name: "rbd/krbd-ext4".into(),
+        parameters,
+        secrets,
+        block: true,
+        volume_size: 64 << 20,
+        enforces_size: true,
+        controller_sees_node: true,
+        ..Default::default()
+    };
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    run_suite_with(
+        args,
+        // The kernel's mapping has no process to kill.
+        vec![(node_plugin_with(&config, None), profile)],
+        rcsi_tests::cases::all(),
+        vec![],
+    )
+    .exit_code()
+}
+
 fn main() -> std::process::ExitCode {
+    if std::env::var_os("RCSI_VM_PROFILES").is_some() {
+        return in_node_vm();
+    }
     let b = match Backend::start("ceph") {
         Ok(b) => b,
         Err(e) => {
@@ -839,6 +888,26 @@ fn main() -> std::process::ExitCode {
             .block_on(kill_plugin(&b2))
             .map_err(|e| format!("{e:#}").into())
     });
+    let config_line = std::fs::read_to_string(b.var("CEPH_CONFIG_FILE"))
+        .unwrap_or_default()
+        .replace('\n', " ");
+    let secrets_json =
+        serde_json::to_string(&b.secrets("CEPH_SECRETS_FILE")).expect("secrets as JSON");
+    let params_json =
+        serde_json::to_string(&b.params("CEPH_RBD_SC_PARAMS_FILE")).expect("parameters as JSON");
+    let vm = rcsi_tests::node_vm_trial(
+        "rbd/krbd::in-node-vm",
+        &[
+            ("RCSI_VM_PROFILES", "rbd"),
+            (
+                "RCSI_VM_FORWARD",
+                b.var("CEPH_PORTS").trim_matches('"').trim(),
+            ),
+            ("RCSI_CEPH_CONFIG", &config_line),
+            ("RCSI_CEPH_SECRETS", &secrets_json),
+            ("RCSI_CEPH_PARAMS", &params_json),
+        ],
+    );
     let nodes = run_suite_with(
         args,
         vec![
@@ -852,11 +921,11 @@ fn main() -> std::process::ExitCode {
             ),
         ],
         rcsi_tests::cases::all(),
-        vec![kill],
+        vec![kill, vm],
     );
     conclusion.num_failed += nodes.num_failed;
     conclusion.num_passed += nodes.num_passed;
-    let left = ["rbd", NODE_POOLS[0], NODE_POOLS[1]]
+    let left = ["rbd", NODE_POOLS[0], NODE_POOLS[1], NODE_POOLS[2]]
         .iter()
         .map(|p| leftovers(&b, p))
         .collect::<Result<Vec<_>>>()

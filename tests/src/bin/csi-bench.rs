@@ -44,6 +44,10 @@ struct Args {
     /// Scratch directory for staging and target paths (with --cycle).
     #[arg(long, default_value = "/tmp")]
     scratch: std::path::PathBuf,
+    /// Secrets file (YAML: call kind → key → value, as the backends'
+    /// scripts write them), for drivers whose calls need credentials.
+    #[arg(long)]
+    secrets: Option<std::path::PathBuf>,
     /// Prefix of volume names, so runs can share a driver.
     #[arg(long, default_value = "bench")]
     prefix: String,
@@ -77,7 +81,19 @@ struct Client {
     node: NodeClient<tonic::transport::Channel>,
 }
 
-async fn one(c: &mut Client, args: &Args, params: &HashMap<String, String>, n: u64) -> Result<()> {
+/// What every request carries.
+struct Inputs {
+    params: HashMap<String, String>,
+    secrets: HashMap<String, HashMap<String, String>>,
+}
+
+impl Inputs {
+    fn secret(&self, kind: &str) -> HashMap<String, String> {
+        self.secrets.get(kind).cloned().unwrap_or_default()
+    }
+}
+
+async fn one(c: &mut Client, args: &Args, inputs: &Inputs, n: u64) -> Result<()> {
     let name = format!("{}-{n}", args.prefix);
     let vol = c
         .ctl
@@ -88,7 +104,8 @@ async fn one(c: &mut Client, args: &Args, params: &HashMap<String, String>, n: u
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![mount_cap()],
-            parameters: params.clone(),
+            parameters: inputs.params.clone(),
+            secrets: inputs.secret("CreateVolumeSecret"),
             ..Default::default()
         })
         .await
@@ -108,6 +125,7 @@ async fn one(c: &mut Client, args: &Args, params: &HashMap<String, String>, n: u
                 staging_target_path: staging.clone(),
                 volume_capability: Some(mount_cap()),
                 volume_context: vol.volume_context.clone(),
+                secrets: inputs.secret("NodeStageVolumeSecret"),
                 ..Default::default()
             })
             .await
@@ -143,7 +161,7 @@ async fn one(c: &mut Client, args: &Args, params: &HashMap<String, String>, n: u
     c.ctl
         .delete_volume(csi::DeleteVolumeRequest {
             volume_id: vol.volume_id,
-            ..Default::default()
+            secrets: inputs.secret("DeleteVolumeSecret"),
         })
         .await
         .context("DeleteVolume")?;
@@ -164,7 +182,14 @@ async fn main() -> Result<()> {
     if args.clients == 0 || args.ops == 0 {
         bail!("--clients and --ops must be at least 1");
     }
-    let params: Arc<HashMap<String, String>> = Arc::new(args.params.iter().cloned().collect());
+    let params: Arc<Inputs> = Arc::new(Inputs {
+        params: args.params.iter().cloned().collect(),
+        secrets: args
+            .secrets
+            .as_deref()
+            .map(rcsi_tests::backend::secrets_file)
+            .unwrap_or_default(),
+    });
     let idle_rss = args.pid.and_then(rss_kb);
     let next = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();

@@ -1,7 +1,8 @@
-//! The node: an image becomes a block device through a mapper (here
-//! rbd-fuse, a detached process exposing the image as a file, attached to a
-//! loop device), gets a filesystem when blank, is mounted at the staging
-//! path and bound at its targets; raw block volumes bind the device.
+//! The node: an image becomes a block device through a mapper (the kernel's
+//! krbd via `rbd map`, or rbd-fuse, a detached process exposing the image
+//! as a file, attached to a loop device), gets a filesystem when blank, is
+//! mounted at the staging path and bound at its targets; raw block volumes
+//! bind the device.
 //!
 //! Per staged volume a state file (0600 in a 0700 directory) says which
 //! image backs it and through which device; the keyring rbd-fuse reads
@@ -19,6 +20,7 @@ use csi_core::blockdev::{BlockDevices, LoopDevices};
 use csi_core::daemon::Spawner;
 use csi_core::devvol::{Format, elsewhere, mount_filesystem, publish_device, same_device};
 use csi_core::exec::Command;
+use csi_core::exec::Exec;
 use csi_core::mount::{MountInfo, MountState, Mounter, exposures, vfs_flags};
 use csi_core::stats::StatsCache;
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
@@ -42,6 +44,8 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// The rbd-fuse program.
     pub rbd_fuse: String,
+    /// The rbd program (`rbd map` for krbd).
+    pub rbd: String,
     /// How long a mapping, mount or unmount may take.
     pub mount_timeout: Duration,
     /// How long a statfs may take before the volume is reported abnormal.
@@ -60,6 +64,8 @@ pub struct NodeHost {
     pub blockdev: Arc<dyn BlockDevices>,
     /// Detached helper processes (rbd-fuse).
     pub spawner: Arc<dyn Spawner>,
+    /// Programs (`rbd map`, `rbd unmap`).
+    pub exec: Arc<dyn Exec>,
 }
 
 /// The node side of the driver.
@@ -79,7 +85,10 @@ struct Staged {
     user: String,
     /// Raw block (no filesystem).
     block: bool,
-    /// The file rbd-fuse exposes.
+    /// Mapped by the kernel (krbd), not rbd-fuse.
+    #[serde(default)]
+    krbd: bool,
+    /// The file rbd-fuse exposes (rbd-fuse only).
     file: PathBuf,
     /// The loop device attached to it.
     dev: Option<PathBuf>,
@@ -400,8 +409,125 @@ impl Node {
         .await
     }
 
-    /// The loop device of a staged volume, if still attached to its file.
+    /// The kernel's mapping of the image (`/dev/rbdN`), from /sys/bus/rbd.
+    async fn krbd_find(&self, s: &Staged) -> Result<Option<PathBuf>> {
+        let (pool, ns, image) = (
+            s.pool.clone(),
+            s.namespace.clone().unwrap_or_default(),
+            s.image.clone(),
+        );
+        self.blocking("listing krbd devices".into(), move || {
+            let dir = Path::new("/sys/bus/rbd/devices");
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e,
+                // No rbd module loaded: nothing is mapped.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io("reading /sys/bus/rbd/devices", e)),
+            };
+            for e in entries.flatten() {
+                let read = |f: &str| {
+                    std::fs::read_to_string(e.path().join(f))
+                        .map(|v| v.trim().to_owned())
+                        .unwrap_or_default()
+                };
+                if read("pool") == pool
+                    && read("pool_ns") == ns
+                    && read("name") == image
+                    && read("current_snap") == "-"
+                {
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    return Ok(Some(PathBuf::from(format!("/dev/rbd{id}"))));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Maps the image with the kernel client (reusing a mapping); returns
+    /// the device and whether it mapped it now.
+    async fn krbd_map(
+        &self,
+        s: &Staged,
+        conf: &Path,
+        keyring: &Path,
+        options: Option<&str>,
+    ) -> Result<(PathBuf, bool)> {
+        if let Some(dev) = self.krbd_find(s).await? {
+            return Ok((dev, false));
+        }
+        let spec = match &s.namespace {
+            Some(ns) => format!("{}/{ns}/{}", s.pool, s.image),
+            None => format!("{}/{}", s.pool, s.image),
+        };
+        // No udev in containers: the kernel makes the device node.
+        let mut opts = vec!["noudev".to_owned()];
+        opts.extend(
+            options
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned),
+        );
+        let mut cmd = Command::new(
+            &self.cfg.rbd,
+            [
+                std::ffi::OsString::from("map"),
+                spec.into(),
+                "--id".into(),
+                s.user.clone().into(),
+                "--keyring".into(),
+                keyring.as_os_str().to_owned(),
+                "-c".into(),
+                conf.as_os_str().to_owned(),
+                "-o".into(),
+                opts.join(",").into(),
+            ],
+        );
+        cmd.timeout = self.cfg.mount_timeout;
+        let out = self.host.exec.run(&cmd).await?;
+        let dev = out.stdout.trim();
+        if !dev.starts_with("/dev/rbd") {
+            return Err(Error::Internal(format!(
+                "rbd map printed {dev:?}, not a device"
+            )));
+        }
+        Ok((PathBuf::from(dev), true))
+    }
+
+    /// Unmaps a krbd device; success when it is gone already.
+    async fn krbd_unmap(&self, dev: &Path) -> Result<()> {
+        if !dev.exists() {
+            return Ok(());
+        }
+        let mut cmd = Command::new(
+            &self.cfg.rbd,
+            [
+                "unmap".as_ref(),
+                "-o".as_ref(),
+                "noudev".as_ref(),
+                dev.as_os_str(),
+            ],
+        );
+        cmd.timeout = self.cfg.mount_timeout;
+        self.host.exec.run(&cmd).await.map(drop)
+    }
+
+    /// Whether the image is mapped here and answering.
+    async fn mapped(&self, s: &Staged) -> Result<bool> {
+        if s.krbd {
+            return Ok(self.krbd_find(s).await?.is_some());
+        }
+        Ok(self.file_answers(&s.file).await)
+    }
+
+    /// The device of a staged volume: its krbd device, or the loop device
+    /// still attached to its rbd-fuse file.
     async fn device(&self, s: &Staged) -> Result<Option<PathBuf>> {
+        if s.krbd {
+            return self.krbd_find(s).await;
+        }
         if let Some(dev) = &s.dev {
             let name = dev.file_name().unwrap_or_default().to_owned();
             let file = s.file.clone();
@@ -581,18 +707,24 @@ impl NodeBackend for Rbd {
             _ => {}
         }
         let mounter = MounterKind::parse(ctx(c, "mounter").unwrap_or("krbd"))?;
-        if mounter != MounterKind::Fuse {
-            return Err(Error::InvalidArgument(format!(
-                "mounter {} is not available in this node plugin yet; use mounter: rbd-fuse",
-                mounter.as_str()
-            )));
+        if mounter == MounterKind::Nbd {
+            return Err(Error::InvalidArgument(
+                "mounter rbd-nbd is not available in this node plugin yet; use krbd or rbd-fuse"
+                    .into(),
+            ));
         }
+        let krbd = mounter == MounterKind::Krbd;
         check_ours(&req.volume_id, c, &cluster, &pool, &image)?;
         let creds = creds_of(&req.secrets, "NodeStageVolume", "node-stage")?;
         let monitors = self.pool.cluster(&cluster)?.monitors.clone();
         let namespace = self.namespace(&cluster)?;
         let s = Staged {
-            file: n.fuse_dir(&req.volume_id).join(&image),
+            file: if krbd {
+                PathBuf::new()
+            } else {
+                n.fuse_dir(&req.volume_id).join(&image)
+            },
+            krbd,
             cluster,
             pool,
             namespace,
@@ -602,16 +734,16 @@ impl NodeBackend for Rbd {
             dev: None,
             watcher: None,
         };
-        if let Some(old) = n.load(&req.volume_id).await?
-            && (old.block, &old.image, &old.pool) != (s.block, &s.image, &s.pool)
+        let old = n.load(&req.volume_id).await?;
+        if let Some(o) = &old
+            && (o.block, o.krbd, &o.image, &o.pool) != (s.block, s.krbd, &s.image, &s.pool)
         {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is staged here already in another way; unstage it first",
                 req.volume_id
             )));
         }
-        let old = n.load(&req.volume_id).await?;
-        let mapped = n.file_answers(&s.file).await;
+        let mapped = n.mapped(&s).await?;
         let before = if mapped {
             vec![]
         } else {
@@ -620,8 +752,13 @@ impl NodeBackend for Rbd {
         };
         let (conf, keyring) = n.keys(&s.cluster, &monitors, &creds).await?;
         n.save(&req.volume_id, &s).await?;
-        let (file, started) = n.ensure_fuse(&req.volume_id, &s, &conf, &keyring).await?;
-        let dev = n.host.loops.attach_loop(&file).await?;
+        let (dev, started) = if krbd {
+            n.krbd_map(&s, &conf, &keyring, ctx(c, "mapOptions"))
+                .await?
+        } else {
+            let (file, started) = n.ensure_fuse(&req.volume_id, &s, &conf, &keyring).await?;
+            (n.host.loops.attach_loop(&file).await?, started)
+        };
         let watcher = if started {
             let new: Vec<String> = self
                 .watchers(&s, &creds)
@@ -689,9 +826,16 @@ impl NodeBackend for Rbd {
             }
             n.host.mounter.unmount(staging_path).await?;
             n.stats.forget(staging_path);
-            n.host.loops.detach_loop(&dev).await?;
+            if s.krbd {
+                n.krbd_unmap(&dev).await?;
+            } else {
+                n.host.loops.detach_loop(&dev).await?;
+            }
         } else {
             n.host.mounter.unmount(staging_path).await?;
+        }
+        if s.krbd {
+            return n.forget(volume_id).await;
         }
         if !n.file_answers(&s.file).await
             && let Some(addr) = &s.watcher
@@ -810,7 +954,7 @@ impl NodeBackend for Rbd {
     async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let n = self.node()?;
         let (s, dev) = n.holding(volume_id, Some(path)).await?;
-        if !n.file_answers(&s.file).await {
+        if !s.krbd && !n.file_answers(&s.file).await {
             return Ok(VolumeStats {
                 abnormal: Some(format!(
                     "the rbd-fuse process of image {}/{} is gone; I/O on the volume fails",
@@ -834,13 +978,23 @@ impl NodeBackend for Rbd {
     async fn expand(&self, req: NodeExpand) -> Result<u64> {
         let n = self.node()?;
         let (s, dev) = n.holding(&req.volume_id, Some(&req.path)).await?;
-        // rbd-fuse learns the new size from the image's header notification.
+        // The client (kernel or rbd-fuse) learns the new size from the
+        // image's header notification.
         let t = Instant::now();
-        while n.file_size(&s.file).await? < req.range.required && t.elapsed() < n.cfg.mount_timeout
-        {
+        loop {
+            let seen = if s.krbd {
+                n.host.blockdev.size(&dev).await?
+            } else {
+                n.file_size(&s.file).await?
+            };
+            if seen >= req.range.required || t.elapsed() >= n.cfg.mount_timeout {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        n.host.loops.refresh_loop(&dev).await?;
+        if !s.krbd {
+            n.host.loops.refresh_loop(&dev).await?;
+        }
         let size = n.host.blockdev.size(&dev).await?;
         if size < req.range.required {
             return Err(Error::FailedPrecondition(format!(
