@@ -575,6 +575,29 @@ async fn chains_and_purges(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+/// Creates a 64 MiB mount volume `name` with a profile's parameters and secrets.
+async fn create_in(
+    ctl: &mut ControllerClient<tonic::transport::Channel>,
+    profile: &Profile,
+    name: &str,
+) -> Result<csi::Volume> {
+    ctl.create_volume(csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 64 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap()],
+        parameters: profile.parameters.clone(),
+        secrets: profile.secrets("CreateVolumeSecret"),
+        ..Default::default()
+    })
+    .await?
+    .into_inner()
+    .volume
+    .context("no volume")
+}
+
 /// The pids of the rbd-fuse processes serving the volumes of one node
 /// plugin state directory.
 fn rbd_fuse_pids() -> Vec<String> {
@@ -602,22 +625,7 @@ async fn kill_plugin(b: &Backend) -> Result<()> {
     let mut node = csi::node_client::NodeClient::new(ch);
     let profile = node_profile(b, "kill", NODE_POOLS[0], "", false);
     let secrets = profile.secrets("NodeStageVolumeSecret");
-    let v = ctl
-        .create_volume(csi::CreateVolumeRequest {
-            name: "kill-plugin".into(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 64 << 20,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap()],
-            parameters: profile.parameters.clone(),
-            secrets: secrets.clone(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .volume
-        .context("no volume")?;
+    let v = create_in(&mut ctl, &profile, "kill-plugin").await?;
     let scratch = tempfile::tempdir()?;
     let (st, tg) = (
         scratch.path().join("staging"),
@@ -720,6 +728,56 @@ async fn kill_plugin(b: &Backend) -> Result<()> {
     .await
     .context("DeleteVolume right after the dead client's unstage")?;
     inst.stop().await?;
+    Ok(())
+}
+
+/// Two node plugins (two "nodes", each with its own state) stage one
+/// ReadWriteOnce volume: the second is refused while the first has the
+/// image mapped, and succeeds once the first unstaged it.
+async fn second_node_refused(b: &Backend) -> Result<()> {
+    let (mut a, mut other) = (node_plugin(b).start().await?, node_plugin(b).start().await?);
+    let ch = csi_core::client::connect(&a.endpoint()).await?;
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut node_a = csi::node_client::NodeClient::new(ch);
+    let mut node_b =
+        csi::node_client::NodeClient::new(csi_core::client::connect(&other.endpoint()).await?);
+    let profile = node_profile(b, "two-nodes", NODE_POOLS[0], "", false);
+    let secrets = profile.secrets("NodeStageVolumeSecret");
+    let v = create_in(&mut ctl, &profile, "two-nodes").await?;
+    let scratch = tempfile::tempdir()?;
+    let stage = |dir: &str| {
+        let st = scratch.path().join(dir);
+        std::fs::create_dir_all(&st).expect("staging directory");
+        csi::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: st.display().to_string(),
+            volume_capability: Some(cap()),
+            secrets: secrets.clone(),
+            volume_context: v.volume_context.clone(),
+            ..Default::default()
+        }
+    };
+    let unstage = |dir: &str| csi::NodeUnstageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: scratch.path().join(dir).display().to_string(),
+    };
+    node_a.node_stage_volume(stage("a")).await?;
+    let e = node_b
+        .node_stage_volume(stage("b"))
+        .await
+        .expect_err("a second node mapped an RWO image in use");
+    ensure!(e.code() == Code::FailedPrecondition, "second node: {e:?}");
+    ensure!(e.message().contains("in use"), "{}", e.message());
+    node_a.node_unstage_volume(unstage("a")).await?;
+    node_b.node_stage_volume(stage("b")).await?;
+    node_b.node_unstage_volume(unstage("b")).await?;
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets,
+    })
+    .await?;
+    a.stop().await?;
+    other.stop().await?;
     Ok(())
 }
 
@@ -881,12 +939,8 @@ fn main() -> std::process::ExitCode {
         controller_cases,
         extra,
     );
-    let b2 = b.clone();
-    let kill = libtest_mimic::Trial::test("rbd/fuse-ext4::kill-plugin-under-writer", move || {
-        tokio::runtime::Runtime::new()
-            .expect("runtime")
-            .block_on(kill_plugin(&b2))
-            .map_err(|e| format!("{e:#}").into())
+    let kill = trial("rbd/fuse-ext4::kill-plugin-under-writer", |b| {
+        Box::pin(kill_plugin(b))
     });
     let config_line = std::fs::read_to_string(b.var("CEPH_CONFIG_FILE"))
         .unwrap_or_default()
@@ -908,6 +962,9 @@ fn main() -> std::process::ExitCode {
             ("RCSI_CEPH_PARAMS", &params_json),
         ],
     );
+    let two = trial("rbd/fuse-ext4::second-node-refused", |b| {
+        Box::pin(second_node_refused(b))
+    });
     let nodes = run_suite_with(
         args,
         vec![
@@ -921,7 +978,7 @@ fn main() -> std::process::ExitCode {
             ),
         ],
         rcsi_tests::cases::all(),
-        vec![kill, vm],
+        vec![kill, two, vm],
     );
     conclusion.num_failed += nodes.num_failed;
     conclusion.num_passed += nodes.num_passed;

@@ -32,6 +32,7 @@ clean_host() {
 clean_host
 # Distributed snapshots for the node-deployment csi-snapshotter (README).
 export SNAPSHOT_CONTROLLER_ARGS=--enable-distributed-snapshotting
+mkdir -p "$WORKDIR"
 : > "$FIGURES"
 t=$(now)
 eval "$("$KIT" up "$WORKDIR")"

@@ -34,6 +34,12 @@ unsafe extern "C" {
         image: *mut RbdImage,
         snap: *const c_char,
     ) -> c_int;
+    fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut RbdImage,
+        snap: *const c_char,
+    ) -> c_int;
     fn rbd_close(image: RbdImage) -> c_int;
     fn rbd_get_size(image: RbdImage, size: *mut u64) -> c_int;
     fn rbd_get_features(image: RbdImage, features: *mut u64) -> c_int;
@@ -268,12 +274,28 @@ impl Drop for Image<'_> {
 }
 
 impl<'a> Image<'a> {
-    /// Opens image `name` (NotFound when it does not exist).
+    /// Opens image `name` (NotFound when it does not exist). A writable
+    /// open registers a watch, which a killed process leaves behind for a
+    /// while: open with [`Image::inspect`] when only reading.
     pub fn open(io: &'a IoCtx, name: &str) -> Result<Self> {
+        Self::by_name(io, name, false)
+    }
+
+    /// Opens image `name` read-only (no watch).
+    pub fn inspect(io: &'a IoCtx, name: &str) -> Result<Self> {
+        Self::by_name(io, name, true)
+    }
+
+    fn by_name(io: &'a IoCtx, name: &str, read_only: bool) -> Result<Self> {
         let n = cstr(name)?;
         let mut handle: RbdImage = ptr::null_mut();
+        let open = if read_only {
+            rbd_open_read_only
+        } else {
+            rbd_open
+        };
         // SAFETY: handle is an out pointer; the name outlives the call.
-        let r = unsafe { rbd_open(io.raw(), n.as_ptr(), &mut handle, ptr::null()) };
+        let r = unsafe { open(io.raw(), n.as_ptr(), &mut handle, ptr::null()) };
         check(r, &format!("opening image {name}"))?;
         Ok(Self {
             handle,

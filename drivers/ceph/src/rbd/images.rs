@@ -56,9 +56,9 @@ fn clone_current(
 
 /// Removes the temporary snapshot a crash may have left on a source.
 fn drop_tmp(src_io: &IoCtx, image: &str, tmp: &str) -> Result<()> {
-    match Image::open(src_io, image) {
-        Ok(src) => src.snap_remove(tmp),
-        Err(Error::NotFound(_)) => Ok(()),
+    match Image::inspect(src_io, image) {
+        Ok(src) if src.snap_exists(tmp)? => Image::open(src_io, image)?.snap_remove(tmp),
+        Ok(_) | Err(Error::NotFound(_)) => Ok(()),
         Err(e) => Err(e),
     }
 }
@@ -91,14 +91,14 @@ pub fn ensure_image(
             Err(e) => Err(e),
         }
     };
-    let exists = match Image::open(io, name) {
+    let exists = match Image::inspect(io, name) {
         Ok(_) => true,
         Err(Error::NotFound(_)) => false,
         Err(e) => return Err(e),
     };
     if !exists {
         make()?;
-        if let Err(Error::NotFound(_)) = Image::open(io, name) {
+        if let Err(Error::NotFound(_)) = Image::inspect(io, name) {
             // A crash in the middle of librbd's create left the name taken
             // but no image: remove what is there and make it again.
             librbd::remove(io, name)?;
@@ -113,9 +113,9 @@ pub fn ensure_image(
     {
         drop_tmp(sio, image, tmp)?;
     }
-    let img = Image::open(io, name)?;
+    let img = Image::inspect(io, name)?;
     if img.size()? < size {
-        img.resize(size)?;
+        Image::open(io, name)?.resize(size)?;
     }
     img.id()
 }
@@ -138,10 +138,10 @@ pub fn depth(conn: &Arc<Connection>, img: &Image<'_>) -> Result<u32> {
 /// Flattens image `name` when it is more than `max` clones deep, so chains
 /// stay short; returns whether it did.
 pub fn flatten_if_deep(conn: &Arc<Connection>, io: &IoCtx, name: &str, max: u32) -> Result<bool> {
-    let img = Image::open(io, name)?;
-    if depth(conn, &img)? <= max {
+    if depth(conn, &Image::inspect(io, name)?)? <= max {
         return Ok(false);
     }
+    let img = Image::open(io, name)?;
     let parent = img.parent()?;
     img.flatten()?;
     drop(img);
@@ -162,34 +162,33 @@ pub fn ensure_snapshot(
     max: u32,
 ) -> Result<u64> {
     let (src_io, src_image) = src;
-    let exists = match Image::open(io, name) {
+    let exists = match Image::inspect(io, name) {
         Ok(_) => true,
         Err(Error::NotFound(_)) => false,
         Err(e) => return Err(e),
     };
     if !exists {
-        let src = Image::open(src_io, src_image)?;
+        let src = Image::inspect(src_io, src_image)?;
         let spec = ImageSpec {
             features: src.features()?,
             ..Default::default()
         };
         drop(src);
         clone_current(src_io, src_image, tmp, io, name, &spec)?;
-        if let Err(Error::NotFound(_)) = Image::open(io, name) {
+        if let Err(Error::NotFound(_)) = Image::inspect(io, name) {
             // Half made by a crash inside librbd: start over.
             librbd::remove(io, name)?;
             clone_current(src_io, src_image, tmp, io, name, &spec)?;
         }
     }
     drop_tmp(src_io, src_image, tmp)?;
-    let img = Image::open(io, name)?;
+    let img = Image::inspect(io, name)?;
     if !img.snap_exists(name)? {
         // Snapshots pin a clone to its parent: flatten before taking one.
         drop(img);
         flatten_if_deep(conn, io, name, max)?;
-        let img = Image::open(io, name)?;
-        img.snap_create(name)?;
-        return img.size();
+        Image::open(io, name)?.snap_create(name)?;
+        return Image::inspect(io, name)?.size();
     }
     img.size()
 }
@@ -206,7 +205,7 @@ pub fn remove_image(
 ) -> Result<()> {
     let id = match id.filter(|i| !i.is_empty()) {
         Some(id) => id.to_owned(),
-        None => match Image::open(io, name) {
+        None => match Image::inspect(io, name) {
             Ok(img) => img.id()?,
             // Nothing, or what a crash inside librbd's create left.
             Err(Error::NotFound(_)) => return librbd::remove(io, name),
@@ -226,7 +225,7 @@ pub fn remove_image(
     }
     // Our own snapshots go with the image (a snapshot image's one, a
     // temporary one a crash left); anyone else's stop the delete.
-    match Image::open_by_id(io, &id) {
+    match Image::inspect_by_id(io, &id) {
         Ok(img) => {
             let snaps = img.snapshots()?;
             let (ours, theirs): (Vec<String>, Vec<String>) =
@@ -237,8 +236,11 @@ pub fn remove_image(
                     theirs.join(", ")
                 )));
             }
-            for s in ours {
-                img.snap_remove(&s)?;
+            if !ours.is_empty() {
+                let img = Image::open_by_id(io, &id)?;
+                for s in ours {
+                    img.snap_remove(&s)?;
+                }
             }
         }
         Err(Error::NotFound(_)) => return Ok(()),

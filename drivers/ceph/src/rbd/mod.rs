@@ -1,6 +1,7 @@
 //! `rbd.rcsi.io`: volumes are RBD images. The controller creates, clones,
 //! snapshots, grows and deletes them over librados/librbd with the journal
-//! making every step safe to retry.
+//! making every step safe to retry; the node maps them (krbd or rbd-fuse),
+//! formats and mounts them.
 
 pub mod controller;
 pub mod images;
@@ -35,16 +36,6 @@ pub struct Config {
     pub max_clone_depth: u32,
     /// How long a flatten (a copy of the whole image) may take.
     pub flatten_timeout: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            call_timeout: Duration::from_secs(10),
-            max_clone_depth: 8,
-            flatten_timeout: Duration::from_secs(600),
-        }
-    }
 }
 
 /// The RBD driver.

@@ -606,7 +606,7 @@ impl Rbd {
         let place = self.place_named(&s.cluster, creds, &s.pool).await?;
         let image = s.image.clone();
         self.run(&place, "listing the image's clients", move |_, io| {
-            let id = crate::librbd::Image::open(io, &image)?.id()?;
+            let id = crate::librbd::Image::inspect(io, &image)?.id()?;
             crate::librbd::Image::inspect_by_id(io, &id)?.watchers()
         })
         .await
