@@ -26,6 +26,7 @@ pub mod devvol;
 mod error;
 pub mod exec;
 pub mod fsutil;
+pub mod fuse;
 pub mod group;
 pub mod identity;
 pub mod journal;

@@ -97,13 +97,10 @@ async fn bad_bind_options_mount_nothing() {
     assert_eq!(m.state(&dst).await.unwrap(), MountState::NotMounted);
 }
 
-#[tokio::test]
-async fn dead_fuse_mount_is_detected_and_removed() {
-    root();
-    let d = tempfile::tempdir().unwrap();
-    let target = d.path().join("fuse");
-    std::fs::create_dir_all(&target).unwrap();
-    // A FUSE mount whose daemon is gone: mount with an fd, then close the fd.
+/// Mounts a FUSE filesystem on `target` that no daemon serves; the
+/// returned device keeps its connection open until dropped.
+fn fuse_mount(target: &Path) -> std::fs::File {
+    std::fs::create_dir_all(target).unwrap();
     let fuse = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -115,12 +112,22 @@ async fn dead_fuse_mount_is_detected_and_removed() {
     );
     nix::mount::mount(
         Some("rcsi-test"),
-        &target,
+        target,
         Some("fuse.rcsi-test"),
         nix::mount::MsFlags::empty(),
         Some(opts.as_str()),
     )
     .unwrap();
+    fuse
+}
+
+#[tokio::test]
+async fn dead_fuse_mount_is_detected_and_removed() {
+    root();
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("fuse");
+    // A FUSE mount whose daemon is gone: mount with an fd, then close the fd.
+    let fuse = fuse_mount(&target);
     drop(fuse);
     let m = mounter();
     let state = m.state(&target).await.unwrap();
@@ -128,6 +135,61 @@ async fn dead_fuse_mount_is_detected_and_removed() {
         matches!(state, MountState::Dead(ref i) if i.fs_type == "fuse.rcsi-test"),
         "{state:?}"
     );
+    m.unmount(&target).await.unwrap();
+    assert_eq!(m.state(&target).await.unwrap(), MountState::NotMounted);
+}
+
+/// A FUSE mount whose connection stays open while nobody answers it (the
+/// test holds the device and never replies): a stat hangs. While a live
+/// process names the mountpoint, the probe waits and then times out; once
+/// that process is gone (a zombie counts as gone), the probe aborts the
+/// connection and the mount reads as dead, so it can be removed.
+#[tokio::test]
+async fn hung_fuse_mount_without_a_daemon_is_aborted() {
+    root();
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("fuse");
+    let fuse = fuse_mount(&target);
+    let m = mounter();
+    let info = m
+        .mounts()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|i| i.mount_point == target)
+        .unwrap();
+
+    let mut daemon = std::process::Command::new("sh")
+        .args(["-c", "sleep 600; :", "rcsi-serve"])
+        .arg(&target)
+        .spawn()
+        .unwrap();
+    let pid = daemon.id() as i32;
+    let wait = std::time::Instant::now();
+    while !csi_core::fuse::servers(&target).contains(&pid) {
+        assert!(wait.elapsed() < Duration::from_secs(5), "daemon not seen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let e = csi_core::fuse::probe(&target, &info.dev, Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::DeadlineExceeded(_)), "{e}");
+
+    daemon.kill().unwrap();
+    let wait = std::time::Instant::now();
+    while !csi_core::fuse::dying(pid) {
+        assert!(wait.elapsed() < Duration::from_secs(5), "not a zombie");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(csi_core::fuse::servers(&target).is_empty());
+    let dead = csi_core::fuse::probe(&target, &info.dev, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(dead.is_some_and(|r| r.contains("aborted")));
+    let e = std::fs::metadata(&target).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    daemon.wait().unwrap();
+    drop(fuse);
     m.unmount(&target).await.unwrap();
     assert_eq!(m.state(&target).await.unwrap(), MountState::NotMounted);
 }

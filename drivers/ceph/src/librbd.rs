@@ -11,6 +11,9 @@ use std::ptr;
 
 type RbdImage = *mut c_void;
 type RbdImageOptions = *mut c_void;
+/// The shape of librbd's open calls (by name or id, writable or not).
+type OpenFn =
+    unsafe extern "C" fn(rados_ioctx_t, *const c_char, *mut RbdImage, *const c_char) -> c_int;
 
 #[link(name = "rbd")]
 unsafe extern "C" {
@@ -278,57 +281,35 @@ impl<'a> Image<'a> {
     /// open registers a watch, which a killed process leaves behind for a
     /// while: open with [`Image::inspect`] when only reading.
     pub fn open(io: &'a IoCtx, name: &str) -> Result<Self> {
-        Self::by_name(io, name, false)
+        Self::opened(io, name, name.to_owned(), rbd_open)
     }
 
     /// Opens image `name` read-only (no watch).
     pub fn inspect(io: &'a IoCtx, name: &str) -> Result<Self> {
-        Self::by_name(io, name, true)
-    }
-
-    fn by_name(io: &'a IoCtx, name: &str, read_only: bool) -> Result<Self> {
-        let n = cstr(name)?;
-        let mut handle: RbdImage = ptr::null_mut();
-        let open = if read_only {
-            rbd_open_read_only
-        } else {
-            rbd_open
-        };
-        // SAFETY: handle is an out pointer; the name outlives the call.
-        let r = unsafe { open(io.raw(), n.as_ptr(), &mut handle, ptr::null()) };
-        check(r, &format!("opening image {name}"))?;
-        Ok(Self {
-            handle,
-            name: name.to_owned(),
-            _io: PhantomData,
-        })
+        Self::opened(io, name, name.to_owned(), rbd_open_read_only)
     }
 
     /// Opens the image with internal id `id`, also when it is in the trash.
     pub fn open_by_id(io: &'a IoCtx, id: &str) -> Result<Self> {
-        Self::by_id(io, id, false)
+        Self::opened(io, id, format!("id {id}"), rbd_open_by_id)
     }
 
     /// As [`Image::open_by_id`], read-only: it registers no watch, so
     /// [`Image::watchers`] shows only other clients.
     pub fn inspect_by_id(io: &'a IoCtx, id: &str) -> Result<Self> {
-        Self::by_id(io, id, true)
+        Self::opened(io, id, format!("id {id}"), rbd_open_by_id_read_only)
     }
 
-    fn by_id(io: &'a IoCtx, id: &str, read_only: bool) -> Result<Self> {
-        let i = cstr(id)?;
+    /// Opens the image `key` names (a name or an id, as `open` takes it).
+    fn opened(io: &'a IoCtx, key: &str, name: String, open: OpenFn) -> Result<Self> {
+        let k = cstr(key)?;
         let mut handle: RbdImage = ptr::null_mut();
-        let open = if read_only {
-            rbd_open_by_id_read_only
-        } else {
-            rbd_open_by_id
-        };
-        // SAFETY: handle is an out pointer; the id outlives the call.
-        let r = unsafe { open(io.raw(), i.as_ptr(), &mut handle, ptr::null()) };
-        check(r, &format!("opening image id {id}"))?;
+        // SAFETY: handle is an out pointer; the key outlives the call.
+        let r = unsafe { open(io.raw(), k.as_ptr(), &mut handle, ptr::null()) };
+        check(r, &format!("opening image {name}"))?;
         Ok(Self {
             handle,
-            name: format!("id {id}"),
+            name,
             _io: PhantomData,
         })
     }

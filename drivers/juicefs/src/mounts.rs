@@ -133,30 +133,19 @@ impl FsMounts {
             .collect())
     }
 
-    /// Whether the mount of `key` is up, dead or absent.
+    /// Whether the mount of `key` is up, dead or absent. A mount that hangs
+    /// with no juicefs process left is aborted and reported dead.
     pub async fn health(&self, key: &str) -> Result<Health> {
-        if self.entry(key).await?.is_none() {
+        let Some(entry) = self.entry(key).await? else {
             return Ok(Health::Absent);
-        }
+        };
         let mp = self.mountpoint(key);
-        let r = csi_core::fsutil::blocking(
-            format!("checking the JuiceFS mount {}", mp.display()),
-            self.timeout,
-            move || std::fs::metadata(&mp).map_err(|e| Error::io("stat", e)),
+        Ok(
+            match csi_core::fuse::probe(&mp, &entry.dev, self.timeout).await? {
+                None => Health::Up,
+                Some(why) => Health::Dead(why),
+            },
         )
-        .await;
-        match r {
-            Ok(_) => Ok(Health::Up),
-            Err(Error::Io { source, .. })
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::ENOTCONN | libc::ECONNABORTED)
-                ) =>
-            {
-                Ok(Health::Dead(source.to_string()))
-            }
-            Err(e) => Err(e),
-        }
     }
 
     /// Makes sure `fs` is mounted under `key` (the caller holds

@@ -211,10 +211,13 @@ impl ControllerBackend for Rbd {
             id: id.to_string(),
             attrs,
         };
-        if journal.lookup(&req.name).await?.is_none() {
-            self.check_room(&place, size).await?;
-        }
-        let mut held = journal.reserve(wanted.clone()).await?;
+        let mut held = match journal.lookup(&req.name).await? {
+            Some(held) => held,
+            None => {
+                self.check_room(&place, size).await?;
+                journal.reserve(wanted.clone()).await?
+            }
+        };
         if held.attrs.is_empty() {
             // A crash right after the directory entry: finish the entry.
             journal.update(wanted.clone()).await?;

@@ -21,7 +21,7 @@ use csi_core::daemon::Spawner;
 use csi_core::devvol::{Format, elsewhere, mount_filesystem, publish_device, same_device};
 use csi_core::exec::Command;
 use csi_core::exec::Exec;
-use csi_core::mount::{MountInfo, MountState, Mounter, exposures, vfs_flags};
+use csi_core::mount::{MountInfo, Mounter, exposures, vfs_flags};
 use csi_core::stats::StatsCache;
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
@@ -287,9 +287,13 @@ impl Node {
         keyring: &Path,
     ) -> Result<(PathBuf, bool)> {
         let dir = self.fuse_dir(volume_id);
-        match self.host.mounter.state(&dir).await? {
-            MountState::Mounted(m) if m.fs_type == FUSE_TYPE => {
-                if self.file_answers(&s.file).await {
+        // The mount table, not a stat: a stat of a hung mount would hang.
+        let mounts = self.host.mounter.mounts().await?;
+        match mounts.into_iter().rev().find(|m| m.mount_point == dir) {
+            Some(m) if m.fs_type == FUSE_TYPE => {
+                // Aborts the connection of an rbd-fuse that died holding it.
+                let dead = csi_core::fuse::probe(&dir, &m.dev, self.cfg.mount_timeout).await?;
+                if dead.is_none() && self.file_answers(&s.file).await {
                     return Ok((s.file.clone(), false));
                 }
                 self.host
@@ -297,20 +301,14 @@ impl Node {
                     .unmount_network(&dir, Duration::from_secs(1))
                     .await?;
             }
-            MountState::Mounted(m) => {
+            Some(m) => {
                 return Err(Error::Internal(format!(
                     "{} holds a {} mount, not rbd-fuse",
                     dir.display(),
                     m.fs_type
                 )));
             }
-            MountState::Dead(_) => {
-                self.host
-                    .mounter
-                    .unmount_network(&dir, Duration::from_secs(1))
-                    .await?;
-            }
-            MountState::NotMounted => {}
+            None => {}
         }
         let d = dir.clone();
         self.blocking(format!("creating {}", dir.display()), move || {
@@ -643,19 +641,16 @@ impl Rbd {
         }
     }
 
-    /// FailedPrecondition when another client has the image open and the
-    /// volume may be written from one node only.
+    /// The clients that have the image open; FailedPrecondition when there
+    /// are any and the volume may be written from one node only.
     async fn check_single_node(
         &self,
         s: &Staged,
         creds: &Credentials,
         cap: &Capability,
-    ) -> Result<()> {
-        if cap.mode.is_multi_node() {
-            return Ok(());
-        }
+    ) -> Result<Vec<String>> {
         let watchers = self.watchers(s, creds).await?;
-        if !watchers.is_empty() {
+        if !watchers.is_empty() && !cap.mode.is_multi_node() {
             return Err(Error::FailedPrecondition(format!(
                 "image {}/{} is in use by {} (mapped on another node?); a ReadWriteOnce volume is used from one node at a time",
                 s.pool,
@@ -663,7 +658,7 @@ impl Rbd {
                 watchers.join(", ")
             )));
         }
-        Ok(())
+        Ok(watchers)
     }
 }
 
@@ -747,8 +742,7 @@ impl NodeBackend for Rbd {
         let before = if mapped {
             vec![]
         } else {
-            self.check_single_node(&s, &creds, &req.capability).await?;
-            self.watchers(&s, &creds).await?
+            self.check_single_node(&s, &creds, &req.capability).await?
         };
         let (conf, keyring) = n.keys(&s.cluster, &monitors, &creds).await?;
         n.save(&req.volume_id, &s).await?;
