@@ -95,6 +95,20 @@ fn parse_line(line: &str) -> Option<MountInfo> {
     })
 }
 
+/// Mount points of `fs_type` mounts whose path ends with `tail`: the mount
+/// at `…/tail` and its copies seen through other binds of a parent (a
+/// container started after the mount copies it into its private binds,
+/// where unmounting the original does not reach).
+pub fn copies(mounts: &[MountInfo], fs_type: &str, tail: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mounts
+        .iter()
+        .filter(|m| m.fs_type == fs_type && m.mount_point.ends_with(tail))
+        .map(|m| m.mount_point.clone())
+        .collect();
+    found.dedup();
+    found
+}
+
 /// Every mount through which the file or directory `path` is visible as
 /// the root of that mount: `path` itself when it is a mount point, and each
 /// bind mount of it (bind mounts of those included). `path` must be
@@ -423,6 +437,23 @@ mod tests {
         assert_eq!(points("/base/volumes/v3"), Vec::<PathBuf>::new());
         assert_eq!(points("/dev/loop3"), [Path::new("/pods/blk")]);
         assert_eq!(points("/"), [Path::new("/")]);
+    }
+
+    #[test]
+    fn copies_are_found_under_every_bind_of_a_parent() {
+        let text = "20 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                    30 20 0:9 / /var/lib/kubelet/plugins/d/state/fuse/v1 rw shared:1 - fuse.rbd-fuse rbd-fuse rw\n\
+                    31 20 0:9 / /csi/state/fuse/v1 rw - fuse.rbd-fuse rbd-fuse rw\n\
+                    32 20 0:10 / /csi/state/fuse/v12 rw - fuse.rbd-fuse rbd-fuse rw\n\
+                    33 20 8:1 /x /other/fuse/v1 rw - ext4 /dev/sda1 rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(
+            copies(&m, "fuse.rbd-fuse", Path::new("fuse/v1")),
+            [
+                PathBuf::from("/var/lib/kubelet/plugins/d/state/fuse/v1"),
+                PathBuf::from("/csi/state/fuse/v1")
+            ]
+        );
     }
 
     #[test]

@@ -143,6 +143,16 @@ fn json(b: &Backend, program: &str, args: &[&str]) -> Result<serde_json::Value> 
     serde_json::from_str(&text).with_context(|| format!("{program} {args:?} printed {text:?}"))
 }
 
+/// Loop devices still backed by an image file of rbd-fuse (alive or dead).
+fn image_loops() -> Result<Vec<String>> {
+    let out = Command::new("losetup").arg("-a").output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("/csi-vol-") || l.contains("/csi-snap-"))
+        .map(|l| format!("loop device {l}"))
+        .collect())
+}
+
 /// What a pool still holds of ours: images, trash entries, journal keys
 /// and journal objects.
 fn leftovers(b: &Backend, pool: &str) -> Result<Vec<String>> {
@@ -986,7 +996,11 @@ fn main() -> std::process::ExitCode {
         .iter()
         .map(|p| leftovers(&b, p))
         .collect::<Result<Vec<_>>>()
-        .map(|l| l.concat());
+        .map(|l| l.concat())
+        .and_then(|mut l| {
+            l.extend(image_loops()?);
+            Ok(l)
+        });
     drop(b);
     match left {
         Ok(l) if l.is_empty() => conclusion.exit_code(),

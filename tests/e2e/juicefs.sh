@@ -61,18 +61,11 @@ grows() { local n; n=$(lines); wait_for 20 "the writer stopped writing" sh -c "[
 grows
 before=$(daemons)
 [ -n "$before" ] || fail "no juicefs process for the node's mount"
-for p in $before; do
-  grep -q ':/rcsi-juicefs$' "/proc/$p/cgroup" || fail "juicefs process $p is not in the rcsi-juicefs cgroup: $(cat "/proc/$p/cgroup")"
-done
+in_cgroup rcsi-juicefs $before
 
 # SIGKILL the node plugin; the kubelet restarts its container.
-node_pod=$(kubectl -n rcsi-system get pod -l app.kubernetes.io/name=rcsi-node -o jsonpath='{.items[0].metadata.name}')
-plugin=$(pgrep -f 'rcsi node .*--driver=juicefs')
-t=$(now)
-kill -9 "$plugin"
-wait_for 60 "the node plugin was not restarted" sh -c \
-  "[ \"\$(kubectl -n rcsi-system get pod $node_pod -o jsonpath='{.status.containerStatuses[0].restartCount}/{.status.containerStatuses[0].ready}')\" = 1/true ]"
-figure "juicefs: node plugin SIGKILLed and ready again in $(since "$t") s"
+s=$(kill_plugin juicefs)
+figure "juicefs: node plugin SIGKILLed and ready again in $s s"
 grows
 [ "$(errors)" = 0 ] || fail "the writer saw $(errors) failed writes across the plugin restart"
 [ "$(daemons)" = "$before" ] || fail "the juicefs processes changed across the plugin restart: $before -> $(daemons)"

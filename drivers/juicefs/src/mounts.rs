@@ -236,7 +236,14 @@ impl FsMounts {
     /// is busy or dead) and removes its mountpoint; its daemon then exits.
     pub async fn unmount(&self, key: &str) -> Result<()> {
         let mp = self.mountpoint(key);
-        self.mounter.unmount_network(&mp, self.timeout).await?;
+        // Every view of the mount: its daemon exits once the last is gone.
+        let tail = Path::new(self.root.file_name().unwrap_or_default()).join(key);
+        let mut views = csi_core::mount::copies(&self.table().await?, FS_TYPE, &tail);
+        views.retain(|v| *v != mp);
+        views.insert(0, mp.clone());
+        for v in &views {
+            self.mounter.unmount_network(v, self.timeout).await?;
+        }
         let dir = mp.clone();
         csi_core::fsutil::blocking("removing a mountpoint", self.timeout, move || {
             match std::fs::remove_dir(&dir) {

@@ -21,7 +21,7 @@ use csi_core::daemon::Spawner;
 use csi_core::devvol::{Format, elsewhere, mount_filesystem, publish_device, same_device};
 use csi_core::exec::Command;
 use csi_core::exec::Exec;
-use csi_core::mount::{MountInfo, Mounter, exposures, vfs_flags};
+use csi_core::mount::{MountInfo, Mounter, copies, exposures, vfs_flags};
 use csi_core::stats::StatsCache;
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
@@ -529,11 +529,16 @@ impl Node {
         if let Some(dev) = &s.dev {
             let name = dev.file_name().unwrap_or_default().to_owned();
             let file = s.file.clone();
+            // The recorded loop device still backed by the image's file,
+            // also when its rbd-fuse is gone (then the kernel shows the
+            // file as "/<image> (deleted)").
             let attached = self
                 .blocking("reading a loop device".into(), move || {
                     let p = Path::new("/sys/block").join(name).join("loop/backing_file");
-                    Ok(std::fs::read_to_string(p)
-                        .is_ok_and(|b| Path::new(b.trim_end_matches('\n')) == file))
+                    Ok(std::fs::read_to_string(p).is_ok_and(|b| {
+                        let b = b.trim_end_matches('\n').trim_end_matches(" (deleted)");
+                        Path::new(b) == file || Path::new(b).file_name() == file.file_name()
+                    }))
                 })
                 .await?;
             if attached {
@@ -837,10 +842,17 @@ impl NodeBackend for Rbd {
             self.blocklist(&s, addr).await;
         }
         let dir = n.fuse_dir(volume_id);
-        n.host
-            .mounter
-            .unmount_network(&dir, Duration::from_secs(5))
-            .await?;
+        // Every view of the mount: rbd-fuse exits once the last is gone.
+        let tail = Path::new("fuse").join(volume_id);
+        let mut views = copies(&n.host.mounter.mounts().await?, FUSE_TYPE, &tail);
+        views.retain(|v| *v != dir);
+        views.insert(0, dir.clone());
+        for v in &views {
+            n.host
+                .mounter
+                .unmount_network(v, Duration::from_secs(5))
+                .await?;
+        }
         let d = dir.clone();
         n.blocking(
             format!("removing {}", dir.display()),
