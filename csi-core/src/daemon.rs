@@ -182,6 +182,52 @@ impl Spawner for SystemSpawner {
     }
 }
 
+/// Processes, not exiting, that have `arg` among their arguments (how a
+/// restarted plugin finds the daemons it started: by a mountpoint, a cookie).
+pub fn naming(arg: &std::ffi::OsStr) -> Vec<i32> {
+    let want = arg.as_encoded_bytes();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == want))
+        })
+        .filter(|pid| !dying(*pid))
+        .collect()
+}
+
+/// Whether process `pid` is exiting: a zombie (leader) or a SIGKILL pending
+/// on any of its threads. A missing process counts as exiting.
+pub fn dying(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    let status = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let leader = status(format!("/proc/{pid}/status").into());
+    if field(&leader, "State:").is_some_and(|s| s.starts_with(['Z', 'X'])) {
+        return true;
+    }
+    tasks.flatten().any(|t| {
+        let s = status(t.path().join("status"));
+        ["SigPnd:", "ShdPnd:"].iter().any(|k| {
+            field(&s, k)
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .is_some_and(|mask| mask & (1 << (libc::SIGKILL - 1)) != 0)
+        })
+    })
+}
+
+/// The value of `key` in a /proc status text.
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +248,11 @@ mod tests {
         let missing = Command::new("no-such-program-rcsi", Vec::<String>::new());
         let e = SystemSpawner::default().spawn(&missing, &log).unwrap_err();
         assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+    }
+
+    #[test]
+    fn this_process_is_not_dying_and_a_missing_one_is() {
+        assert!(!dying(std::process::id() as i32));
+        assert!(dying(i32::MAX));
     }
 }

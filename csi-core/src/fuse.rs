@@ -8,7 +8,7 @@
 //! connection, so the mount reads as dead and can be healed.
 
 use crate::{Error, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Where the kernel's fusectl filesystem is mounted.
@@ -17,50 +17,10 @@ const FUSECTL: &str = "/sys/fs/fuse/connections";
 /// How long a stat may hang before the mount's daemons are looked for.
 const PATIENCE: Duration = Duration::from_millis(500);
 
-/// Whether process `pid` is exiting: a zombie (leader) or a SIGKILL pending
-/// on any of its threads. A missing process counts as exiting.
-pub fn dying(pid: i32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return true;
-    };
-    let status = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-    let leader = status(format!("/proc/{pid}/status").into());
-    if field(&leader, "State:").is_some_and(|s| s.starts_with(['Z', 'X'])) {
-        return true;
-    }
-    tasks.flatten().any(|t| {
-        let s = status(t.path().join("status"));
-        ["SigPnd:", "ShdPnd:"].iter().any(|k| {
-            field(&s, k)
-                .and_then(|v| u64::from_str_radix(v, 16).ok())
-                .is_some_and(|mask| mask & (1 << (libc::SIGKILL - 1)) != 0)
-        })
-    })
-}
-
-/// The value of `key` in a /proc status text.
-fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(str::trim)
-}
-
 /// Processes not exiting whose arguments name `mountpoint`: the daemons
 /// that serve it (juicefs, rbd-fuse and ceph-fuse all take it as an argument).
 pub fn servers(mountpoint: &Path) -> Vec<i32> {
-    let want = mountpoint.as_os_str().as_encoded_bytes();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == want))
-        })
-        .filter(|pid| !dying(*pid))
-        .collect()
+    crate::daemon::naming(mountpoint.as_os_str())
 }
 
 /// The fusectl name of a FUSE mount's connection: its device number as the
@@ -167,11 +127,5 @@ mod tests {
         assert_eq!(connection("0:57"), Some(57));
         assert_eq!(connection("7:3"), Some((7 << 20) | 3));
         assert_eq!(connection("x"), None);
-    }
-
-    #[test]
-    fn this_process_is_not_dying_and_a_missing_one_is() {
-        assert!(!dying(std::process::id() as i32));
-        assert!(dying(i32::MAX));
     }
 }

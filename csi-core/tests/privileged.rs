@@ -177,7 +177,7 @@ async fn hung_fuse_mount_without_a_daemon_is_aborted() {
 
     daemon.kill().unwrap();
     let wait = std::time::Instant::now();
-    while !csi_core::fuse::dying(pid) {
+    while !csi_core::daemon::dying(pid) {
         assert!(wait.elapsed() < Duration::from_secs(5), "not a zombie");
         std::thread::sleep(Duration::from_millis(10));
     }

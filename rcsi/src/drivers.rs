@@ -399,6 +399,13 @@ struct RbdNodeArgs {
     /// The rbd program (`rbd map` for the krbd mounter).
     #[arg(long, default_value = "rbd")]
     rbd: String,
+    /// The rbd-nbd program (the rbd-nbd mounter).
+    #[arg(long, default_value = "rbd-nbd")]
+    rbd_nbd: String,
+    /// Seconds between checks for rbd-nbd processes that died (a new one
+    /// attaches to the device, whose I/O the kernel holds meanwhile).
+    #[arg(long, default_value_t = 10)]
+    heal_interval: u64,
     /// Seconds a mapping, mount or unmount may take.
     #[arg(long, default_value_t = 30)]
     mount_timeout: u64,
@@ -449,6 +456,7 @@ fn rbd_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
         state_dir: a.state_dir,
         rbd_fuse: a.rbd_fuse,
         rbd: a.rbd,
+        rbd_nbd: a.rbd_nbd,
         mount_timeout,
         stats_timeout: Duration::from_secs(a.stats_timeout.max(1)),
         stats_cache: Duration::from_secs(a.stats_cache),
@@ -457,6 +465,7 @@ fn rbd_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
         rcsi_ceph::rbd::Rbd::with_node(map, cfg, node, host)
             .context("opening the RBD node state directory")?,
     );
+    driver.heal_forever(Duration::from_secs(a.heal_interval.max(1)));
     let mut services = Services::all(driver);
     if !a.serve_controller {
         services.controller = None;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 
 /// Pools of the node profiles (the last for the kernel client in the VM).
-const NODE_POOLS: [&str; 3] = ["rbd-ext4", "rbd-xfs", "rbd-krbd"];
+const NODE_POOLS: [&str; 4] = ["rbd-ext4", "rbd-xfs", "rbd-krbd", "rbd-nbd"];
 
 /// Cases that read or write volume data, which needs a node plugin.
 const NEED_DATA: &[&str] = &[
@@ -75,6 +75,8 @@ fn node_plugin_with(
             "--state-dir",
             "{state}",
             "--stats-cache",
+            "1",
+            "--heal-interval",
             "1",
         ]
         .map(String::from)
@@ -608,10 +610,20 @@ async fn create_in(
     .context("no volume")
 }
 
-/// The pids of the rbd-fuse processes serving the volumes of one node
-/// plugin state directory.
-fn rbd_fuse_pids() -> Vec<String> {
-    let out = Command::new("pgrep").args(["-x", "rbd-fuse"]).output();
+/// SIGKILL the node plugin while a writer fsyncs into a published volume:
+/// the writer sees no error, the rbd-fuse process stays, and the restarted
+/// plugin carries on from its state files. Then the rbd-fuse process is
+/// killed: the volume condition says so, and unpublish, unstage and delete
+/// still work (the dead client is blocklisted, so its watch does not keep
+/// the image busy).
+async fn kill_plugin(b: &Backend) -> Result<()> {
+    let profile = node_profile(b, "kill", NODE_POOLS[0], "", false);
+    kill_plugin_and_helper(node_plugin(b), &profile, "rbd-fuse").await
+}
+
+/// The processes named `name`.
+fn pids_of(name: &str) -> Vec<String> {
+    let out = Command::new("pgrep").args(["-x", name]).output();
     out.map(|o| {
         String::from_utf8_lossy(&o.stdout)
             .lines()
@@ -621,21 +633,23 @@ fn rbd_fuse_pids() -> Vec<String> {
     .unwrap_or_default()
 }
 
-/// SIGKILL the node plugin while a writer fsyncs into a published volume:
-/// the writer sees no error, the rbd-fuse process stays, and the restarted
-/// plugin carries on from its state files. Then the rbd-fuse process is
-/// killed: the volume condition says so, and unpublish, unstage and delete
-/// still work (the dead client is blocklisted, so its watch does not keep
-/// the image busy).
-async fn kill_plugin(b: &Backend) -> Result<()> {
+/// As [`kill_plugin`] for the mapping process `helper` of `profile`'s
+/// mounter. rbd-nbd is killed while the writer runs: the kernel holds the
+/// I/O until the plugin attaches a new rbd-nbd, so the writer sees no
+/// error and the condition is healthy again; rbd-fuse cannot be replaced
+/// under its loop device, so its death is reported in the condition.
+async fn kill_plugin_and_helper(
+    plugin: Arc<CommandDriver>,
+    profile: &Profile,
+    helper: &str,
+) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut inst = node_plugin(b).start().await?;
+    let mut inst = plugin.start().await?;
     let ch = csi_core::client::connect(&inst.endpoint()).await?;
     let mut ctl = ControllerClient::new(ch.clone());
     let mut node = csi::node_client::NodeClient::new(ch);
-    let profile = node_profile(b, "kill", NODE_POOLS[0], "", false);
     let secrets = profile.secrets("NodeStageVolumeSecret");
-    let v = create_in(&mut ctl, &profile, "kill-plugin").await?;
+    let v = create_in(&mut ctl, profile, "kill-plugin").await?;
     let scratch = tempfile::tempdir()?;
     let (st, tg) = (
         scratch.path().join("staging"),
@@ -661,7 +675,7 @@ async fn kill_plugin(b: &Backend) -> Result<()> {
         ..Default::default()
     })
     .await?;
-    let fuse_before = rbd_fuse_pids();
+    let helpers = pids_of(helper);
     let stop = Arc::new(AtomicBool::new(false));
     let w = rcsi_tests::writer(tg.join("log"), stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -672,10 +686,12 @@ async fn kill_plugin(b: &Backend) -> Result<()> {
     let written = written.map_err(|e| anyhow::anyhow!("the writer saw an error: {e}"))?;
     ensure!(written > 0, "nothing written");
     ensure!(
-        rbd_fuse_pids() == fuse_before,
-        "rbd-fuse processes changed across the plugin's SIGKILL"
+        pids_of(helper) == helpers,
+        "{helper} processes changed across the plugin's SIGKILL"
     );
-    eprintln!("plugin SIGKILLed under a writer: {written} bytes fsynced, no error, same rbd-fuse");
+    eprintln!(
+        "figure: plugin SIGKILLed under a writer: {written} bytes fsynced, no error, same {helper}"
+    );
 
     let ch = csi_core::client::connect(&inst.endpoint()).await?;
     let mut ctl = ControllerClient::new(ch.clone());
@@ -701,25 +717,51 @@ async fn kill_plugin(b: &Backend) -> Result<()> {
             .is_some_and(|c| !c.abnormal),
         "after the restart: {healthy:?}"
     );
-    let killed = Command::new("pkill")
-        .args(["-9", "-f", &format!("/fuse/{}$", v.volume_id)])
-        .status()?;
-    ensure!(killed.success(), "no rbd-fuse for the volume");
-    let t = Instant::now();
-    loop {
-        let s = stats(&mut node).await?;
-        if s.volume_condition.as_ref().is_some_and(|c| c.abnormal) {
-            eprintln!(
-                "rbd-fuse killed: {}",
-                s.volume_condition.unwrap_or_default().message
-            );
-            break;
+    if helper == "rbd-nbd" {
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = rcsi_tests::writer(tg.join("log2"), stop.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed = Command::new("pkill").args(["-9", "-x", helper]).status()?;
+        ensure!(killed.success(), "no {helper} for the volume");
+        let t = Instant::now();
+        while pids_of(helper).is_empty() || pids_of(helper) == helpers {
+            ensure!(t.elapsed() < Duration::from_secs(20), "no new {helper}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let healed = t.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, Ordering::Relaxed);
+        let written = w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+        let written = written.map_err(|e| anyhow::anyhow!("the writer saw an error: {e}"))?;
+        let s = stats(&mut node).await?;
         ensure!(
-            t.elapsed() < Duration::from_secs(5),
-            "condition still healthy: {s:?}"
+            s.volume_condition.as_ref().is_some_and(|c| !c.abnormal),
+            "after the heal: {s:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        eprintln!(
+            "figure: {helper} SIGKILLed under a writer: a new one attached after {healed:?}; {written} bytes fsynced, no error"
+        );
+    } else {
+        let killed = Command::new("pkill")
+            .args(["-9", "-f", &format!("/fuse/{}$", v.volume_id)])
+            .status()?;
+        ensure!(killed.success(), "no rbd-fuse for the volume");
+        let t = Instant::now();
+        loop {
+            let s = stats(&mut node).await?;
+            if s.volume_condition.as_ref().is_some_and(|c| c.abnormal) {
+                eprintln!(
+                    "rbd-fuse killed: {}",
+                    s.volume_condition.unwrap_or_default().message
+                );
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(5),
+                "condition still healthy: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
         volume_id: v.volume_id.clone(),
@@ -853,8 +895,9 @@ async fn stopped_osd(b: &Backend) -> Result<()> {
 type TrialFn =
     fn(&Backend) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + '_>>;
 
-/// Inside the node VM: the whole suite with the kernel client (krbd), the
-/// host's cluster relayed to the guest's 127.0.0.1.
+/// Inside the node VM: the whole suite with the kernel client (krbd) and
+/// with rbd-nbd, the host's cluster relayed to the guest's 127.0.0.1; then
+/// the plugin and rbd-nbd SIGKILLed under a writer.
 fn in_node_vm() -> std::process::ExitCode {
     // The host's files are not all visible in the guest: they come as
     // one-line JSON (the guest's shell takes no multi-line values).
@@ -862,31 +905,49 @@ fn in_node_vm() -> std::process::ExitCode {
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     let config = dir.path().join("config.json");
     std::fs::write(&config, var("RCSI_CEPH_CONFIG")).expect("writing the cluster map");
-    let mut parameters: HashMap<String, String> =
-        serde_json::from_str(&var("RCSI_CEPH_PARAMS")).expect("parameters");
-    parameters.insert("pool".into(), NODE_POOLS[2].into());
-    parameters.insert("mounter".into(), "krbd".into());
-    let secrets: HashMap<String, HashMap<String, String>> =
-        serde_json::from_str(&var("RCSI_CEPH_SECRETS")).expect("secrets");
     let config = config.display().to_string();
-    let profile = Profile {
-        name: "rbd/krbd-ext4".into(),
-        parameters,
-        secrets,
-        block: true,
-        volume_size: 64 << 20,
-        enforces_size: true,
-        controller_sees_node: true,
-        ..Default::default()
+    let profile = |name: &str, pool: &str, mounter: &str| {
+        let mut parameters: HashMap<String, String> =
+            serde_json::from_str(&var("RCSI_CEPH_PARAMS")).expect("parameters");
+        parameters.insert("pool".into(), pool.into());
+        parameters.insert("mounter".into(), mounter.into());
+        Profile {
+            name: name.into(),
+            parameters,
+            secrets: serde_json::from_str(&var("RCSI_CEPH_SECRETS")).expect("secrets"),
+            block: true,
+            volume_size: 64 << 20,
+            enforces_size: true,
+            controller_sees_node: true,
+            ..Default::default()
+        }
     };
+    let nbd = profile("rbd/nbd-ext4", NODE_POOLS[3], "rbd-nbd");
+    let (c, p) = (config.clone(), nbd.clone());
+    let heal = libtest_mimic::Trial::test("rbd/nbd-ext4::kill-plugin-and-rbd-nbd", move || {
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(kill_plugin_and_helper(
+                node_plugin_with(&c, None),
+                &p,
+                "rbd-nbd",
+            ))
+            .map_err(|e| format!("{e:#}").into())
+    });
     let mut args = libtest_mimic::Arguments::from_args();
     args.test_threads = Some(1);
     run_suite_with(
         args,
-        // The kernel's mapping has no process to kill.
-        vec![(node_plugin_with(&config, None), profile)],
+        // Neither the kernel's mapping nor a healed rbd-nbd stays broken.
+        vec![
+            (
+                node_plugin_with(&config, None),
+                profile("rbd/krbd-ext4", NODE_POOLS[2], "krbd"),
+            ),
+            (node_plugin_with(&config, None), nbd),
+        ],
         rcsi_tests::cases::all(),
-        vec![],
+        vec![heal],
     )
     .exit_code()
 }
@@ -960,7 +1021,7 @@ fn main() -> std::process::ExitCode {
     let params_json =
         serde_json::to_string(&b.params("CEPH_RBD_SC_PARAMS_FILE")).expect("parameters as JSON");
     let vm = rcsi_tests::node_vm_trial(
-        "rbd/krbd::in-node-vm",
+        "rbd/krbd+nbd::in-node-vm",
         &[
             ("RCSI_VM_PROFILES", "rbd"),
             (
@@ -992,8 +1053,8 @@ fn main() -> std::process::ExitCode {
     );
     conclusion.num_failed += nodes.num_failed;
     conclusion.num_passed += nodes.num_passed;
-    let left = ["rbd", NODE_POOLS[0], NODE_POOLS[1], NODE_POOLS[2]]
-        .iter()
+    let left = std::iter::once(&"rbd")
+        .chain(NODE_POOLS.iter())
         .map(|p| leftovers(&b, p))
         .collect::<Result<Vec<_>>>()
         .map(|l| l.concat())

@@ -940,6 +940,13 @@ pub fn node_vm_trial(name: &str, env: &[(&str, &str)]) -> libtest_mimic::Trial {
                 .find(|l| l.starts_with("test result:"))
                 .unwrap_or("no summary");
             eprintln!("{label}: {summary}");
+            // Figures the guest's trials print.
+            let err = String::from_utf8_lossy(&out.stderr);
+            for l in text.lines().chain(err.lines()) {
+                if let Some(f) = l.split_once("figure: ").map(|(_, f)| f) {
+                    eprintln!("{label}: {f}");
+                }
+            }
             Ok(())
         };
         run().map_err(|e| format!("{e:#}").into())

@@ -88,6 +88,23 @@ impl Rbd {
         })
     }
 
+    /// Checks the node's rbd-nbd mappings every `every` from now on and
+    /// attaches a new rbd-nbd where one died (no-op without a node).
+    pub fn heal_forever(self: &std::sync::Arc<Self>, every: std::time::Duration) {
+        if self.node.is_none() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Some(n) = &me.node {
+                    n.heal_nbd().await;
+                }
+            }
+        });
+    }
+
     /// The RADOS namespace images of `cluster` live in.
     fn namespace(&self, cluster: &str) -> Result<Option<String>> {
         Ok(self.pool.cluster(cluster)?.rbd.rados_namespace.clone())

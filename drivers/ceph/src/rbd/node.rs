@@ -46,6 +46,8 @@ pub struct NodeConfig {
     pub rbd_fuse: String,
     /// The rbd program (`rbd map` for krbd).
     pub rbd: String,
+    /// The rbd-nbd program.
+    pub rbd_nbd: String,
     /// How long a mapping, mount or unmount may take.
     pub mount_timeout: Duration,
     /// How long a statfs may take before the volume is reported abnormal.
@@ -53,6 +55,40 @@ pub struct NodeConfig {
     /// How long NodeGetVolumeStats answers from its cache.
     pub stats_cache: Duration,
 }
+
+/// The arguments rbd-fuse and rbd-nbd share: in the foreground, the
+/// cluster's conf and the user's keyring.
+fn client_args(s: &Staged, conf: &Path, keyring: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "-f".into(),
+        "-c".into(),
+        conf.into(),
+        "--id".into(),
+        s.user.clone().into(),
+        "--keyring".into(),
+        keyring.into(),
+    ]
+}
+
+impl Staged {
+    /// Whether a kernel block device (krbd or nbd) holds the mapping, with
+    /// no rbd-fuse file and loop device.
+    fn kernel_device(&self) -> bool {
+        self.krbd || self.nbd
+    }
+
+    /// The image as `pool[/namespace]/image`.
+    fn spec(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}/{ns}/{}", self.pool, self.image),
+            None => format!("{}/{}", self.pool, self.image),
+        }
+    }
+}
+
+/// How long the kernel keeps an nbd device whose rbd-nbd died, queueing
+/// its I/O for a new rbd-nbd to attach.
+const NBD_REATTACH: Duration = Duration::from_secs(300);
 
 /// The privileged operations of the node.
 pub struct NodeHost {
@@ -73,6 +109,9 @@ pub(crate) struct Node {
     cfg: NodeConfig,
     host: NodeHost,
     stats: StatsCache,
+    /// Held while an rbd-nbd is started or a device unmapped, so the
+    /// healer never attaches to a device being unmapped or just mapped.
+    nbd_lock: tokio::sync::Mutex<()>,
 }
 
 /// What is known of a staged volume.
@@ -88,6 +127,16 @@ struct Staged {
     /// Mapped by the kernel (krbd), not rbd-fuse.
     #[serde(default)]
     krbd: bool,
+    /// Mapped by rbd-nbd.
+    #[serde(default)]
+    nbd: bool,
+    /// The cookie of the rbd-nbd device (the volume id), by which the
+    /// kernel names it and a new rbd-nbd attaches to it.
+    #[serde(default)]
+    cookie: String,
+    /// `mapOptions` of the StorageClass (rbd-nbd's options when it attaches again).
+    #[serde(default)]
+    map_options: Option<String>,
     /// The file rbd-fuse exposes (rbd-fuse only).
     file: PathBuf,
     /// The loop device attached to it.
@@ -181,6 +230,7 @@ impl Node {
             cfg,
             host,
             stats: StatsCache::new("the RBD image does not answer", describe),
+            nbd_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -241,6 +291,15 @@ impl Node {
         .await
     }
 
+    /// Where the ceph.conf of `cluster` and the keyring of `user` are.
+    fn key_paths(&self, cluster: &str, user: &str) -> (PathBuf, PathBuf) {
+        let dir = self.cfg.state_dir.join("keys");
+        (
+            dir.join(format!("{cluster}.conf")),
+            dir.join(format!("{cluster}.{user}.keyring")),
+        )
+    }
+
     /// Writes the ceph.conf and keyring rbd-fuse reads for `cluster` as
     /// `creds` (0600 in the 0700 keys directory); returns their paths.
     async fn keys(
@@ -249,9 +308,7 @@ impl Node {
         monitors: &[String],
         creds: &Credentials,
     ) -> Result<(PathBuf, PathBuf)> {
-        let dir = self.cfg.state_dir.join("keys");
-        let conf = dir.join(format!("{cluster}.conf"));
-        let keyring = dir.join(format!("{cluster}.{}.keyring", creds.user));
+        let (conf, keyring) = self.key_paths(cluster, &creds.user);
         let conf_text = format!(
             "[global]\nmon host = {}\nadmin socket =\nlog file =\nlog to stderr = true\n",
             monitors.join(",")
@@ -315,19 +372,13 @@ impl Node {
             std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))
         })
         .await?;
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "-f".into(),
-            "-c".into(),
-            conf.into(),
-            "--id".into(),
-            s.user.clone().into(),
-            "--keyring".into(),
-            keyring.into(),
+        let mut args = client_args(s, conf, keyring);
+        args.extend([
             "-p".into(),
             s.pool.clone().into(),
             "-r".into(),
             s.image.clone().into(),
-        ];
+        ]);
         if let Some(ns) = &s.namespace {
             args.extend(["-s".into(), ns.clone().into()]);
         }
@@ -339,39 +390,12 @@ impl Node {
             .join(format!("{volume_id}.log"));
         let cmd = Command::new(&self.cfg.rbd_fuse, args);
         let mut daemon = self.host.spawner.spawn(&cmd, &log)?;
-        let t = Instant::now();
-        loop {
-            if self.file_answers(&s.file).await {
-                return Ok((s.file.clone(), true));
-            }
-            let tail = || {
-                std::fs::read_to_string(&log)
-                    .unwrap_or_default()
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            if let Some(code) = *daemon.exited.borrow_and_update() {
-                return Err(Error::Unavailable(format!(
-                    "rbd-fuse for image {}/{} exited ({code}) before exposing it: {}",
-                    s.pool,
-                    s.image,
-                    tail()
-                )));
-            }
-            if t.elapsed() > self.cfg.mount_timeout {
-                return Err(Error::DeadlineExceeded(format!(
-                    "rbd-fuse did not expose image {}/{} within {:?}: {}",
-                    s.pool,
-                    s.image,
-                    self.cfg.mount_timeout,
-                    tail()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let what = format!("rbd-fuse for image {}/{}", s.pool, s.image);
+        let file = &s.file;
+        self.wait_ready(&what, &mut daemon, &log, |_| async move {
+            self.file_answers(file).await.then(|| (file.clone(), true))
+        })
+        .await
     }
 
     /// The size of the file rbd-fuse exposes.
@@ -454,10 +478,7 @@ impl Node {
         if let Some(dev) = self.krbd_find(s).await? {
             return Ok((dev, false));
         }
-        let spec = match &s.namespace {
-            Some(ns) => format!("{}/{ns}/{}", s.pool, s.image),
-            None => format!("{}/{}", s.pool, s.image),
-        };
+        let spec = s.spec();
         // No udev in containers: the kernel makes the device node.
         let mut opts = vec!["noudev".to_owned()];
         opts.extend(
@@ -512,10 +533,207 @@ impl Node {
         self.host.exec.run(&cmd).await.map(drop)
     }
 
+    /// The nbd device whose cookie is `cookie`, from /sys/block.
+    async fn nbd_find(&self, cookie: &str) -> Result<Option<PathBuf>> {
+        let cookie = cookie.to_owned();
+        self.blocking("listing nbd devices".into(), move || {
+            let entries = std::fs::read_dir("/sys/block").ctx(|| "reading /sys/block".into())?;
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("nbd")
+                    && std::fs::read_to_string(e.path().join("backend"))
+                        .is_ok_and(|b| b.trim() == cookie)
+                {
+                    return Ok(Some(Path::new("/dev").join(name)));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Whether an rbd-nbd process serves the volume's device.
+    async fn nbd_alive(&self, s: &Staged) -> bool {
+        let cookie = s.cookie.clone();
+        self.blocking("looking for rbd-nbd".into(), move || {
+            Ok(!csi_core::daemon::naming(std::ffi::OsStr::new(&cookie)).is_empty())
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Starts a detached rbd-nbd that maps the image (or, given `device`,
+    /// attaches to that device, whose rbd-nbd died) and waits until it
+    /// names the device it serves.
+    async fn nbd_start(
+        &self,
+        s: &Staged,
+        conf: &Path,
+        keyring: &Path,
+        device: Option<&Path>,
+    ) -> Result<PathBuf> {
+        let mut args = client_args(s, conf, keyring);
+        args.extend([
+            "--try-netlink".into(),
+            "--reattach-timeout".into(),
+            NBD_REATTACH.as_secs().to_string().into(),
+            "--cookie".into(),
+            s.cookie.clone().into(),
+        ]);
+        // mapOptions: `io-timeout=30,exclusive` become `--io-timeout 30 --exclusive`.
+        for o in s
+            .map_options
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+        {
+            match o.split_once('=') {
+                _ if o.is_empty() => {}
+                Some((k, v)) => args.extend([format!("--{k}").into(), v.into()]),
+                None => args.push(format!("--{o}").into()),
+            }
+        }
+        match device {
+            Some(dev) => args.extend(["attach".into(), "--device".into(), dev.into()]),
+            None => args.push("map".into()),
+        }
+        args.push(s.spec().into());
+        let dir = self.cfg.state_dir.join("nbd");
+        let log = dir.join(format!("{}.log", s.cookie));
+        let (d, l) = (dir.clone(), log.clone());
+        // Only what this rbd-nbd prints counts: the log starts empty.
+        self.blocking(format!("creating {}", dir.display()), move || {
+            std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
+            std::fs::write(&l, b"").ctx(|| format!("emptying {}", l.display()))
+        })
+        .await?;
+        let cmd = Command::new(&self.cfg.rbd_nbd, args);
+        let mut daemon = self.host.spawner.spawn(&cmd, &log)?;
+        let what = format!("rbd-nbd for image {}", s.spec());
+        self.wait_ready(&what, &mut daemon, &log, |text| async move {
+            let dev = text.lines().find(|l| l.starts_with("/dev/nbd"))?;
+            Some(PathBuf::from(dev.trim()))
+        })
+        .await
+    }
+
+    /// Waits until `ready` (given the helper's log so far) has what the
+    /// helper `what` was started for: Unavailable when it exits first,
+    /// DeadlineExceeded (and SIGTERM) after the mount timeout; the errors
+    /// quote its log's last line.
+    async fn wait_ready<T, F, Fut>(
+        &self,
+        what: &str,
+        daemon: &mut csi_core::daemon::Daemon,
+        log: &Path,
+        mut ready: F,
+    ) -> Result<T>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .to_owned();
+            if let Some(v) = ready(text).await {
+                return Ok(v);
+            }
+            if let Some(code) = *daemon.exited.borrow_and_update() {
+                return Err(Error::Unavailable(format!(
+                    "{what} exited ({code}) before it was ready: {tail}"
+                )));
+            }
+            if t.elapsed() > self.cfg.mount_timeout {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(daemon.pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                return Err(Error::DeadlineExceeded(format!(
+                    "{what} was not ready within {:?}: {tail}",
+                    self.cfg.mount_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Maps the image with rbd-nbd, reusing a served device and attaching a
+    /// new rbd-nbd to a device whose rbd-nbd died; returns the device and
+    /// whether it started an rbd-nbd.
+    async fn nbd_map(&self, s: &Staged, conf: &Path, keyring: &Path) -> Result<(PathBuf, bool)> {
+        let _held = self.nbd_lock.lock().await;
+        match self.nbd_find(&s.cookie).await? {
+            Some(dev) if self.nbd_alive(s).await => Ok((dev, false)),
+            Some(dev) => {
+                tracing::warn!(image = %s.spec(), device = %dev.display(), "rbd-nbd is gone; attaching a new one");
+                Ok((self.nbd_start(s, conf, keyring, Some(&dev)).await?, true))
+            }
+            None => Ok((self.nbd_start(s, conf, keyring, None).await?, true)),
+        }
+    }
+
+    /// Unmaps an rbd-nbd device (success when it is gone already) and
+    /// forgets the volume, with the healer kept out until both are done.
+    async fn nbd_unmap(&self, volume_id: &str, s: &Staged) -> Result<()> {
+        let _held = self.nbd_lock.lock().await;
+        if let Some(dev) = self.nbd_find(&s.cookie).await? {
+            let mut cmd = Command::new(&self.cfg.rbd_nbd, ["unmap".as_ref(), dev.as_os_str()]);
+            cmd.timeout = self.cfg.mount_timeout;
+            self.host.exec.run(&cmd).await?;
+        }
+        self.forget(volume_id).await
+    }
+
+    /// Attaches a new rbd-nbd to each staged volume's device whose rbd-nbd
+    /// died (the kernel holds the device's I/O until then).
+    pub(crate) async fn heal_nbd(&self) {
+        let dir = self.cfg.state_dir.join("volumes");
+        let ids: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".json")
+                    .map(str::to_owned)
+            })
+            .collect();
+        for id in ids {
+            let _held = self.nbd_lock.lock().await;
+            let Ok(Some(s)) = self.load(&id).await else {
+                continue;
+            };
+            if !s.nbd || self.nbd_alive(&s).await {
+                continue;
+            }
+            let Ok(Some(dev)) = self.nbd_find(&s.cookie).await else {
+                continue;
+            };
+            let (conf, keyring) = self.key_paths(&s.cluster, &s.user);
+            match self.nbd_start(&s, &conf, &keyring, Some(&dev)).await {
+                Ok(_) => {
+                    tracing::warn!(volume = %id, device = %dev.display(), "rbd-nbd had died; a new one attached to the device")
+                }
+                Err(e) => tracing::error!(volume = %id, error = %e, "cannot attach a new rbd-nbd"),
+            }
+        }
+    }
+
     /// Whether the image is mapped here and answering.
     async fn mapped(&self, s: &Staged) -> Result<bool> {
         if s.krbd {
             return Ok(self.krbd_find(s).await?.is_some());
+        }
+        if s.nbd {
+            return Ok(self.nbd_find(&s.cookie).await?.is_some() && self.nbd_alive(s).await);
         }
         Ok(self.file_answers(&s.file).await)
     }
@@ -525,6 +743,9 @@ impl Node {
     async fn device(&self, s: &Staged) -> Result<Option<PathBuf>> {
         if s.krbd {
             return self.krbd_find(s).await;
+        }
+        if s.nbd {
+            return self.nbd_find(&s.cookie).await;
         }
         if let Some(dev) = &s.dev {
             let name = dev.file_name().unwrap_or_default().to_owned();
@@ -707,24 +928,26 @@ impl NodeBackend for Rbd {
             _ => {}
         }
         let mounter = MounterKind::parse(ctx(c, "mounter").unwrap_or("krbd"))?;
-        if mounter == MounterKind::Nbd {
-            return Err(Error::InvalidArgument(
-                "mounter rbd-nbd is not available in this node plugin yet; use krbd or rbd-fuse"
-                    .into(),
-            ));
-        }
         let krbd = mounter == MounterKind::Krbd;
+        let nbd = mounter == MounterKind::Nbd;
         check_ours(&req.volume_id, c, &cluster, &pool, &image)?;
         let creds = creds_of(&req.secrets, "NodeStageVolume", "node-stage")?;
         let monitors = self.pool.cluster(&cluster)?.monitors.clone();
         let namespace = self.namespace(&cluster)?;
         let s = Staged {
-            file: if krbd {
+            file: if krbd || nbd {
                 PathBuf::new()
             } else {
                 n.fuse_dir(&req.volume_id).join(&image)
             },
             krbd,
+            nbd,
+            cookie: if nbd {
+                req.volume_id.clone()
+            } else {
+                String::new()
+            },
+            map_options: ctx(c, "mapOptions").map(str::to_owned),
             cluster,
             pool,
             namespace,
@@ -736,7 +959,8 @@ impl NodeBackend for Rbd {
         };
         let old = n.load(&req.volume_id).await?;
         if let Some(o) = &old
-            && (o.block, o.krbd, &o.image, &o.pool) != (s.block, s.krbd, &s.image, &s.pool)
+            && (o.block, o.krbd, o.nbd, &o.image, &o.pool)
+                != (s.block, s.krbd, s.nbd, &s.image, &s.pool)
         {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is staged here already in another way; unstage it first",
@@ -754,6 +978,8 @@ impl NodeBackend for Rbd {
         let (dev, started) = if krbd {
             n.krbd_map(&s, &conf, &keyring, ctx(c, "mapOptions"))
                 .await?
+        } else if nbd {
+            n.nbd_map(&s, &conf, &keyring).await?
         } else {
             let (file, started) = n.ensure_fuse(&req.volume_id, &s, &conf, &keyring).await?;
             (n.host.loops.attach_loop(&file).await?, started)
@@ -827,13 +1053,15 @@ impl NodeBackend for Rbd {
             n.stats.forget(staging_path);
             if s.krbd {
                 n.krbd_unmap(&dev).await?;
+            } else if s.nbd {
+                n.nbd_unmap(volume_id, &s).await?;
             } else {
                 n.host.loops.detach_loop(&dev).await?;
             }
         } else {
             n.host.mounter.unmount(staging_path).await?;
         }
-        if s.krbd {
+        if s.kernel_device() {
             return n.forget(volume_id).await;
         }
         if !n.file_answers(&s.file).await
@@ -960,7 +1188,16 @@ impl NodeBackend for Rbd {
     async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let n = self.node()?;
         let (s, dev) = n.holding(volume_id, Some(path)).await?;
-        if !s.krbd && !n.file_answers(&s.file).await {
+        if s.nbd && !n.nbd_alive(&s).await {
+            return Ok(VolumeStats {
+                abnormal: Some(format!(
+                    "the rbd-nbd process of image {}/{} is gone; I/O waits until a new one attaches (within {:?})",
+                    s.pool, s.image, NBD_REATTACH
+                )),
+                ..Default::default()
+            });
+        }
+        if !s.kernel_device() && !n.file_answers(&s.file).await {
             return Ok(VolumeStats {
                 abnormal: Some(format!(
                     "the rbd-fuse process of image {}/{} is gone; I/O on the volume fails",
@@ -988,7 +1225,7 @@ impl NodeBackend for Rbd {
         // image's header notification.
         let t = Instant::now();
         loop {
-            let seen = if s.krbd {
+            let seen = if s.kernel_device() {
                 n.host.blockdev.size(&dev).await?
             } else {
                 n.file_size(&s.file).await?
@@ -998,7 +1235,7 @@ impl NodeBackend for Rbd {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if !s.krbd {
+        if !s.kernel_device() {
             n.host.loops.refresh_loop(&dev).await?;
         }
         let size = n.host.blockdev.size(&dev).await?;
