@@ -95,16 +95,22 @@ fn parse_line(line: &str) -> Option<MountInfo> {
     })
 }
 
-/// Mount points of `fs_type` mounts whose path ends with `tail`: the mount
-/// at `…/tail` and its copies seen through other binds of a parent (a
-/// container started after the mount copies it into its private binds,
-/// where unmounting the original does not reach).
-pub fn copies(mounts: &[MountInfo], fs_type: &str, tail: &Path) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = mounts
-        .iter()
-        .filter(|m| m.fs_type == fs_type && m.mount_point.ends_with(tail))
-        .map(|m| m.mount_point.clone())
-        .collect();
+/// The mount at `path` and every other view of it: mounts of the same
+/// filesystem and root (a container started after the mount copies it
+/// into its private binds, where unmounting the original does not reach).
+/// Empty when nothing is mounted at `path`.
+pub fn views(mounts: &[MountInfo], path: &Path) -> Vec<PathBuf> {
+    let Some(top) = mounts.iter().rev().find(|m| m.mount_point == path) else {
+        return Vec::new();
+    };
+    let mut found = vec![path.to_path_buf()];
+    found.extend(
+        mounts
+            .iter()
+            .filter(|m| m.dev == top.dev && m.root == top.root && m.fs_type == top.fs_type)
+            .map(|m| m.mount_point.clone())
+            .filter(|p| p != path),
+    );
     found.dedup();
     found
 }
@@ -440,20 +446,21 @@ mod tests {
     }
 
     #[test]
-    fn copies_are_found_under_every_bind_of_a_parent() {
+    fn views_are_mounts_of_the_same_filesystem_and_root() {
         let text = "20 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
                     30 20 0:9 / /var/lib/kubelet/plugins/d/state/fuse/v1 rw shared:1 - fuse.rbd-fuse rbd-fuse rw\n\
                     31 20 0:9 / /csi/state/fuse/v1 rw - fuse.rbd-fuse rbd-fuse rw\n\
-                    32 20 0:10 / /csi/state/fuse/v12 rw - fuse.rbd-fuse rbd-fuse rw\n\
-                    33 20 8:1 /x /other/fuse/v1 rw - ext4 /dev/sda1 rw\n";
+                    32 20 0:10 / /other/state/fuse/v1 rw - fuse.rbd-fuse rbd-fuse rw\n\
+                    33 20 0:9 /sub /pods/a rw - fuse.rbd-fuse rbd-fuse rw\n";
         let m = parse_mountinfo(text);
         assert_eq!(
-            copies(&m, "fuse.rbd-fuse", Path::new("fuse/v1")),
+            views(&m, Path::new("/csi/state/fuse/v1")),
             [
+                PathBuf::from("/csi/state/fuse/v1"),
                 PathBuf::from("/var/lib/kubelet/plugins/d/state/fuse/v1"),
-                PathBuf::from("/csi/state/fuse/v1")
             ]
         );
+        assert!(views(&m, Path::new("/nothing")).is_empty());
     }
 
     #[test]

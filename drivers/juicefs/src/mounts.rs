@@ -237,10 +237,10 @@ impl FsMounts {
     pub async fn unmount(&self, key: &str) -> Result<()> {
         let mp = self.mountpoint(key);
         // Every view of the mount: its daemon exits once the last is gone.
-        let tail = Path::new(self.root.file_name().unwrap_or_default()).join(key);
-        let mut views = csi_core::mount::copies(&self.table().await?, FS_TYPE, &tail);
-        views.retain(|v| *v != mp);
-        views.insert(0, mp.clone());
+        let mut views = csi_core::mount::views(&self.table().await?, &mp);
+        if views.is_empty() {
+            views.push(mp.clone());
+        }
         for v in &views {
             self.mounter.unmount_network(v, self.timeout).await?;
         }

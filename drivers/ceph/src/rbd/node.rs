@@ -21,7 +21,7 @@ use csi_core::daemon::Spawner;
 use csi_core::devvol::{Format, elsewhere, mount_filesystem, publish_device, same_device};
 use csi_core::exec::Command;
 use csi_core::exec::Exec;
-use csi_core::mount::{MountInfo, Mounter, copies, exposures, vfs_flags};
+use csi_core::mount::{MountInfo, Mounter, exposures, vfs_flags, views};
 use csi_core::stats::StatsCache;
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
@@ -1071,10 +1071,10 @@ impl NodeBackend for Rbd {
         }
         let dir = n.fuse_dir(volume_id);
         // Every view of the mount: rbd-fuse exits once the last is gone.
-        let tail = Path::new("fuse").join(volume_id);
-        let mut views = copies(&n.host.mounter.mounts().await?, FUSE_TYPE, &tail);
-        views.retain(|v| *v != dir);
-        views.insert(0, dir.clone());
+        let mut views = views(&n.host.mounter.mounts().await?, &dir);
+        if views.is_empty() {
+            views.push(dir.clone());
+        }
         for v in &views {
             n.host
                 .mounter
