@@ -17,12 +17,6 @@ const FUSECTL: &str = "/sys/fs/fuse/connections";
 /// How long a stat may hang before the mount's daemons are looked for.
 const PATIENCE: Duration = Duration::from_millis(500);
 
-/// Processes not exiting whose arguments name `mountpoint`: the daemons
-/// that serve it (juicefs, rbd-fuse and ceph-fuse all take it as an argument).
-pub fn servers(mountpoint: &Path) -> Vec<i32> {
-    crate::daemon::naming(mountpoint.as_os_str())
-}
-
 /// The fusectl name of a FUSE mount's connection: its device number as the
 /// kernel encodes it (`major << 20 | minor`).
 pub fn connection(dev: &str) -> Option<u32> {
@@ -98,7 +92,8 @@ pub async fn probe(mountpoint: &Path, dev: &str, timeout: Duration) -> Result<Op
         }
         let mp = mountpoint.to_path_buf();
         let served = crate::fsutil::blocking("looking for FUSE daemons", timeout, move || {
-            Ok(!servers(&mp).is_empty())
+            // juicefs, rbd-fuse and ceph-fuse take their mountpoint as an argument.
+            Ok(!crate::daemon::naming(mp.as_os_str()).is_empty())
         })
         .await?;
         if !served {

@@ -166,7 +166,7 @@ async fn hung_fuse_mount_without_a_daemon_is_aborted() {
         .unwrap();
     let pid = daemon.id() as i32;
     let wait = std::time::Instant::now();
-    while !csi_core::fuse::servers(&target).contains(&pid) {
+    while !csi_core::daemon::naming(target.as_os_str()).contains(&pid) {
         assert!(wait.elapsed() < Duration::from_secs(5), "daemon not seen");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -181,7 +181,7 @@ async fn hung_fuse_mount_without_a_daemon_is_aborted() {
         assert!(wait.elapsed() < Duration::from_secs(5), "not a zombie");
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(csi_core::fuse::servers(&target).is_empty());
+    assert!(csi_core::daemon::naming(target.as_os_str()).is_empty());
     let dead = csi_core::fuse::probe(&target, &info.dev, Duration::from_secs(10))
         .await
         .unwrap();

@@ -389,10 +389,11 @@ impl Node {
             .join("fuse")
             .join(format!("{volume_id}.log"));
         let cmd = Command::new(&self.cfg.rbd_fuse, args);
+        let from = std::fs::metadata(&log).map_or(0, |m| m.len());
         let mut daemon = self.host.spawner.spawn(&cmd, &log)?;
         let what = format!("rbd-fuse for image {}/{}", s.pool, s.image);
         let file = &s.file;
-        self.wait_ready(&what, &mut daemon, &log, |_| async move {
+        self.wait_ready(&what, &mut daemon, &log, from, |_| async move {
             self.file_answers(file).await.then(|| (file.clone(), true))
         })
         .await
@@ -602,23 +603,24 @@ impl Node {
         let dir = self.cfg.state_dir.join("nbd");
         let log = dir.join(format!("{}.log", s.cookie));
         let (d, l) = (dir.clone(), log.clone());
-        // Only what this rbd-nbd prints counts: the log starts empty.
-        self.blocking(format!("creating {}", dir.display()), move || {
-            std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
-            std::fs::write(&l, b"").ctx(|| format!("emptying {}", l.display()))
-        })
-        .await?;
+        // Only what this rbd-nbd prints counts; a dead one's lines stay.
+        let from = self
+            .blocking(format!("creating {}", dir.display()), move || {
+                std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
+                Ok(std::fs::metadata(&l).map_or(0, |m| m.len()))
+            })
+            .await?;
         let cmd = Command::new(&self.cfg.rbd_nbd, args);
         let mut daemon = self.host.spawner.spawn(&cmd, &log)?;
         let what = format!("rbd-nbd for image {}", s.spec());
-        self.wait_ready(&what, &mut daemon, &log, |text| async move {
+        self.wait_ready(&what, &mut daemon, &log, from, |text| async move {
             let dev = text.lines().find(|l| l.starts_with("/dev/nbd"))?;
             Some(PathBuf::from(dev.trim()))
         })
         .await
     }
 
-    /// Waits until `ready` (given the helper's log so far) has what the
+    /// Waits until `ready` (given what the helper logged past byte `from`) has what the
     /// helper `what` was started for: Unavailable when it exits first,
     /// DeadlineExceeded (and SIGTERM) after the mount timeout; the errors
     /// quote its log's last line.
@@ -627,6 +629,7 @@ impl Node {
         what: &str,
         daemon: &mut csi_core::daemon::Daemon,
         log: &Path,
+        from: u64,
         mut ready: F,
     ) -> Result<T>
     where
@@ -635,7 +638,8 @@ impl Node {
     {
         let t = Instant::now();
         loop {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let all = std::fs::read_to_string(log).unwrap_or_default();
+            let text = all.get(from as usize..).unwrap_or_default().to_owned();
             let tail = text
                 .lines()
                 .rev()
