@@ -1,6 +1,7 @@
-//! Block devices behind two narrow traits: [`LoopDevices`] (how a file
-//! becomes a device; rbd map, rbd-nbd and rbd-fuse+loop plug in beside it)
-//! and [`BlockDevices`] (what is done with any device: blkid, mkfs only when
+//! Block devices behind narrow traits: [`DeviceMapper`] (how a volume's
+//! source becomes a device: loop here; krbd, rbd-nbd and rbd-fuse+loop in
+//! the Ceph driver), [`LoopDevices`] (loop devices as such) and
+//! [`BlockDevices`] (what is done with any device: blkid, mkfs only when
 //! blank, fsck, growth).
 
 use crate::exec::{Command, Exec};
@@ -20,6 +21,43 @@ pub trait LoopDevices: Send + Sync {
     async fn detach_loop(&self, dev: &Path) -> Result<()>;
     /// Makes a loop device pick up its backing file's new size.
     async fn refresh_loop(&self, dev: &Path) -> Result<()>;
+}
+
+/// What a [`DeviceMapper`] turns into a block device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mapping {
+    /// What is mapped: a file (loop) or an image spec (`pool[/namespace]/image`).
+    pub source: String,
+    /// The mapping's stable name (a volume id): mappers that tag their
+    /// devices or keep helper state use it, so a restarted plugin finds them.
+    pub key: String,
+    /// Mapper options, comma-separated (a StorageClass's `mapOptions`).
+    pub options: Option<String>,
+    /// Arguments naming the cluster and the client's credentials (paths
+    /// of a conf and keyring, never a secret itself).
+    pub client: Vec<std::ffi::OsString>,
+    /// The device recorded at the last map, for mappers that cannot tell
+    /// theirs otherwise once its helper died.
+    pub device: Option<PathBuf>,
+}
+
+/// One way a volume becomes a block device on this node.
+#[async_trait]
+pub trait DeviceMapper: Send + Sync {
+    /// Name in logs and errors (`loop`, `krbd`, `rbd-nbd`, `rbd-fuse`).
+    fn name(&self) -> &'static str;
+    /// Maps `m`, reusing a live mapping and serving one whose helper died
+    /// again; returns the device and whether a helper or mapping was started.
+    async fn map(&self, m: &Mapping) -> Result<(PathBuf, bool)>;
+    /// The device mapping `m`, also when its helper died; None when unmapped.
+    async fn find(&self, m: &Mapping) -> Result<Option<PathBuf>>;
+    /// Whether I/O on the mapping is served (false: its helper is gone).
+    async fn alive(&self, m: &Mapping) -> Result<bool>;
+    /// Removes the mapping of `m` (found as [`DeviceMapper::find`] finds
+    /// it) and whatever serves it; success when it is gone already.
+    async fn unmap(&self, m: &Mapping) -> Result<()>;
+    /// Makes `dev` show the source's current size (after a resize).
+    async fn refresh(&self, m: &Mapping, dev: &Path) -> Result<()>;
 }
 
 /// What a driver does with any block device, however it was attached.
@@ -239,6 +277,48 @@ impl LoopDevices for SystemLoopDevices {
             .run(&Command::new("losetup", ["-c".as_ref(), dev.as_os_str()]))
             .await
             .map(drop)
+    }
+}
+
+/// Loop devices as a [`DeviceMapper`]: the source is a file's path.
+#[async_trait]
+impl DeviceMapper for SystemLoopDevices {
+    fn name(&self) -> &'static str {
+        "loop"
+    }
+
+    async fn map(&self, m: &Mapping) -> Result<(PathBuf, bool)> {
+        let file = Path::new(&m.source);
+        if let Some(dev) = self.find_loop(file).await? {
+            return Ok((dev, false));
+        }
+        Ok((self.attach_loop(file).await?, true))
+    }
+
+    async fn find(&self, m: &Mapping) -> Result<Option<PathBuf>> {
+        self.find_loop(Path::new(&m.source)).await
+    }
+
+    async fn alive(&self, m: &Mapping) -> Result<bool> {
+        let file = PathBuf::from(&m.source);
+        crate::fsutil::blocking(
+            "looking at a loop file",
+            crate::fsutil::FS_TIMEOUT,
+            move || Ok(std::fs::metadata(&file).is_ok()),
+        )
+        .await
+        .or(Ok(false))
+    }
+
+    async fn unmap(&self, m: &Mapping) -> Result<()> {
+        match self.find(m).await? {
+            Some(dev) => self.detach_loop(&dev).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn refresh(&self, _m: &Mapping, dev: &Path) -> Result<()> {
+        self.refresh_loop(dev).await
     }
 }
 

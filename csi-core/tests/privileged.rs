@@ -284,6 +284,48 @@ async fn loop_attach_mkfs_once_grow_and_detach() {
     );
 }
 
+#[tokio::test]
+async fn loop_as_a_device_mapper() {
+    use csi_core::blockdev::{DeviceMapper, Mapping};
+    root();
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("mapped.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let exec: Arc<dyn Exec> = Arc::new(SystemExec);
+    let loops = SystemLoopDevices::new(exec.clone());
+    let bd = SystemBlockDevices::new(exec);
+    let m = Mapping {
+        source: img.to_string_lossy().into_owned(),
+        ..Default::default()
+    };
+    assert_eq!(loops.name(), "loop");
+    assert_eq!(loops.find(&m).await.unwrap(), None);
+    let (dev, new) = loops.map(&m).await.unwrap();
+    assert!(new, "the first map attaches");
+    assert_eq!(loops.map(&m).await.unwrap(), (dev.clone(), false));
+    assert_eq!(loops.find(&m).await.unwrap(), Some(dev.clone()));
+    assert!(loops.alive(&m).await.unwrap());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    loops.refresh(&m, &dev).await.unwrap();
+    assert_eq!(bd.size(&dev).await.unwrap(), 48 << 20);
+    loops.unmap(&m).await.unwrap();
+    loops.unmap(&m).await.unwrap();
+    assert_eq!(loops.find(&m).await.unwrap(), None);
+    std::fs::remove_file(&img).unwrap();
+    assert!(
+        !loops.alive(&m).await.unwrap(),
+        "a missing file is not served"
+    );
+}
+
 /// Fills `dir`'s filesystem with one file until ENOSPC; returns its path.
 fn fill_up(dir: &Path) -> std::path::PathBuf {
     use std::io::Write;

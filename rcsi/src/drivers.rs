@@ -402,8 +402,9 @@ struct RbdNodeArgs {
     /// The rbd-nbd program (the rbd-nbd mounter).
     #[arg(long, default_value = "rbd-nbd")]
     rbd_nbd: String,
-    /// Seconds between checks for rbd-nbd processes that died (a new one
-    /// attaches to the device, whose I/O the kernel holds meanwhile).
+    /// Seconds between checks for rbd-nbd and rbd-fuse processes that died
+    /// (a new rbd-nbd attaches to the device; a new rbd-fuse is mapped and
+    /// the volume mounted again).
     #[arg(long, default_value_t = 10)]
     heal_interval: u64,
     /// Seconds a mapping, mount or unmount may take.

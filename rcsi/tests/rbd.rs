@@ -610,12 +610,83 @@ async fn create_in(
     .context("no volume")
 }
 
+type NodeClient = csi::node_client::NodeClient<tonic::transport::Channel>;
+
+/// Writes `data` to `path` and fsyncs it.
+fn write_synced(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Stages volume `v` at `st` and publishes it at `tg` with `cap`.
+async fn stage_publish(
+    node: &mut NodeClient,
+    v: &csi::Volume,
+    cap: &csi::VolumeCapability,
+    secrets: &HashMap<String, String>,
+    st: &std::path::Path,
+    tg: &std::path::Path,
+) -> Result<()> {
+    let path = |p: &std::path::Path| p.display().to_string();
+    node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: path(st),
+        volume_capability: Some(cap.clone()),
+        secrets: secrets.clone(),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    })
+    .await?;
+    node.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: path(st),
+        target_path: path(tg),
+        volume_capability: Some(cap.clone()),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+/// Unpublishes, unstages and deletes volume `v` (see [`stage_publish`]).
+async fn unpublish_unstage_delete(
+    node: &mut NodeClient,
+    ctl: &mut ControllerClient<tonic::transport::Channel>,
+    v: &csi::Volume,
+    secrets: HashMap<String, String>,
+    st: &std::path::Path,
+    tg: &std::path::Path,
+) -> Result<()> {
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: tg.display().to_string(),
+    })
+    .await?;
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: st.display().to_string(),
+    })
+    .await?;
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets,
+    })
+    .await
+    .context("DeleteVolume after unstaging")?;
+    Ok(())
+}
+
 /// SIGKILL the node plugin while a writer fsyncs into a published volume:
 /// the writer sees no error, the rbd-fuse process stays, and the restarted
 /// plugin carries on from its state files. Then the rbd-fuse process is
-/// killed: the volume condition says so, and unpublish, unstage and delete
-/// still work (the dead client is blocklisted, so its watch does not keep
-/// the image busy).
+/// killed: the plugin's healer blocklists the dead client, starts a new
+/// rbd-fuse, mounts the filesystem again and binds it over the target; the
+/// data fsynced before is there, the condition reports the heal, and
+/// unpublish, unstage and delete work.
 async fn kill_plugin(b: &Backend) -> Result<()> {
     let profile = node_profile(b, "kill", NODE_POOLS[0], "", false);
     kill_plugin_and_helper(node_plugin(b), &profile, "rbd-fuse").await
@@ -636,8 +707,8 @@ fn pids_of(name: &str) -> Vec<String> {
 /// As [`kill_plugin`] for the mapping process `helper` of `profile`'s
 /// mounter. rbd-nbd is killed while the writer runs: the kernel holds the
 /// I/O until the plugin attaches a new rbd-nbd, so the writer sees no
-/// error and the condition is healthy again; rbd-fuse cannot be replaced
-/// under its loop device, so its death is reported in the condition.
+/// error and the condition is healthy again; a new rbd-fuse comes with a
+/// new loop device, so the volume is mounted again (see [`kill_plugin`]).
 async fn kill_plugin_and_helper(
     plugin: Arc<CommandDriver>,
     profile: &Profile,
@@ -657,24 +728,7 @@ async fn kill_plugin_and_helper(
     );
     std::fs::create_dir_all(&st)?;
     let path = |p: &std::path::Path| p.display().to_string();
-    node.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        staging_target_path: path(&st),
-        volume_capability: Some(cap()),
-        secrets: secrets.clone(),
-        volume_context: v.volume_context.clone(),
-        ..Default::default()
-    })
-    .await?;
-    node.node_publish_volume(csi::NodePublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        staging_target_path: path(&st),
-        target_path: path(&tg),
-        volume_capability: Some(cap()),
-        volume_context: v.volume_context.clone(),
-        ..Default::default()
-    })
-    .await?;
+    stage_publish(&mut node, &v, &cap(), &secrets, &st, &tg).await?;
     let helpers = pids_of(helper);
     let stop = Arc::new(AtomicBool::new(false));
     let w = rcsi_tests::writer(tg.join("log"), stop.clone());
@@ -742,43 +796,163 @@ async fn kill_plugin_and_helper(
             "figure: {helper} SIGKILLed under a writer: a new one attached after {healed:?}; {written} bytes fsynced, no error"
         );
     } else {
+        let before = b"written before rbd-fuse died\n";
+        write_synced(&tg.join("before"), before)?;
+        let pattern = format!("/fuse/{}$", v.volume_id);
+        let old = Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()?
+            .stdout;
         let killed = Command::new("pkill")
-            .args(["-9", "-f", &format!("/fuse/{}$", v.volume_id)])
+            .args(["-9", "-f", &pattern])
             .status()?;
         ensure!(killed.success(), "no rbd-fuse for the volume");
         let t = Instant::now();
-        loop {
+        let message = loop {
             let s = stats(&mut node).await?;
-            if s.volume_condition.as_ref().is_some_and(|c| c.abnormal) {
-                eprintln!(
-                    "rbd-fuse killed: {}",
-                    s.volume_condition.unwrap_or_default().message
-                );
-                break;
+            let c = s.volume_condition.unwrap_or_default();
+            if c.abnormal && c.message.contains("mounted the volume again") {
+                break c.message;
             }
             ensure!(
-                t.elapsed() < Duration::from_secs(5),
-                "condition still healthy: {s:?}"
+                t.elapsed() < Duration::from_secs(60),
+                "not healed within 60 s: {c:?}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        };
+        let healed = t.elapsed();
+        let now = Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()?
+            .stdout;
+        ensure!(
+            !now.is_empty() && now != old,
+            "no new rbd-fuse serves the volume"
+        );
+        ensure!(
+            message.contains("re-bound 1 target"),
+            "the target was not bound again: {message}"
+        );
+        // Through the target, as a container started now sees it: the data
+        // fsynced before the kill, and new writes.
+        ensure!(
+            std::fs::read(tg.join("before"))? == before,
+            "the data written before the kill is not there after the heal"
+        );
+        ensure!(tg.join("log").exists(), "the writer's file is gone");
+        write_synced(&tg.join("after"), b"after")?;
+        eprintln!(
+            "figure: rbd-fuse SIGKILLed: a new one mapped, the volume mounted again and its target re-bound after {healed:?} (heal interval 1 s); data fsynced before the kill read back, new writes fine"
+        );
     }
-    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+    unpublish_unstage_delete(&mut node, &mut ctl, &v, secrets, &st, &tg).await?;
+    inst.stop().await?;
+    Ok(())
+}
+
+/// rbd-fuse of a published xfs volume killed: after the heal the target
+/// holds the dead mount under the live one; the volume still grows online
+/// to its new size (xfs_growfs must not size it from the dead mount's
+/// device), and the target shows the new size.
+async fn heal_then_grow(b: &Backend) -> Result<()> {
+    let profile = node_profile(b, "heal-grow", NODE_POOLS[1], "xfs", true);
+    let mut inst = node_plugin(b).start().await?;
+    let ch = csi_core::client::connect(&inst.endpoint()).await?;
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut node = csi::node_client::NodeClient::new(ch);
+    let secrets = profile.secrets("NodeStageVolumeSecret");
+    let xfs = csi::VolumeCapability {
+        access_type: Some(vc::AccessType::Mount(vc::MountVolume {
+            fs_type: "xfs".into(),
+            ..Default::default()
+        })),
+        ..cap()
+    };
+    let v = ctl
+        .create_volume(csi::CreateVolumeRequest {
+            name: "heal-then-grow".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 320 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![xfs.clone()],
+            parameters: profile.parameters.clone(),
+            secrets: profile.secrets("CreateVolumeSecret"),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .context("no volume")?;
+    let scratch = tempfile::tempdir()?;
+    let (st, tg) = (scratch.path().join("st"), scratch.path().join("tg"));
+    std::fs::create_dir_all(&st)?;
+    let path = |p: &std::path::Path| p.display().to_string();
+    stage_publish(&mut node, &v, &xfs, &secrets, &st, &tg).await?;
+    write_synced(&tg.join("before"), b"before")?;
+    let pattern = format!("/fuse/{}$", v.volume_id);
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &pattern])
+        .status()?;
+    ensure!(killed.success(), "no rbd-fuse for the volume");
+    let t = Instant::now();
+    let fs_dev = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| m.dev()).ok()
+    };
+    let st_dev = fs_dev(&st);
+    while fs_dev(&tg) == st_dev || fs_dev(&tg) != fs_dev(&st) {
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the target was not mounted again within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fs_size = |p: &std::path::Path| -> Result<u64> {
+        let out = Command::new("stat")
+            .args(["-f", "-c", "%b %S"])
+            .arg(p)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut f = text
+            .split_whitespace()
+            .map(|x| x.parse::<u64>().unwrap_or(0));
+        Ok(f.next().unwrap_or(0) * f.next().unwrap_or(0))
+    };
+    let small = fs_size(&tg)?;
+    let grown = 448u64 << 20;
+    ctl.controller_expand_volume(csi::ControllerExpandVolumeRequest {
         volume_id: v.volume_id.clone(),
-        target_path: path(&tg),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: grown as i64,
+            limit_bytes: 0,
+        }),
+        secrets: profile.secrets("ControllerExpandVolumeSecret"),
+        volume_capability: Some(xfs.clone()),
     })
     .await?;
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+    node.node_expand_volume(csi::NodeExpandVolumeRequest {
         volume_id: v.volume_id.clone(),
+        volume_path: path(&tg),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: grown as i64,
+            limit_bytes: 0,
+        }),
         staging_target_path: path(&st),
+        volume_capability: Some(xfs.clone()),
+        ..Default::default()
     })
     .await?;
-    ctl.delete_volume(csi::DeleteVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        secrets,
-    })
-    .await
-    .context("DeleteVolume right after the dead client's unstage")?;
+    let size = fs_size(&tg)?;
+    ensure!(
+        size >= small + (100 << 20),
+        "the target shows {size} bytes after growing by 128 MiB (before: {small})"
+    );
+    ensure!(
+        std::fs::read(tg.join("before"))? == b"before",
+        "data written before the kill is gone"
+    );
+    unpublish_unstage_delete(&mut node, &mut ctl, &v, secrets, &st, &tg).await?;
     inst.stop().await?;
     Ok(())
 }
@@ -1036,6 +1210,9 @@ fn main() -> std::process::ExitCode {
     let two = trial("rbd/fuse-ext4::second-node-refused", |b| {
         Box::pin(second_node_refused(b))
     });
+    let grow = trial("rbd/fuse-xfs::heal-then-grow", |b| {
+        Box::pin(heal_then_grow(b))
+    });
     let nodes = run_suite_with(
         args,
         vec![
@@ -1049,7 +1226,7 @@ fn main() -> std::process::ExitCode {
             ),
         ],
         rcsi_tests::cases::all(),
-        vec![kill, two, vm],
+        vec![kill, two, grow, vm],
     );
     conclusion.num_failed += nodes.num_failed;
     conclusion.num_passed += nodes.num_passed;

@@ -5,6 +5,7 @@
 
 pub mod controller;
 pub mod images;
+mod mapper;
 pub mod node;
 pub mod params;
 
@@ -88,8 +89,8 @@ impl Rbd {
         })
     }
 
-    /// Checks the node's rbd-nbd mappings every `every` from now on and
-    /// attaches a new rbd-nbd where one died (no-op without a node).
+    /// Checks the node's mappings every `every` from now on and serves
+    /// those whose rbd-nbd or rbd-fuse died again (no-op without a node).
     pub fn heal_forever(self: &std::sync::Arc<Self>, every: std::time::Duration) {
         if self.node.is_none() {
             return;
@@ -98,9 +99,7 @@ impl Rbd {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                if let Some(n) = &me.node {
-                    n.heal_nbd().await;
-                }
+                me.heal().await;
             }
         });
     }

@@ -1,8 +1,7 @@
-//! The node: an image becomes a block device through a mapper (the kernel's
-//! krbd via `rbd map`, or rbd-fuse, a detached process exposing the image
-//! as a file, attached to a loop device), gets a filesystem when blank, is
-//! mounted at the staging path and bound at its targets; raw block volumes
-//! bind the device.
+//! The node: an image becomes a block device through one of the
+//! [`DeviceMapper`]s of `mapper.rs` (krbd, rbd-nbd, rbd-fuse + loop), gets
+//! a filesystem when blank, is mounted at the staging path and bound at its
+//! targets; raw block volumes bind the device.
 //!
 //! Per staged volume a state file (0600 in a 0700 directory) says which
 //! image backs it and through which device; the keyring rbd-fuse reads
@@ -10,18 +9,18 @@
 //! plugin, and a restarted plugin finds everything from these files and the
 //! kernel's mount and loop tables.
 
+use super::mapper::{Krbd, NBD_REATTACH, RbdFuse, RbdNbd};
 use super::params::Mounter as MounterKind;
 use super::{Rbd, creds_of};
 use crate::id::CephId;
 use crate::secret::Credentials;
 use async_trait::async_trait;
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
-use csi_core::blockdev::{BlockDevices, LoopDevices};
+use csi_core::blockdev::{BlockDevices, DeviceMapper, LoopDevices, Mapping};
 use csi_core::daemon::Spawner;
 use csi_core::devvol::{Format, elsewhere, mount_filesystem, publish_device, same_device};
-use csi_core::exec::Command;
 use csi_core::exec::Exec;
-use csi_core::mount::{MountInfo, Mounter, exposures, vfs_flags, views};
+use csi_core::mount::{MountInfo, Mounter, exposures, vfs_flags};
 use csi_core::stats::StatsCache;
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
@@ -30,9 +29,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Filesystem type of rbd-fuse mounts in the mount table.
-const FUSE_TYPE: &str = "fuse.rbd-fuse";
 
 /// Settings of the node plugin.
 #[derive(Clone, Debug)]
@@ -56,20 +52,6 @@ pub struct NodeConfig {
     pub stats_cache: Duration,
 }
 
-/// The arguments rbd-fuse and rbd-nbd share: in the foreground, the
-/// cluster's conf and the user's keyring.
-fn client_args(s: &Staged, conf: &Path, keyring: &Path) -> Vec<std::ffi::OsString> {
-    vec![
-        "-f".into(),
-        "-c".into(),
-        conf.into(),
-        "--id".into(),
-        s.user.clone().into(),
-        "--keyring".into(),
-        keyring.into(),
-    ]
-}
-
 impl Staged {
     /// Whether a kernel block device (krbd or nbd) holds the mapping, with
     /// no rbd-fuse file and loop device.
@@ -85,10 +67,6 @@ impl Staged {
         }
     }
 }
-
-/// How long the kernel keeps an nbd device whose rbd-nbd died, queueing
-/// its I/O for a new rbd-nbd to attach.
-const NBD_REATTACH: Duration = Duration::from_secs(300);
 
 /// The privileged operations of the node.
 pub struct NodeHost {
@@ -109,10 +87,19 @@ pub(crate) struct Node {
     cfg: NodeConfig,
     host: NodeHost,
     stats: StatsCache,
-    /// Held while an rbd-nbd is started or a device unmapped, so the
-    /// healer never attaches to a device being unmapped or just mapped.
-    nbd_lock: tokio::sync::Mutex<()>,
+    krbd: Krbd,
+    nbd: RbdNbd,
+    fuse: RbdFuse,
+    /// Per volume: held from mapping to saving the state (stage), from
+    /// unmapping to forgetting it (unstage), and while the healer works,
+    /// so the healer never maps a volume being unstaged.
+    volume_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per volume: when and how its mapping was last healed.
+    heals: std::sync::Mutex<HashMap<String, (Instant, String)>>,
 }
+
+/// How long the volume condition reports a heal.
+const HEAL_REPORT: Duration = Duration::from_secs(3600);
 
 /// What is known of a staged volume.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -137,14 +124,24 @@ struct Staged {
     /// `mapOptions` of the StorageClass (rbd-nbd's options when it attaches again).
     #[serde(default)]
     map_options: Option<String>,
-    /// The file rbd-fuse exposes (rbd-fuse only).
-    file: PathBuf,
     /// The loop device attached to it.
     dev: Option<PathBuf>,
     /// The rbd-fuse client's address as the image's watcher (to blocklist
     /// it when it died: its watch would keep the image busy for a while).
     #[serde(default)]
     watcher: Option<String>,
+    /// Where the filesystem is mounted, its type and mount options (to
+    /// mount it again when its rbd-fuse is replaced).
+    #[serde(default)]
+    staging: Option<PathBuf>,
+    #[serde(default)]
+    fs_type: Option<String>,
+    #[serde(default)]
+    mount_options: Vec<String>,
+    /// A dead rbd-fuse's loop device whose mounts are still to be replaced
+    /// by mounts of `dev` (a heal in progress).
+    #[serde(default)]
+    replaced: Option<PathBuf>,
 }
 
 fn describe(e: &Error) -> String {
@@ -226,12 +223,94 @@ impl Node {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 .ctx(|| format!("chmod {}", dir.display()))?;
         }
+        let krbd = Krbd {
+            exec: host.exec.clone(),
+            rbd: cfg.rbd.clone(),
+            timeout: cfg.mount_timeout,
+        };
+        let nbd = RbdNbd {
+            exec: host.exec.clone(),
+            spawner: host.spawner.clone(),
+            rbd_nbd: cfg.rbd_nbd.clone(),
+            log_dir: cfg.state_dir.join("nbd"),
+            timeout: cfg.mount_timeout,
+            lock: tokio::sync::Mutex::new(()),
+        };
+        let fuse = RbdFuse {
+            mounter: host.mounter.clone(),
+            spawner: host.spawner.clone(),
+            loops: host.loops.clone(),
+            rbd_fuse: cfg.rbd_fuse.clone(),
+            dir: cfg.state_dir.join("fuse"),
+            timeout: cfg.mount_timeout,
+        };
         Ok(Self {
             cfg,
             host,
             stats: StatsCache::new("the RBD image does not answer", describe),
-            nbd_lock: tokio::sync::Mutex::new(()),
+            krbd,
+            nbd,
+            fuse,
+            volume_locks: Default::default(),
+            heals: Default::default(),
         })
+    }
+
+    /// Detaches a loop device that was replaced, in the background: the
+    /// kernel frees it at its last close, which may be a container's.
+    fn release_loop(&self, dev: PathBuf) {
+        let loops = self.host.loops.clone();
+        tokio::spawn(async move {
+            if let Err(e) = loops.detach_loop(&dev).await {
+                tracing::info!(device = %dev.display(), error = %e, "a replaced loop device is detached at its last close");
+            }
+        });
+    }
+
+    /// Serialises mapping changes of one volume (see `volume_locks`).
+    async fn lock_volume(&self, volume_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .volume_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(volume_id.to_owned())
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+
+    /// The mapper that maps a staged volume.
+    fn mapper(&self, s: &Staged) -> &dyn DeviceMapper {
+        if s.krbd {
+            &self.krbd
+        } else if s.nbd {
+            &self.nbd
+        } else {
+            &self.fuse
+        }
+    }
+
+    /// What the mapper maps for a staged volume (`key` is the volume id).
+    fn mapping(&self, volume_id: &str, s: &Staged) -> Mapping {
+        let (conf, keyring) = self.key_paths(&s.cluster, &s.user);
+        Mapping {
+            source: s.spec(),
+            key: if s.nbd {
+                s.cookie.clone()
+            } else {
+                volume_id.to_owned()
+            },
+            options: s.map_options.clone(),
+            client: vec![
+                "-c".into(),
+                conf.into(),
+                "--id".into(),
+                s.user.clone().into(),
+                "--keyring".into(),
+                keyring.into(),
+            ],
+            device: s.dev.clone(),
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -247,10 +326,6 @@ impl Node {
             .state_dir
             .join("volumes")
             .join(format!("{volume_id}.json"))
-    }
-
-    fn fuse_dir(&self, volume_id: &str) -> PathBuf {
-        self.cfg.state_dir.join("fuse").join(volume_id)
     }
 
     async fn load(&self, volume_id: &str) -> Result<Option<Staged>> {
@@ -323,93 +398,6 @@ impl Node {
         Ok((conf, keyring))
     }
 
-    /// Whether `file` answers (false: missing, or its rbd-fuse is gone).
-    async fn file_answers(&self, file: &Path) -> bool {
-        let f = file.to_path_buf();
-        self.blocking("looking at an rbd-fuse file".into(), move || {
-            Ok(std::fs::metadata(&f).is_ok())
-        })
-        .await
-        .unwrap_or(false)
-    }
-
-    /// Makes the rbd-fuse mount of `volume_id` expose `s.image` (starting a
-    /// detached rbd-fuse when none answers); returns the file and whether
-    /// it started one.
-    async fn ensure_fuse(
-        &self,
-        volume_id: &str,
-        s: &Staged,
-        conf: &Path,
-        keyring: &Path,
-    ) -> Result<(PathBuf, bool)> {
-        let dir = self.fuse_dir(volume_id);
-        // The mount table, not a stat: a stat of a hung mount would hang.
-        let mounts = self.host.mounter.mounts().await?;
-        match mounts.into_iter().rev().find(|m| m.mount_point == dir) {
-            Some(m) if m.fs_type == FUSE_TYPE => {
-                // Aborts the connection of an rbd-fuse that died holding it.
-                let dead = csi_core::fuse::probe(&dir, &m.dev, self.cfg.mount_timeout).await?;
-                if dead.is_none() && self.file_answers(&s.file).await {
-                    return Ok((s.file.clone(), false));
-                }
-                self.host
-                    .mounter
-                    .unmount_network(&dir, Duration::from_secs(1))
-                    .await?;
-            }
-            Some(m) => {
-                return Err(Error::Internal(format!(
-                    "{} holds a {} mount, not rbd-fuse",
-                    dir.display(),
-                    m.fs_type
-                )));
-            }
-            None => {}
-        }
-        let d = dir.clone();
-        self.blocking(format!("creating {}", dir.display()), move || {
-            std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))
-        })
-        .await?;
-        let mut args = client_args(s, conf, keyring);
-        args.extend([
-            "-p".into(),
-            s.pool.clone().into(),
-            "-r".into(),
-            s.image.clone().into(),
-        ]);
-        if let Some(ns) = &s.namespace {
-            args.extend(["-s".into(), ns.clone().into()]);
-        }
-        args.push(dir.clone().into());
-        let log = self
-            .cfg
-            .state_dir
-            .join("fuse")
-            .join(format!("{volume_id}.log"));
-        let cmd = Command::new(&self.cfg.rbd_fuse, args);
-        let from = std::fs::metadata(&log).map_or(0, |m| m.len());
-        let mut daemon = self.host.spawner.spawn(&cmd, &log)?;
-        let what = format!("rbd-fuse for image {}/{}", s.pool, s.image);
-        let file = &s.file;
-        self.wait_ready(&what, &mut daemon, &log, from, |_| async move {
-            self.file_answers(file).await.then(|| (file.clone(), true))
-        })
-        .await
-    }
-
-    /// The size of the file rbd-fuse exposes.
-    async fn file_size(&self, file: &Path) -> Result<u64> {
-        let f = file.to_path_buf();
-        self.blocking(format!("stat {}", file.display()), move || {
-            Ok(std::fs::metadata(&f)
-                .ctx(|| format!("stat {}", f.display()))?
-                .len())
-        })
-        .await
-    }
-
     /// The credentials a staged volume was mapped with (from its keyring).
     async fn staged_creds(&self, s: &Staged) -> Result<Credentials> {
         let k = self
@@ -432,348 +420,82 @@ impl Node {
         .await
     }
 
-    /// The kernel's mapping of the image (`/dev/rbdN`), from /sys/bus/rbd.
-    async fn krbd_find(&self, s: &Staged) -> Result<Option<PathBuf>> {
-        let (pool, ns, image) = (
-            s.pool.clone(),
-            s.namespace.clone().unwrap_or_default(),
-            s.image.clone(),
-        );
-        self.blocking("listing krbd devices".into(), move || {
-            let dir = Path::new("/sys/bus/rbd/devices");
-            let entries = match std::fs::read_dir(dir) {
-                Ok(e) => e,
-                // No rbd module loaded: nothing is mapped.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(Error::io("reading /sys/bus/rbd/devices", e)),
-            };
-            for e in entries.flatten() {
-                let read = |f: &str| {
-                    std::fs::read_to_string(e.path().join(f))
-                        .map(|v| v.trim().to_owned())
-                        .unwrap_or_default()
-                };
-                if read("pool") == pool
-                    && read("pool_ns") == ns
-                    && read("name") == image
-                    && read("current_snap") == "-"
-                {
-                    let id = e.file_name().to_string_lossy().into_owned();
-                    return Ok(Some(PathBuf::from(format!("/dev/rbd{id}"))));
-                }
-            }
-            Ok(None)
-        })
-        .await
-    }
-
-    /// Maps the image with the kernel client (reusing a mapping); returns
-    /// the device and whether it mapped it now.
-    async fn krbd_map(
-        &self,
-        s: &Staged,
-        conf: &Path,
-        keyring: &Path,
-        options: Option<&str>,
-    ) -> Result<(PathBuf, bool)> {
-        if let Some(dev) = self.krbd_find(s).await? {
-            return Ok((dev, false));
-        }
-        let spec = s.spec();
-        // No udev in containers: the kernel makes the device node.
-        let mut opts = vec!["noudev".to_owned()];
-        opts.extend(
-            options
-                .unwrap_or("")
-                .split(',')
-                .map(str::trim)
-                .filter(|o| !o.is_empty())
-                .map(str::to_owned),
-        );
-        let mut cmd = Command::new(
-            &self.cfg.rbd,
-            [
-                std::ffi::OsString::from("map"),
-                spec.into(),
-                "--id".into(),
-                s.user.clone().into(),
-                "--keyring".into(),
-                keyring.as_os_str().to_owned(),
-                "-c".into(),
-                conf.as_os_str().to_owned(),
-                "-o".into(),
-                opts.join(",").into(),
-            ],
-        );
-        cmd.timeout = self.cfg.mount_timeout;
-        let out = self.host.exec.run(&cmd).await?;
-        let dev = out.stdout.trim();
-        if !dev.starts_with("/dev/rbd") {
-            return Err(Error::Internal(format!(
-                "rbd map printed {dev:?}, not a device"
-            )));
-        }
-        Ok((PathBuf::from(dev), true))
-    }
-
-    /// Unmaps a krbd device; success when it is gone already.
-    async fn krbd_unmap(&self, dev: &Path) -> Result<()> {
-        if !dev.exists() {
-            return Ok(());
-        }
-        let mut cmd = Command::new(
-            &self.cfg.rbd,
-            [
-                "unmap".as_ref(),
-                "-o".as_ref(),
-                "noudev".as_ref(),
-                dev.as_os_str(),
-            ],
-        );
-        cmd.timeout = self.cfg.mount_timeout;
-        self.host.exec.run(&cmd).await.map(drop)
-    }
-
-    /// The nbd device whose cookie is `cookie`, from /sys/block.
-    async fn nbd_find(&self, cookie: &str) -> Result<Option<PathBuf>> {
-        let cookie = cookie.to_owned();
-        self.blocking("listing nbd devices".into(), move || {
-            let entries = std::fs::read_dir("/sys/block").ctx(|| "reading /sys/block".into())?;
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("nbd")
-                    && std::fs::read_to_string(e.path().join("backend"))
-                        .is_ok_and(|b| b.trim() == cookie)
-                {
-                    return Ok(Some(Path::new("/dev").join(name)));
-                }
-            }
-            Ok(None)
-        })
-        .await
-    }
-
-    /// Whether an rbd-nbd process serves the volume's device.
-    async fn nbd_alive(&self, s: &Staged) -> bool {
-        let cookie = s.cookie.clone();
-        self.blocking("looking for rbd-nbd".into(), move || {
-            Ok(!csi_core::daemon::naming(std::ffi::OsStr::new(&cookie)).is_empty())
-        })
-        .await
-        .unwrap_or(false)
-    }
-
-    /// Starts a detached rbd-nbd that maps the image (or, given `device`,
-    /// attaches to that device, whose rbd-nbd died) and waits until it
-    /// names the device it serves.
-    async fn nbd_start(
-        &self,
-        s: &Staged,
-        conf: &Path,
-        keyring: &Path,
-        device: Option<&Path>,
-    ) -> Result<PathBuf> {
-        let mut args = client_args(s, conf, keyring);
-        args.extend([
-            "--try-netlink".into(),
-            "--reattach-timeout".into(),
-            NBD_REATTACH.as_secs().to_string().into(),
-            "--cookie".into(),
-            s.cookie.clone().into(),
-        ]);
-        // mapOptions: `io-timeout=30,exclusive` become `--io-timeout 30 --exclusive`.
-        for o in s
-            .map_options
-            .as_deref()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-        {
-            match o.split_once('=') {
-                _ if o.is_empty() => {}
-                Some((k, v)) => args.extend([format!("--{k}").into(), v.into()]),
-                None => args.push(format!("--{o}").into()),
-            }
-        }
-        match device {
-            Some(dev) => args.extend(["attach".into(), "--device".into(), dev.into()]),
-            None => args.push("map".into()),
-        }
-        args.push(s.spec().into());
-        let dir = self.cfg.state_dir.join("nbd");
-        let log = dir.join(format!("{}.log", s.cookie));
-        let (d, l) = (dir.clone(), log.clone());
-        // Only what this rbd-nbd prints counts; a dead one's lines stay.
-        let from = self
-            .blocking(format!("creating {}", dir.display()), move || {
-                std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
-                Ok(std::fs::metadata(&l).map_or(0, |m| m.len()))
-            })
-            .await?;
-        let cmd = Command::new(&self.cfg.rbd_nbd, args);
-        let mut daemon = self.host.spawner.spawn(&cmd, &log)?;
-        let what = format!("rbd-nbd for image {}", s.spec());
-        self.wait_ready(&what, &mut daemon, &log, from, |text| async move {
-            let dev = text.lines().find(|l| l.starts_with("/dev/nbd"))?;
-            Some(PathBuf::from(dev.trim()))
-        })
-        .await
-    }
-
-    /// Waits until `ready` (given what the helper logged past byte `from`) has what the
-    /// helper `what` was started for: Unavailable when it exits first,
-    /// DeadlineExceeded (and SIGTERM) after the mount timeout; the errors
-    /// quote its log's last line.
-    async fn wait_ready<T, F, Fut>(
-        &self,
-        what: &str,
-        daemon: &mut csi_core::daemon::Daemon,
-        log: &Path,
-        from: u64,
-        mut ready: F,
-    ) -> Result<T>
-    where
-        F: FnMut(String) -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        let t = Instant::now();
-        loop {
-            let all = std::fs::read_to_string(log).unwrap_or_default();
-            let text = all.get(from as usize..).unwrap_or_default().to_owned();
-            let tail = text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .to_owned();
-            if let Some(v) = ready(text).await {
-                return Ok(v);
-            }
-            if let Some(code) = *daemon.exited.borrow_and_update() {
-                return Err(Error::Unavailable(format!(
-                    "{what} exited ({code}) before it was ready: {tail}"
-                )));
-            }
-            if t.elapsed() > self.cfg.mount_timeout {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(daemon.pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                return Err(Error::DeadlineExceeded(format!(
-                    "{what} was not ready within {:?}: {tail}",
-                    self.cfg.mount_timeout
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Maps the image with rbd-nbd, reusing a served device and attaching a
-    /// new rbd-nbd to a device whose rbd-nbd died; returns the device and
-    /// whether it started an rbd-nbd.
-    async fn nbd_map(&self, s: &Staged, conf: &Path, keyring: &Path) -> Result<(PathBuf, bool)> {
-        let _held = self.nbd_lock.lock().await;
-        match self.nbd_find(&s.cookie).await? {
-            Some(dev) if self.nbd_alive(s).await => Ok((dev, false)),
-            Some(dev) => {
-                tracing::warn!(image = %s.spec(), device = %dev.display(), "rbd-nbd is gone; attaching a new one");
-                Ok((self.nbd_start(s, conf, keyring, Some(&dev)).await?, true))
-            }
-            None => Ok((self.nbd_start(s, conf, keyring, None).await?, true)),
-        }
-    }
-
-    /// Unmaps an rbd-nbd device (success when it is gone already) and
-    /// forgets the volume, with the healer kept out until both are done.
-    async fn nbd_unmap(&self, volume_id: &str, s: &Staged) -> Result<()> {
-        let _held = self.nbd_lock.lock().await;
-        if let Some(dev) = self.nbd_find(&s.cookie).await? {
-            let mut cmd = Command::new(&self.cfg.rbd_nbd, ["unmap".as_ref(), dev.as_os_str()]);
-            cmd.timeout = self.cfg.mount_timeout;
-            self.host.exec.run(&cmd).await?;
-        }
-        self.forget(volume_id).await
-    }
-
-    /// Attaches a new rbd-nbd to each staged volume's device whose rbd-nbd
-    /// died (the kernel holds the device's I/O until then).
-    pub(crate) async fn heal_nbd(&self) {
-        let dir = self.cfg.state_dir.join("volumes");
-        let ids: Vec<String> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".json")
-                    .map(str::to_owned)
-            })
-            .collect();
-        for id in ids {
-            let _held = self.nbd_lock.lock().await;
-            let Ok(Some(s)) = self.load(&id).await else {
-                continue;
-            };
-            if !s.nbd || self.nbd_alive(&s).await {
-                continue;
-            }
-            let Ok(Some(dev)) = self.nbd_find(&s.cookie).await else {
-                continue;
-            };
-            let (conf, keyring) = self.key_paths(&s.cluster, &s.user);
-            match self.nbd_start(&s, &conf, &keyring, Some(&dev)).await {
-                Ok(_) => {
-                    tracing::warn!(volume = %id, device = %dev.display(), "rbd-nbd had died; a new one attached to the device")
-                }
-                Err(e) => tracing::error!(volume = %id, error = %e, "cannot attach a new rbd-nbd"),
-            }
-        }
-    }
-
     /// Whether the image is mapped here and answering.
-    async fn mapped(&self, s: &Staged) -> Result<bool> {
-        if s.krbd {
-            return Ok(self.krbd_find(s).await?.is_some());
-        }
-        if s.nbd {
-            return Ok(self.nbd_find(&s.cookie).await?.is_some() && self.nbd_alive(s).await);
-        }
-        Ok(self.file_answers(&s.file).await)
+    async fn mapped(&self, volume_id: &str, s: &Staged) -> Result<bool> {
+        let (mapper, m) = (self.mapper(s), self.mapping(volume_id, s));
+        Ok(mapper.find(&m).await?.is_some() && mapper.alive(&m).await?)
     }
 
-    /// The device of a staged volume: its krbd device, or the loop device
-    /// still attached to its rbd-fuse file.
-    async fn device(&self, s: &Staged) -> Result<Option<PathBuf>> {
-        if s.krbd {
-            return self.krbd_find(s).await;
-        }
-        if s.nbd {
-            return self.nbd_find(&s.cookie).await;
-        }
-        if let Some(dev) = &s.dev {
-            let name = dev.file_name().unwrap_or_default().to_owned();
-            let file = s.file.clone();
-            // The recorded loop device still backed by the image's file,
-            // also when its rbd-fuse is gone (then the kernel shows the
-            // file as "/<image> (deleted)").
-            let attached = self
-                .blocking("reading a loop device".into(), move || {
-                    let p = Path::new("/sys/block").join(name).join("loop/backing_file");
-                    Ok(std::fs::read_to_string(p).is_ok_and(|b| {
-                        let b = b.trim_end_matches('\n').trim_end_matches(" (deleted)");
-                        Path::new(b) == file || Path::new(b).file_name() == file.file_name()
-                    }))
-                })
-                .await?;
-            if attached {
-                return Ok(Some(dev.clone()));
+    /// The device of a staged volume, also when its helper died.
+    async fn device(&self, volume_id: &str, s: &Staged) -> Result<Option<PathBuf>> {
+        self.mapper(s).find(&self.mapping(volume_id, s)).await
+    }
+
+    /// Makes the new device `dev` of a staged volume reachable where its old
+    /// one was (`exposed`): the filesystem mounted at the staging path again,
+    /// and bound over each target (stacked, so a container that mounted the
+    /// target with HostToContainer propagation receives it). Returns how
+    /// many targets were bound.
+    async fn expose_again(&self, s: &Staged, dev: &Path, exposed: &[MountInfo]) -> Result<usize> {
+        let mounter = self.host.mounter.as_ref();
+        let staging = s.staging.as_deref();
+        // What is done already (a heal resumed): the topmost mount at a
+        // path exposes the new device.
+        let fresh = self.exposed(s, dev).await?;
+        let mounts = mounter.mounts().await?;
+        let done = |p: &Path| {
+            mounts
+                .iter()
+                .rev()
+                .find(|m| m.mount_point == p)
+                .is_some_and(|top| fresh.iter().any(|f| f.id == top.id))
+        };
+        if !s.block && !staging.is_some_and(done) {
+            let (Some(staging), Some(fs_type)) = (staging, s.fs_type.as_deref()) else {
+                return Err(Error::FailedPrecondition(format!(
+                    "the state of image {} does not say where it was mounted (staged by an older plugin); unstage and stage it again",
+                    s.spec()
+                )));
+            };
+            // Never a new filesystem: the device must show the old one.
+            let found = self.host.blockdev.fs_type(dev).await?;
+            if found.as_deref() != Some(fs_type) {
+                return Err(Error::Internal(format!(
+                    "{} shows {found:?}, not the volume's {fs_type} filesystem; not mounting it",
+                    dev.display()
+                )));
             }
+            mounter
+                .unmount_network(staging, Duration::from_secs(1))
+                .await?;
+            mount_filesystem(
+                self.host.blockdev.as_ref(),
+                mounter,
+                dev,
+                staging,
+                Format {
+                    fs_type,
+                    mkfs_args: &[],
+                    options: &s.mount_options,
+                },
+                "the volume",
+            )
+            .await?;
+            self.stats.forget(staging);
         }
-        if self.file_answers(&s.file).await {
-            return self.host.loops.find_loop(&s.file).await;
+        let mut rebound = 0;
+        let targets = exposed
+            .iter()
+            .filter(|t| Some(t.mount_point.as_path()) != staging && !done(&t.mount_point));
+        for t in targets {
+            let source = if s.block { dev } else { staging.unwrap_or(dev) };
+            mounter
+                .bind(source, &t.mount_point, t.read_only(), &[])
+                .await?;
+            self.stats.forget(&t.mount_point);
+            rebound += 1;
         }
-        Ok(None)
+        Ok(rebound)
     }
 
     /// Mounts through which the volume's data is reachable: for a
@@ -799,7 +521,7 @@ impl Node {
             .load(volume_id)
             .await?
             .ok_or_else(|| missing(format!("volume {volume_id} is not staged on this node")))?;
-        let dev = self.device(&s).await?.ok_or_else(|| {
+        let dev = self.device(volume_id, &s).await?.ok_or_else(|| {
             missing(format!(
                 "volume {volume_id} has no device on this node (its rbd-fuse mapping is gone)"
             ))
@@ -840,6 +562,19 @@ impl Rbd {
         .await
     }
 
+    /// The one client that has the image open now and was not among
+    /// `before` (the helper just started), if exactly one.
+    async fn new_watcher(
+        &self,
+        s: &Staged,
+        creds: &Credentials,
+        before: &[String],
+    ) -> Result<Option<String>> {
+        let mut new = self.watchers(s, creds).await?;
+        new.retain(|w| !before.contains(w));
+        Ok((new.len() == 1).then(|| new.remove(0)))
+    }
+
     /// Blocklists a dead client of ours, so its watch stops keeping the
     /// image busy (best effort: it lapses by itself after a while).
     async fn blocklist(&self, s: &Staged, addr: &str) {
@@ -869,6 +604,106 @@ impl Rbd {
                 tracing::warn!(image = %s.image, addr, error = %e, "cannot blocklist the dead rbd-fuse client; its watch lapses by itself")
             }
         }
+    }
+
+    /// Serves every staged volume again whose mapping's helper died: a new
+    /// rbd-nbd attaches to the kernel's device (the pod notices nothing); a
+    /// new rbd-fuse gets a new loop device, whose filesystem is mounted at
+    /// the staging path again and bound over every target of the old one.
+    pub(crate) async fn heal(&self) {
+        let Some(n) = &self.node else {
+            return;
+        };
+        let ids: Vec<String> = std::fs::read_dir(n.cfg.state_dir.join("volumes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".json")
+                    .map(str::to_owned)
+            })
+            .collect();
+        for id in ids {
+            if let Err(e) = self.heal_volume(n, &id).await {
+                tracing::error!(volume = %id, error = %e, "cannot serve the volume's mapping again; retrying at the next heal");
+            }
+        }
+    }
+
+    async fn heal_volume(&self, n: &Node, id: &str) -> Result<()> {
+        let _held = n.lock_volume(id).await;
+        let Some(s) = n.load(id).await? else {
+            return Ok(());
+        };
+        let (mapper, m) = (n.mapper(&s), n.mapping(id, &s));
+        if s.krbd {
+            return Ok(());
+        }
+        let alive = mapper.alive(&m).await?;
+        if alive && s.replaced.is_none() {
+            return Ok(());
+        }
+        // Nothing mapped: being staged, or unstaged behind our back.
+        let Some(old) = mapper.find(&m).await? else {
+            return Ok(());
+        };
+        if s.nbd {
+            mapper.map(&m).await?;
+            tracing::warn!(volume = %id, device = %old.display(), "rbd-nbd had died; a new one attached to the device");
+            return Ok(());
+        }
+        let s = if alive {
+            s
+        } else {
+            self.remap_fuse(n, id, s, old).await?
+        };
+        let (Some(dev), Some(old)) = (s.dev.clone(), s.replaced.clone()) else {
+            return Ok(());
+        };
+        let exposed = n.exposed(&s, &old).await?;
+        let rebound = n.expose_again(&s, &dev, &exposed).await?;
+        n.save(
+            id,
+            &Staged {
+                replaced: None,
+                ..s.clone()
+            },
+        )
+        .await?;
+        n.release_loop(old);
+        let msg = format!(
+            "the rbd-fuse process of image {} died; the plugin started a new one, mounted the volume again and re-bound {rebound} target(s)",
+            s.spec()
+        );
+        tracing::warn!(volume = %id, rebound, "rbd-fuse had died; the volume is mapped and mounted again");
+        n.heals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), (Instant::now(), msg));
+        Ok(())
+    }
+
+    /// Starts a new rbd-fuse for a staged volume whose rbd-fuse died (its
+    /// client blocklisted first) and attaches a new loop device; the state
+    /// then names the old device as `replaced` until its mounts are redone.
+    async fn remap_fuse(&self, n: &Node, id: &str, s: Staged, old: PathBuf) -> Result<Staged> {
+        let creds = n.staged_creds(&s).await?;
+        if let Some(addr) = &s.watcher {
+            self.blocklist(&s, addr).await;
+        }
+        let before = self.watchers(&s, &creds).await?;
+        let (dev, _) = n.mapper(&s).map(&n.mapping(id, &s)).await?;
+        let s = Staged {
+            dev: Some(dev),
+            watcher: self.new_watcher(&s, &creds, &before).await?,
+            // Still the first dead device when a heal is resumed.
+            replaced: Some(s.replaced.clone().unwrap_or(old)),
+            ..s
+        };
+        n.save(id, &s).await?;
+        Ok(s)
     }
 
     /// The clients that have the image open; FailedPrecondition when there
@@ -939,11 +774,6 @@ impl NodeBackend for Rbd {
         let monitors = self.pool.cluster(&cluster)?.monitors.clone();
         let namespace = self.namespace(&cluster)?;
         let s = Staged {
-            file: if krbd || nbd {
-                PathBuf::new()
-            } else {
-                n.fuse_dir(&req.volume_id).join(&image)
-            },
             krbd,
             nbd,
             cookie: if nbd {
@@ -960,7 +790,12 @@ impl NodeBackend for Rbd {
             block,
             dev: None,
             watcher: None,
+            staging: None,
+            fs_type: None,
+            mount_options: vec![],
+            replaced: None,
         };
+        let _held = n.lock_volume(&req.volume_id).await;
         let old = n.load(&req.volume_id).await?;
         if let Some(o) = &old
             && (o.block, o.krbd, o.nbd, &o.image, &o.pool)
@@ -971,47 +806,52 @@ impl NodeBackend for Rbd {
                 req.volume_id
             )));
         }
-        let mapped = n.mapped(&s).await?;
+        let s = Staged {
+            dev: old.as_ref().and_then(|o| o.dev.clone()),
+            ..s
+        };
+        let mapped = n.mapped(&req.volume_id, &s).await?;
         let before = if mapped {
             vec![]
         } else {
             self.check_single_node(&s, &creds, &req.capability).await?
         };
-        let (conf, keyring) = n.keys(&s.cluster, &monitors, &creds).await?;
+        n.keys(&s.cluster, &monitors, &creds).await?;
         n.save(&req.volume_id, &s).await?;
-        let (dev, started) = if krbd {
-            n.krbd_map(&s, &conf, &keyring, ctx(c, "mapOptions"))
-                .await?
-        } else if nbd {
-            n.nbd_map(&s, &conf, &keyring).await?
-        } else {
-            let (file, started) = n.ensure_fuse(&req.volume_id, &s, &conf, &keyring).await?;
-            (n.host.loops.attach_loop(&file).await?, started)
-        };
+        let (dev, started) = n.mapper(&s).map(&n.mapping(&req.volume_id, &s)).await?;
         let watcher = if started {
-            let new: Vec<String> = self
-                .watchers(&s, &creds)
-                .await?
-                .into_iter()
-                .filter(|w| !before.contains(w))
-                .collect();
-            (new.len() == 1).then(|| new[0].clone())
+            self.new_watcher(&s, &creds, &before).await?
         } else {
             old.and_then(|o| o.watcher)
         };
-        let s = Staged {
-            dev: Some(dev.clone()),
-            watcher,
-            ..s
-        };
-        n.save(&req.volume_id, &s).await?;
-        if block {
-            return Ok(());
-        }
         let fs_type = match &req.capability.access {
             AccessType::Mount { fs_type, .. } if !fs_type.is_empty() => fs_type.clone(),
             _ => ctx(c, "fsType").unwrap_or("ext4").to_owned(),
         };
+        let replaced = s.dev.clone().filter(|d| *d != dev);
+        let s = Staged {
+            dev: Some(dev.clone()),
+            watcher,
+            staging: (!block).then(|| req.staging_path.clone()),
+            fs_type: (!block).then(|| fs_type.clone()),
+            mount_options: mount_flags(&req.capability).to_vec(),
+            ..s
+        };
+        n.save(&req.volume_id, &s).await?;
+        if let Some(old) = replaced {
+            // A dead rbd-fuse's loop device, replaced by a new one: what is
+            // still mounted from it is dead too.
+            if !block {
+                n.host
+                    .mounter
+                    .unmount_network(&req.staging_path, Duration::from_secs(1))
+                    .await?;
+            }
+            n.release_loop(old);
+        }
+        if block {
+            return Ok(());
+        }
         let mkfs_args: Vec<String> = ctx(c, "mkfsOptions")
             .unwrap_or("")
             .split_whitespace()
@@ -1041,11 +881,12 @@ impl NodeBackend for Rbd {
 
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let n = self.node()?;
+        let _held = n.lock_volume(volume_id).await;
         let Some(s) = n.load(volume_id).await? else {
             // Never staged here (or already unstaged): nothing of ours to undo.
             return Ok(());
         };
-        if let Some(dev) = n.device(&s).await? {
+        if let Some(dev) = n.device(volume_id, &s).await? {
             let elsewhere = elsewhere(&n.exposed(&s, &dev).await?, &[staging_path]);
             if !elsewhere.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
@@ -1053,49 +894,23 @@ impl NodeBackend for Rbd {
                     elsewhere.join(", ")
                 )));
             }
-            n.host.mounter.unmount(staging_path).await?;
-            n.stats.forget(staging_path);
-            if s.krbd {
-                n.krbd_unmap(&dev).await?;
-            } else if s.nbd {
-                n.nbd_unmap(volume_id, &s).await?;
-            } else {
-                n.host.loops.detach_loop(&dev).await?;
-            }
-        } else {
-            n.host.mounter.unmount(staging_path).await?;
         }
-        if s.kernel_device() {
-            return n.forget(volume_id).await;
+        n.host.mounter.unmount(staging_path).await?;
+        n.stats.forget(staging_path);
+        let (mapper, m) = (n.mapper(&s), n.mapping(volume_id, &s));
+        // Blocklisting is for rbd-fuse: kernel clients are shared by mappings.
+        let dead = !s.kernel_device() && !mapper.alive(&m).await?;
+        mapper.unmap(&m).await?;
+        if let Some(old) = s.replaced.clone() {
+            n.release_loop(old);
         }
-        if !n.file_answers(&s.file).await
-            && let Some(addr) = &s.watcher
-        {
+        if dead && let Some(addr) = &s.watcher {
             self.blocklist(&s, addr).await;
         }
-        let dir = n.fuse_dir(volume_id);
-        // Every view of the mount: rbd-fuse exits once the last is gone.
-        let mut views = views(&n.host.mounter.mounts().await?, &dir);
-        if views.is_empty() {
-            views.push(dir.clone());
-        }
-        for v in &views {
-            n.host
-                .mounter
-                .unmount_network(v, Duration::from_secs(5))
-                .await?;
-        }
-        let d = dir.clone();
-        n.blocking(
-            format!("removing {}", dir.display()),
-            move || match std::fs::remove_dir(&d) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(Error::io(format!("removing {}", d.display()), e))
-                }
-                _ => Ok(()),
-            },
-        )
-        .await?;
+        n.heals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(volume_id);
         n.forget(volume_id).await
     }
 
@@ -1120,7 +935,7 @@ impl NodeBackend for Rbd {
                 return Err(not_staged());
             }
         };
-        let dev = n.device(&s).await?.ok_or_else(not_staged)?;
+        let dev = n.device(&req.volume_id, &s).await?.ok_or_else(not_staged)?;
         if s.block != req.capability.is_block() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is staged as {} and cannot be published as {}",
@@ -1192,57 +1007,66 @@ impl NodeBackend for Rbd {
     async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let n = self.node()?;
         let (s, dev) = n.holding(volume_id, Some(path)).await?;
-        if s.nbd && !n.nbd_alive(&s).await {
+        let (mapper, m) = (n.mapper(&s), n.mapping(volume_id, &s));
+        if !mapper.alive(&m).await? {
+            let why = if s.nbd {
+                format!("I/O waits until the plugin attaches a new one (within {NBD_REATTACH:?})")
+            } else {
+                "I/O on the volume fails until the plugin maps it again".into()
+            };
             return Ok(VolumeStats {
                 abnormal: Some(format!(
-                    "the rbd-nbd process of image {}/{} is gone; I/O waits until a new one attaches (within {:?})",
-                    s.pool, s.image, NBD_REATTACH
+                    "the {} mapping of image {} is gone; {why}",
+                    mapper.name(),
+                    s.spec()
                 )),
                 ..Default::default()
             });
         }
-        if !s.kernel_device() && !n.file_answers(&s.file).await {
-            return Ok(VolumeStats {
-                abnormal: Some(format!(
-                    "the rbd-fuse process of image {}/{} is gone; I/O on the volume fails",
-                    s.pool, s.image
-                )),
-                ..Default::default()
-            });
-        }
-        if s.block {
+        let mut stats = if s.block {
             let size = n.host.blockdev.size(&dev).await?;
-            return Ok(VolumeStats {
+            VolumeStats {
                 bytes: Some((size, 0, size)),
                 ..Default::default()
-            });
+            }
+        } else {
+            n.stats
+                .get(path, n.cfg.stats_cache, n.cfg.stats_timeout)
+                .await
+        };
+        let heal = n
+            .heals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(volume_id)
+            .filter(|(at, _)| at.elapsed() < HEAL_REPORT)
+            .cloned();
+        if stats.abnormal.is_none()
+            && let Some((at, msg)) = heal
+        {
+            stats.abnormal = Some(format!(
+                "{msg} {:.0?} ago. Files opened before then must be reopened; a container sees the new mount only if it mounts the volume with mountPropagation: HostToContainer, others must be restarted",
+                at.elapsed()
+            ));
         }
-        Ok(n.stats
-            .get(path, n.cfg.stats_cache, n.cfg.stats_timeout)
-            .await)
+        Ok(stats)
     }
 
     async fn expand(&self, req: NodeExpand) -> Result<u64> {
         let n = self.node()?;
         let (s, dev) = n.holding(&req.volume_id, Some(&req.path)).await?;
-        // The client (kernel or rbd-fuse) learns the new size from the
-        // image's header notification.
+        // The client (kernel, rbd-nbd or rbd-fuse) learns the new size
+        // from the image's header notification.
+        let (mapper, m) = (n.mapper(&s), n.mapping(&req.volume_id, &s));
         let t = Instant::now();
-        loop {
-            let seen = if s.kernel_device() {
-                n.host.blockdev.size(&dev).await?
-            } else {
-                n.file_size(&s.file).await?
-            };
-            if seen >= req.range.required || t.elapsed() >= n.cfg.mount_timeout {
-                break;
+        let size = loop {
+            mapper.refresh(&m, &dev).await?;
+            let size = n.host.blockdev.size(&dev).await?;
+            if size >= req.range.required || t.elapsed() >= n.cfg.mount_timeout {
+                break size;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !s.kernel_device() {
-            n.host.loops.refresh_loop(&dev).await?;
-        }
-        let size = n.host.blockdev.size(&dev).await?;
+        };
         if size < req.range.required {
             return Err(Error::FailedPrecondition(format!(
                 "the device of volume {} shows {size} bytes, less than the {} requested; expand the volume with ControllerExpandVolume first",
@@ -1253,7 +1077,11 @@ impl NodeBackend for Rbd {
             let fs = n.host.blockdev.fs_type(&dev).await?.ok_or_else(|| {
                 Error::Internal(format!("volume {} has no filesystem", req.volume_id))
             })?;
-            n.host.blockdev.grow_fs(&dev, &fs, Some(&req.path)).await?;
+            // Through the staging path: after a heal the target holds the
+            // dead mount under the live one, and xfs_growfs would size the
+            // filesystem from the dead one's device.
+            let at = s.staging.as_deref().unwrap_or(&req.path);
+            n.host.blockdev.grow_fs(&dev, &fs, Some(at)).await?;
             n.stats.forget(&req.path);
         }
         Ok(size)
