@@ -77,6 +77,16 @@ pub const DRIVERS: &[Driver] = &[
             build: rbd_controller,
         }),
     },
+    Driver {
+        name: "cephfs",
+        about: "cephfs.rcsi.io: CephFS subvolumes (controller only so far)",
+        node_flags: CephfsArgs::augment_args,
+        node: cephfs_node,
+        controller: Ok(ControllerEntry {
+            flags: CephfsArgs::augment_args,
+            build: cephfs_controller,
+        }),
+    },
 ];
 
 /// The driver named `name`.
@@ -483,4 +493,37 @@ fn rbd_controller(m: &ArgMatches) -> anyhow::Result<Services> {
         node: None,
         group: None,
     })
+}
+
+/// Flags of the CephFS driver.
+#[derive(Args)]
+#[command(next_help_heading = "cephfs")]
+struct CephfsArgs {
+    /// The cluster map: ceph-csi's config.json, a JSON list of clusterID and monitors.
+    #[arg(long, default_value = "/etc/ceph-csi-config/config.json")]
+    ceph_config: PathBuf,
+    /// Seconds a monitor, mgr or OSD operation may take (every call is abandoned shortly after).
+    #[arg(long, default_value_t = 10)]
+    call_timeout: u64,
+}
+
+fn cephfs_controller(m: &ArgMatches) -> anyhow::Result<Services> {
+    let a = CephfsArgs::from_arg_matches(m)?;
+    let map = rcsi_ceph::config::ClusterMap::load(&a.ceph_config)?;
+    let cfg = rcsi_ceph::cephfs::Config {
+        call_timeout: Duration::from_secs(a.call_timeout.max(1)),
+    };
+    let driver = Arc::new(rcsi_ceph::cephfs::Cephfs::new(map, cfg));
+    Ok(Services {
+        plugin: driver.clone(),
+        controller: Some(driver),
+        node: None,
+        group: None,
+    })
+}
+
+fn cephfs_node(_: &ArgMatches, _: NodeCommon) -> anyhow::Result<Services> {
+    anyhow::bail!(
+        "the cephfs.rcsi.io node plugin is not built yet (issue 13); `rcsi controller --driver cephfs` serves the controller"
+    )
 }

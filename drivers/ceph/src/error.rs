@@ -39,10 +39,13 @@ pub enum CephError {
         why: String,
     },
     /// A parameter this driver does not know.
-    #[error(
-        "unknown parameter {0:?} (known: clusterID, pool, dataPool, imageFeatures, imageFormat, objectSize, stripeUnit, stripeCount, csi.storage.k8s.io/fstype, mkfsOptions, mounter, mapOptions, volumeNamePrefix)"
-    )]
-    UnknownParameter(String),
+    #[error("unknown parameter {key:?} (known: {known})")]
+    UnknownParameter {
+        /// The parameter.
+        key: String,
+        /// The parameters the driver knows.
+        known: &'static str,
+    },
     /// A ceph-csi parameter asking for what this driver does not do.
     #[error(
         "parameter {0:?} asks for a feature rcsi does not provide; remove it or set it to \"false\""
@@ -68,7 +71,7 @@ impl From<CephError> for CoreError {
             | CephError::BadKey { .. }
             | CephError::NoSecret { .. }
             | CephError::BadParameter { .. }
-            | CephError::UnknownParameter(_)
+            | CephError::UnknownParameter { .. }
             | CephError::UnsupportedParameter(_) => CoreError::InvalidArgument(msg),
         }
     }

@@ -69,6 +69,69 @@ pub struct OmapJournal {
     timeout: Duration,
 }
 
+/// `state` of a journal entry whose object is made.
+pub(crate) const READY: &str = "ready";
+/// `state` of a journal entry whose object is being made.
+pub(crate) const CREATING: &str = "creating";
+
+/// Attribute `key` of a reservation ("" when unset).
+pub(crate) fn attr<'a>(r: &'a Reservation, key: &str) -> &'a str {
+    r.attrs.get(key).map(String::as_str).unwrap_or("")
+}
+
+/// The `size` attribute in bytes (0 when unset).
+pub(crate) fn size_of(r: &Reservation) -> u64 {
+    attr(r, "size").parse().unwrap_or(0)
+}
+
+/// Now as `seconds.nanoseconds`, the `created` attribute of snapshots.
+pub(crate) fn now() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{}", t.as_secs(), t.subsec_nanos())
+}
+
+/// The CSI snapshot a snapshot reservation describes (`source`, `size`,
+/// `created`, `state`).
+pub(crate) fn snapshot_of(r: &Reservation) -> csi_core::csi::Snapshot {
+    let created = attr(r, "created");
+    let (secs, nanos) = created.split_once('.').unwrap_or((created, "0"));
+    csi_core::csi::Snapshot {
+        size_bytes: csi_core::types::proto_i64(size_of(r)),
+        snapshot_id: r.id.clone(),
+        source_volume_id: attr(r, "source").to_owned(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: secs.parse().unwrap_or(0),
+            nanos: nanos.parse().unwrap_or(0),
+        }),
+        ready_to_use: attr(r, "state") == READY,
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// The snapshots of every journal in `journals` (those the credentials
+/// may not read hold none of theirs), of `source` only when given, sorted
+/// by id as ListSnapshots pages them.
+pub(crate) async fn snapshots_in(
+    journals: Vec<OmapJournal>,
+    source: Option<&str>,
+) -> Result<Vec<csi_core::csi::Snapshot>> {
+    let mut out = Vec::new();
+    for j in journals {
+        match j.list().await {
+            Ok(rs) => out.extend(rs.iter().map(snapshot_of)),
+            Err(Error::PermissionDenied(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(v) = source {
+        out.retain(|s| s.source_volume_id == v);
+    }
+    out.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
+    Ok(out)
+}
+
 fn text(v: &[u8]) -> String {
     String::from_utf8_lossy(v).into_owned()
 }

@@ -5,6 +5,7 @@
 //! in RADOS omaps ([`journal`]), the librbd calls ([`librbd`]), and the
 //! RBD driver ([`rbd`]).
 
+pub mod cephfs;
 pub mod config;
 pub mod error;
 pub mod id;

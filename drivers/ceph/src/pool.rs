@@ -6,7 +6,7 @@
 use crate::config::ClusterMap;
 use crate::rados::Connection;
 use crate::secret::Credentials;
-use csi_core::Result;
+use csi_core::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,6 +76,50 @@ impl Pool {
     /// may have left it unusable); the next call connects again.
     pub fn forget(&self, cluster: &str, creds: &Credentials) {
         self.lock().remove(&(cluster.to_owned(), creds.clone()));
+    }
+
+    /// ResourceExhausted when `size` bytes of `what` (an image, a quota)
+    /// could never be written in full: beyond pool `pool_id`'s quota, or
+    /// the cluster's raw capacity (space is thin, so anything below that is
+    /// allowed).
+    pub async fn check_room(
+        &self,
+        conn: &Arc<Connection>,
+        pool_id: Option<i64>,
+        size: u64,
+        what: &str,
+    ) -> Result<()> {
+        let (df, quota) = self
+            .run(conn, "reading the cluster's capacity", move |conn| {
+                let (df, _) = conn.mon_command(r#"{"prefix": "df", "format": "json"}"#)?;
+                let q = pool_id.map(|p| {
+                    format!(
+                        r#"{{"prefix": "osd pool get-quota", "poolid": {p}, "format": "json"}}"#
+                    )
+                });
+                // The quota needs more than read access on some clusters.
+                let quota = q.and_then(|q| conn.mon_command(&q).map(|(o, _)| o).ok());
+                Ok((df, quota))
+            })
+            .await?;
+        let df: serde_json::Value = serde_json::from_str(&df)
+            .map_err(|e| Error::Internal(format!("ceph df answered {df:?}: {e}")))?;
+        let total = df["stats"]["total_bytes"].as_u64().unwrap_or(u64::MAX);
+        if size > total {
+            return Err(Error::ResourceExhausted(format!(
+                "{what} of {size} bytes is larger than the whole Ceph cluster ({total} bytes raw)"
+            )));
+        }
+        let max = quota
+            .and_then(|q| serde_json::from_str::<serde_json::Value>(&q).ok())
+            .and_then(|q| q["quota_max_bytes"].as_u64())
+            .unwrap_or(0);
+        if max > 0 && size > max {
+            return Err(Error::ResourceExhausted(format!(
+                "{what} of {size} bytes is larger than the pool's quota of {max} bytes"
+            )));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Credentials), Arc<Connection>>> {

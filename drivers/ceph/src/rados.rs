@@ -135,6 +135,16 @@ impl Connection {
 
     /// Runs a mon command (JSON); returns its output buffer and status text.
     pub fn mon_command(&self, cmd: &str) -> Result<(String, String)> {
+        self.command(cmd, "mon", ffi::rados_mon_command)
+    }
+
+    /// Runs a mgr command (JSON, e.g. `fs subvolume create`); returns its
+    /// output buffer and status text.
+    pub fn mgr_command(&self, cmd: &str) -> Result<(String, String)> {
+        self.command(cmd, "mgr", mgr::rados_mgr_command)
+    }
+
+    fn command(&self, cmd: &str, to: &str, call: CommandFn) -> Result<(String, String)> {
         let c = cstr(cmd)?;
         let cmds = [c.as_ptr()];
         let (mut outbuf, mut outbuf_len): (*mut c_char, usize) = (ptr::null_mut(), 0);
@@ -142,7 +152,7 @@ impl Connection {
         // SAFETY: one command string; librados allocates the outputs, which
         // are copied and released with rados_buffer_free below.
         let r = unsafe {
-            ffi::rados_mon_command(
+            call(
                 self.handle,
                 cmds.as_ptr() as *mut *const c_char,
                 1,
@@ -166,8 +176,40 @@ impl Connection {
             s
         };
         let (out, status) = (take(outbuf, outbuf_len), take(outs, outs_len));
-        check(r, &format!("mon command {cmd}: {status}"))?;
+        check(r, &format!("{to} command {cmd}: {status}"))?;
         Ok((out, status))
+    }
+}
+
+/// The signature librados's mon and mgr command calls share.
+type CommandFn = unsafe extern "C" fn(
+    rados_t,
+    *mut *const c_char,
+    usize,
+    *const c_char,
+    usize,
+    *mut *mut c_char,
+    *mut usize,
+    *mut *mut c_char,
+    *mut usize,
+) -> i32;
+
+/// librados's mgr command, which the `ceph` crate does not declare.
+mod mgr {
+    use super::*;
+    unsafe extern "C" {
+        /// `rados_mgr_command` of librados.h.
+        pub fn rados_mgr_command(
+            cluster: rados_t,
+            cmd: *mut *const c_char,
+            cmdlen: usize,
+            inbuf: *const c_char,
+            inbuflen: usize,
+            outbuf: *mut *mut c_char,
+            outbuflen: *mut usize,
+            outs: *mut *mut c_char,
+            outslen: *mut usize,
+        ) -> i32;
     }
 }
 

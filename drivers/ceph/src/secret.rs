@@ -60,6 +60,18 @@ impl Credentials {
     }
 }
 
+/// The credentials of a call's Secret; `kind` names the Secret for people.
+pub(crate) fn creds_of(
+    secrets: &csi_core::types::Secrets,
+    call: &'static str,
+    kind: &'static str,
+) -> csi_core::Result<Credentials> {
+    if secrets.0.is_empty() {
+        return Err(crate::CephError::NoSecret { call, kind }.into());
+    }
+    Ok(Credentials::parse(secrets)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,31 +5,20 @@ use super::images::{self, Origin};
 use super::params::Params;
 use super::{Place, Rbd, creds_of};
 use crate::id::CephId;
-use crate::journal::Kind;
+use crate::journal::{CREATING, Kind, READY, attr, now, size_of, snapshot_of, snapshots_in};
 use async_trait::async_trait;
 use csi_core::backend::{ControllerBackend, ControllerRpc, SnapshotFilter, VolumeStatus};
 use csi_core::csi;
 use csi_core::journal::{NameJournal, Reservation};
 use csi_core::types::{
     AccessMode, AccessType, Capability, CapacityRange, ContentSource, CreateVolume, Secrets,
-    proto_i64,
 };
 use csi_core::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 
-const READY: &str = "ready";
-const CREATING: &str = "creating";
 const MIB: u64 = 1 << 20;
 /// Size of a volume when the request names none.
 const DEFAULT_SIZE: u64 = 1 << 30;
-
-fn attr<'a>(r: &'a Reservation, key: &str) -> &'a str {
-    r.attrs.get(key).map(String::as_str).unwrap_or("")
-}
-
-fn size_of(r: &Reservation) -> u64 {
-    attr(r, "size").parse().unwrap_or(0)
-}
 
 /// The volume mode the capabilities ask for ("Block" or "Filesystem");
 /// refuses a filesystem written from several nodes, which a block device
@@ -54,22 +43,6 @@ fn volume_mode(caps: &[Capability]) -> Result<&'static str> {
         _ => Err(Error::InvalidArgument(
             "volume_capabilities mix block and mount access; a volume has one mode".into(),
         )),
-    }
-}
-
-fn snapshot_of(r: &Reservation) -> csi::Snapshot {
-    let created = attr(r, "created");
-    let (secs, nanos) = created.split_once('.').unwrap_or((created, "0"));
-    csi::Snapshot {
-        size_bytes: proto_i64(size_of(r)),
-        snapshot_id: r.id.clone(),
-        source_volume_id: attr(r, "source").to_owned(),
-        creation_time: Some(prost_types::Timestamp {
-            seconds: secs.parse().unwrap_or(0),
-            nanos: nanos.parse().unwrap_or(0),
-        }),
-        ready_to_use: attr(r, "state") == READY,
-        group_snapshot_id: String::new(),
     }
 }
 
@@ -144,13 +117,6 @@ impl Rbd {
     }
 }
 
-fn now() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{}", t.as_secs(), t.subsec_nanos())
-}
-
 #[async_trait]
 impl ControllerBackend for Rbd {
     fn controller_capabilities(&self) -> Vec<ControllerRpc> {
@@ -214,7 +180,9 @@ impl ControllerBackend for Rbd {
         let mut held = match journal.lookup(&req.name).await? {
             Some(held) => held,
             None => {
-                self.check_room(&place, size).await?;
+                self.pool
+                    .check_room(&place.conn, Some(place.pool_id), size, "an image")
+                    .await?;
                 journal.reserve(wanted.clone()).await?
             }
         };
@@ -378,34 +346,22 @@ impl ControllerBackend for Rbd {
 
     async fn list_snapshots(&self, filter: &SnapshotFilter) -> Result<Vec<csi::Snapshot>> {
         let creds = creds_of(&filter.secrets, "ListSnapshots", "snapshotter-list")?;
-        let mut out = Vec::new();
         if let Some(id) = &filter.snapshot_id {
-            if let Some((_, r)) = self.find(id, Kind::Snapshots, &creds).await? {
-                out.push(snapshot_of(&r));
-            }
-        } else if let Some(vid) = &filter.source_volume_id {
-            if let Some((place, _)) = self.find(vid, Kind::Volumes, &creds).await? {
-                for r in self.journal(&place, Kind::Snapshots).list().await? {
-                    if attr(&r, "source") == vid {
-                        out.push(snapshot_of(&r));
-                    }
-                }
+            let found = self.find(id, Kind::Snapshots, &creds).await?;
+            return Ok(found.iter().map(|(_, r)| snapshot_of(r)).collect());
+        }
+        let journals = if let Some(vid) = &filter.source_volume_id {
+            match self.find(vid, Kind::Volumes, &creds).await? {
+                Some((place, _)) => vec![self.journal(&place, Kind::Snapshots)],
+                None => vec![],
             }
         } else {
-            for place in self.every_pool(&creds).await? {
-                match self.journal(&place, Kind::Snapshots).list().await {
-                    Ok(rs) => out.extend(rs.iter().map(snapshot_of)),
-                    // A pool these credentials may not read holds none of theirs.
-                    Err(Error::PermissionDenied(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        if let Some(v) = &filter.source_volume_id {
-            out.retain(|s| &s.source_volume_id == v);
-        }
-        out.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
-        Ok(out)
+            let all = self.every_pool(&creds).await?;
+            all.iter()
+                .map(|x| self.journal(x, Kind::Snapshots))
+                .collect()
+        };
+        snapshots_in(journals, filter.source_volume_id.as_deref()).await
     }
 
     async fn expand_volume(
@@ -441,42 +397,6 @@ impl ControllerBackend for Rbd {
 }
 
 impl Rbd {
-    /// ResourceExhausted when a new image of `size` bytes could never be
-    /// written in full: beyond the pool's quota, or the cluster's raw
-    /// capacity (images are thin, so anything below that is allowed).
-    async fn check_room(&self, place: &Place, size: u64) -> Result<()> {
-        let pool = place.pool_id;
-        let (df, quota) = self
-            .run(place, "reading the cluster's capacity", move |conn, _| {
-                let (df, _) = conn.mon_command(r#"{"prefix": "df", "format": "json"}"#)?;
-                let q = format!(
-                    r#"{{"prefix": "osd pool get-quota", "poolid": {pool}, "format": "json"}}"#
-                );
-                // The quota needs more than read access on some clusters.
-                let quota = conn.mon_command(&q).map(|(o, _)| o).ok();
-                Ok((df, quota))
-            })
-            .await?;
-        let df: serde_json::Value = serde_json::from_str(&df)
-            .map_err(|e| Error::Internal(format!("ceph df answered {df:?}: {e}")))?;
-        let total = df["stats"]["total_bytes"].as_u64().unwrap_or(u64::MAX);
-        if size > total {
-            return Err(Error::ResourceExhausted(format!(
-                "an image of {size} bytes is larger than the whole Ceph cluster ({total} bytes raw)"
-            )));
-        }
-        let max = quota
-            .and_then(|q| serde_json::from_str::<serde_json::Value>(&q).ok())
-            .and_then(|q| q["quota_max_bytes"].as_u64())
-            .unwrap_or(0);
-        if max > 0 && size > max {
-            return Err(Error::ResourceExhausted(format!(
-                "an image of {size} bytes is larger than the pool's quota of {max} bytes"
-            )));
-        }
-        Ok(())
-    }
-
     /// Every pool of every cluster of the map the credentials can open
     /// (for listing without a filter).
     async fn every_pool(&self, creds: &crate::secret::Credentials) -> Result<Vec<Place>> {

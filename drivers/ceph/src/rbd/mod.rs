@@ -11,15 +11,15 @@ pub mod params;
 
 pub use node::{NodeConfig, NodeHost};
 
+use crate::config::ClusterMap;
 use crate::id::CephId;
 use crate::journal::{Kind, OmapJournal};
 use crate::pool::Pool;
 use crate::rados::{Connection, IoCtx};
 use crate::secret::Credentials;
-use crate::{CephError, config::ClusterMap};
+pub(crate) use crate::secret::creds_of;
 use async_trait::async_trait;
 use csi_core::backend::Plugin;
-use csi_core::types::Secrets;
 use csi_core::{Error, Result};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,18 +52,6 @@ pub(crate) struct Place {
     io: Arc<IoCtx>,
     cluster: String,
     pool_id: i64,
-}
-
-/// The credentials of a call's Secret; `kind` names the Secret for people.
-pub(crate) fn creds_of(
-    secrets: &Secrets,
-    call: &'static str,
-    kind: &'static str,
-) -> Result<Credentials> {
-    if secrets.0.is_empty() {
-        return Err(CephError::NoSecret { call, kind }.into());
-    }
-    Ok(Credentials::parse(secrets)?)
 }
 
 impl Rbd {

@@ -527,12 +527,18 @@ impl Node {
             ))
         })?;
         if let Some(path) = path {
-            let here = self
-                .exposed(&s, &dev)
-                .await?
-                .iter()
-                .any(|m| m.mount_point == path)
-                || (s.block && same_device(path, &dev).await?);
+            // While a heal is redoing the mounts, the old device still
+            // holds the paths not yet done.
+            let mut here = false;
+            for d in std::iter::once(&dev).chain(s.replaced.as_ref()) {
+                here = here
+                    || self
+                        .exposed(&s, d)
+                        .await?
+                        .iter()
+                        .any(|m| m.mount_point == path)
+                    || (s.block && same_device(path, d).await?);
+            }
             if !here {
                 return Err(missing(format!(
                     "volume {volume_id} is not at {}",

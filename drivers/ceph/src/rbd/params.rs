@@ -68,6 +68,9 @@ pub struct Params {
 /// Image name prefix when `volumeNamePrefix` is unset (ceph-csi's).
 pub const DEFAULT_PREFIX: &str = "csi-vol-";
 
+/// Every parameter this driver reads.
+const KNOWN: &str = "clusterID, pool, dataPool, imageFeatures, imageFormat, objectSize, stripeUnit, stripeCount, csi.storage.k8s.io/fstype, mkfsOptions, mounter, mapOptions, volumeNamePrefix";
+
 fn bad(key: &'static str, why: impl Into<String>) -> CephError {
     CephError::BadParameter {
         key,
@@ -142,7 +145,12 @@ impl Params {
                 "encrypted" | "thickProvision" => {
                     return Err(CephError::UnsupportedParameter(k.clone()));
                 }
-                _ => return Err(CephError::UnknownParameter(k.clone())),
+                _ => {
+                    return Err(CephError::UnknownParameter {
+                        key: k.clone(),
+                        known: KNOWN,
+                    });
+                }
             }
         }
         if p.cluster.is_empty() {

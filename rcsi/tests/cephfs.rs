@@ -1,0 +1,329 @@
+//! `cephfs.rcsi.io`'s controller against a real single-node Ceph
+//! (`tests/backends/ceph.sh`, one MDS): the conformance cases a controller
+//! alone can run, a volume's subvolume with its quota and mode, growth,
+//! snapshots outliving their volume, and at the end no subvolume, snapshot
+//! or journal key left.
+
+use anyhow::{Context, Result, ensure};
+use csi_core::csi::{self, controller_client::ControllerClient, volume_capability as vc};
+use rcsi_tests::{Backend, CommandDriver, Driver, Profile, run_suite_with};
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::Arc;
+
+/// The filesystem of the test cluster and the default subvolume group.
+const FS: &str = "cephfs";
+const GROUP: &str = "csi";
+
+/// Cases that read or write volume data, which needs a node plugin.
+const NEED_DATA: &[&str] = &[
+    "restore_snapshot_keeps_data",
+    "clone_volume_keeps_data",
+    "expand_volume",
+];
+
+fn controller(b: &Backend) -> Arc<CommandDriver> {
+    Arc::new(CommandDriver {
+        program: env!("CARGO_BIN_EXE_rcsi").into(),
+        args: [
+            "controller",
+            "--driver",
+            "cephfs",
+            "--endpoint",
+            "unix://{endpoint}",
+            "--ceph-config",
+            &b.var("CEPH_CONFIG_FILE"),
+            "--call-timeout",
+            "5",
+        ]
+        .map(String::from)
+        .to_vec(),
+        break_volume: None,
+        state_root: None,
+    })
+}
+
+/// The admin `ceph` CLI of the test cluster, its JSON output parsed.
+fn ceph(b: &Backend, args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("ceph")
+        .args(["-c", &b.var("CEPH_CONF"), "-k", &b.var("CEPH_KEYRING")])
+        .args(args)
+        .args(["--format", "json"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ceph {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_str(&text).with_context(|| format!("ceph {}: {text}", args.join(" ")))
+}
+
+/// The names `ceph ... ls` lists.
+fn names(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// What the filesystem still holds of ours: subvolumes (with their
+/// snapshots) in the group, and journal keys in the metadata pool.
+fn leftovers(b: &Backend) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for sub in names(&ceph(b, &["fs", "subvolume", "ls", FS, GROUP])?) {
+        out.push(format!("subvolume {sub}"));
+        let snaps = ceph(b, &["fs", "subvolume", "snapshot", "ls", FS, &sub, GROUP])?;
+        out.extend(
+            names(&snaps)
+                .into_iter()
+                .map(|s| format!("snapshot {sub}@{s}")),
+        );
+    }
+    for dir in ["csi.volumes.rcsi", "csi.snaps.rcsi"] {
+        let keys = Command::new("rados")
+            .args(["-c", &b.var("CEPH_CONF"), "-k", &b.var("CEPH_KEYRING")])
+            .args(["-p", "cephfs_metadata", "-N", "csi", "listomapkeys", dir])
+            .output()?;
+        for k in String::from_utf8_lossy(&keys.stdout).lines() {
+            out.push(format!("{dir} key {k}"));
+        }
+    }
+    Ok(out)
+}
+
+fn cap(mode: vc::access_mode::Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(vc::AccessType::Mount(Default::default())),
+        access_mode: Some(vc::AccessMode { mode: mode as i32 }),
+    }
+}
+
+/// A ReadWriteMany volume is a subvolume of the group with its size as the
+/// quota and mode 0777; it grows by its quota (no node step); a snapshot
+/// outlives the volume's deletion and goes with it when deleted.
+async fn subvolume_quota_growth_snapshots(b: &Backend, profile: &Profile) -> Result<()> {
+    let mut inst = controller(b).start().await?;
+    let mut ctl = ControllerClient::new(csi_core::client::connect(&inst.endpoint()).await?);
+    let v = ctl
+        .create_volume(csi::CreateVolumeRequest {
+            name: "rwx-quota".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 100 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap(vc::access_mode::Mode::MultiNodeMultiWriter)],
+            parameters: profile.parameters.clone(),
+            secrets: profile.secrets("CreateVolumeSecret"),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .context("no volume")?;
+    let ctx = &v.volume_context;
+    let sub = ctx.get("subvolumeName").context("no subvolumeName")?;
+    ensure!(
+        ctx.get("subvolumeGroup").map(String::as_str) == Some(GROUP),
+        "{ctx:?}"
+    );
+    ensure!(ctx.get("fsName").map(String::as_str) == Some(FS), "{ctx:?}");
+    let info = ceph(b, &["fs", "subvolume", "info", FS, sub, GROUP])?;
+    ensure!(
+        info["bytes_quota"].as_u64() == Some(100 << 20),
+        "quota: {info}"
+    );
+    ensure!(info["mode"].as_u64() == Some(0o40777), "mode: {info}");
+    ensure!(
+        ctx.get("subvolumePath").map(String::as_str) == info["path"].as_str(),
+        "path {:?} vs {}",
+        ctx.get("subvolumePath"),
+        info["path"]
+    );
+
+    let grown = ctl
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 200 << 20,
+                limit_bytes: 0,
+            }),
+            secrets: profile.secrets("ControllerExpandVolumeSecret"),
+            volume_capability: None,
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        grown.capacity_bytes == 200 << 20 && !grown.node_expansion_required,
+        "{grown:?}"
+    );
+    let info = ceph(b, &["fs", "subvolume", "info", FS, sub, GROUP])?;
+    ensure!(
+        info["bytes_quota"].as_u64() == Some(200 << 20),
+        "quota after growth: {info}"
+    );
+
+    let snap = ctl
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: v.volume_id.clone(),
+            name: "rwx-snap".into(),
+            secrets: profile.secrets("CreateSnapshotSecret"),
+            parameters: Default::default(),
+        })
+        .await?
+        .into_inner()
+        .snapshot
+        .context("no snapshot")?;
+    ensure!(
+        snap.ready_to_use && snap.size_bytes == 200 << 20,
+        "{snap:?}"
+    );
+    let snaps = names(&ceph(
+        b,
+        &["fs", "subvolume", "snapshot", "ls", FS, sub, GROUP],
+    )?);
+    ensure!(snaps.len() == 1, "snapshots of {sub}: {snaps:?}");
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets: profile.secrets("DeleteVolumeSecret"),
+    })
+    .await
+    .context("deleting a volume that has a snapshot")?;
+    let listed = ctl
+        .list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            secrets: profile.secrets("ListSnapshotsSecret"),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        listed.entries.len() == 1,
+        "the snapshot went with its volume: {listed:?}"
+    );
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        secrets: profile.secrets("DeleteSnapshotSecret"),
+    })
+    .await?;
+    let left = names(&ceph(b, &["fs", "subvolume", "ls", FS, GROUP])?);
+    ensure!(
+        !left.contains(sub),
+        "{sub} is still there after its last snapshot went: {left:?}"
+    );
+    inst.stop().await?;
+    Ok(())
+}
+
+/// Raw block, an unknown filesystem, a restore: refused with
+/// InvalidArgument before anything is made.
+async fn refusals(b: &Backend, profile: &Profile) -> Result<()> {
+    let mut inst = controller(b).start().await?;
+    let mut ctl = ControllerClient::new(csi_core::client::connect(&inst.endpoint()).await?);
+    let req = |name: &str, caps, params: HashMap<String, String>| csi::CreateVolumeRequest {
+        name: name.into(),
+        volume_capabilities: vec![caps],
+        parameters: params,
+        secrets: profile.secrets("CreateVolumeSecret"),
+        ..Default::default()
+    };
+    let block = csi::VolumeCapability {
+        access_type: Some(vc::AccessType::Block(Default::default())),
+        ..cap(vc::access_mode::Mode::SingleNodeWriter)
+    };
+    let e = ctl
+        .create_volume(req("block", block, profile.parameters.clone()))
+        .await
+        .expect_err("a block volume was made");
+    ensure!(e.code() == tonic::Code::InvalidArgument, "block: {e:?}");
+    let mut other = profile.parameters.clone();
+    other.insert("fsName".into(), "nosuchfs".into());
+    let rwo = cap(vc::access_mode::Mode::SingleNodeWriter);
+    let e = ctl
+        .create_volume(req("nofs", rwo.clone(), other))
+        .await
+        .expect_err("a volume of a missing filesystem was made");
+    ensure!(
+        e.code() == tonic::Code::InvalidArgument && e.message().contains("nosuchfs"),
+        "missing fs: {e:?}"
+    );
+    let mut escape = profile.parameters.clone();
+    escape.insert("subvolumeGroup".into(), "../x".into());
+    let e = ctl
+        .create_volume(req("escape", rwo, escape))
+        .await
+        .expect_err("a group name with a slash was taken");
+    ensure!(
+        e.code() == tonic::Code::InvalidArgument,
+        "group ../x: {e:?}"
+    );
+    inst.stop().await?;
+    Ok(())
+}
+
+type TrialFn = for<'a> fn(
+    &'a Backend,
+    &'a Profile,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
+
+fn main() -> std::process::ExitCode {
+    let b = match Backend::start("ceph") {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let profile = Profile {
+        name: "cephfs/controller".into(),
+        parameters: b.params("CEPHFS_SC_PARAMS_FILE"),
+        secrets: b.secrets("CEPH_SECRETS_FILE"),
+        volume_size: 64 << 20,
+        ..Default::default()
+    };
+    let cases = rcsi_tests::cases::all()
+        .into_iter()
+        .filter(|c| !NEED_DATA.contains(&c.name))
+        .collect();
+    let b = Arc::new(b);
+    let trial = |name: &str, f: TrialFn| {
+        let (b, p) = (b.clone(), profile.clone());
+        libtest_mimic::Trial::test(name, move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(f(&b, &p))
+                .map_err(|e| format!("{e:#}").into())
+        })
+    };
+    let extra = vec![
+        trial(
+            "cephfs/controller::subvolume-quota-growth-snapshots",
+            |b, p| Box::pin(subvolume_quota_growth_snapshots(b, p)),
+        ),
+        trial("cephfs/controller::refusals", |b, p| {
+            Box::pin(refusals(b, p))
+        }),
+    ];
+    // One trial at a time: unfiltered snapshot listings see the whole filesystem.
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let conclusion = run_suite_with(args, vec![(controller(&b), profile)], cases, extra);
+    let left = leftovers(&b);
+    drop(b);
+    match left {
+        Ok(l) if l.is_empty() => conclusion.exit_code(),
+        Ok(l) => {
+            eprintln!("the filesystem still holds: {l:#?}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("cannot list what the filesystem holds: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
