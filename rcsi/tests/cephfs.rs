@@ -1,8 +1,8 @@
 //! `cephfs.rcsi.io`'s controller against a real single-node Ceph
 //! (`tests/backends/ceph.sh`, one MDS): the conformance cases a controller
 //! alone can run, a volume's subvolume with its quota and mode, growth,
-//! snapshots outliving their volume, and at the end no subvolume, snapshot
-//! or journal key left.
+//! snapshots outliving their volume, restores and clones holding the
+//! source's data, and at the end no subvolume, snapshot or journal key left.
 
 use anyhow::{Context, Result, ensure};
 use csi_core::csi::{self, controller_client::ControllerClient, volume_capability as vc};
@@ -15,7 +15,8 @@ use std::sync::Arc;
 const FS: &str = "cephfs";
 const GROUP: &str = "csi";
 
-/// Cases that read or write volume data, which needs a node plugin.
+/// Cases that read or write volume data through a node plugin (the data
+/// of restores and clones is checked by an admin mount instead).
 const NEED_DATA: &[&str] = &[
     "restore_snapshot_keeps_data",
     "clone_volume_keeps_data",
@@ -220,6 +221,162 @@ async fn subvolume_quota_growth_snapshots(b: &Backend, profile: &Profile) -> Res
     Ok(())
 }
 
+/// The whole filesystem mounted with ceph-fuse as the admin, to put data
+/// into volumes and read it back; unmounted when dropped.
+struct AdminMount(tempfile::TempDir);
+
+impl AdminMount {
+    fn new(b: &Backend) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ok = Command::new("ceph-fuse")
+            .args(["-c", &b.var("CEPH_CONF"), "-k", &b.var("CEPH_KEYRING")])
+            .arg(dir.path())
+            .status()?
+            .success();
+        ensure!(ok, "ceph-fuse did not mount the filesystem");
+        Ok(Self(dir))
+    }
+
+    /// Where volume `v`'s subvolume is in the mount.
+    fn of(&self, v: &csi::Volume) -> std::path::PathBuf {
+        let path = v.volume_context["subvolumePath"].trim_start_matches('/');
+        self.0.path().join(path)
+    }
+}
+
+impl Drop for AdminMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// CreateVolume until it is no longer Aborted (a clone still copying).
+async fn create_until_done(
+    ctl: &mut ControllerClient<tonic::transport::Channel>,
+    req: csi::CreateVolumeRequest,
+) -> Result<csi::Volume> {
+    let t = std::time::Instant::now();
+    loop {
+        match ctl.create_volume(req.clone()).await {
+            Ok(r) => return r.into_inner().volume.context("no volume"),
+            Err(e) if e.code() == tonic::Code::Aborted && t.elapsed().as_secs() < 120 => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A volume restored from a snapshot and one cloned from a volume hold the
+/// source's data, with their own (larger) quota; the temporary snapshot of
+/// the volume clone is gone once it is complete.
+async fn restore_and_clone_keep_data(b: &Backend, profile: &Profile) -> Result<()> {
+    let mut inst = controller(b).start().await?;
+    let mut ctl = ControllerClient::new(csi_core::client::connect(&inst.endpoint()).await?);
+    let mnt = AdminMount::new(b)?;
+    let req = |name: &str, size: i64, src: Option<csi::volume_content_source::Type>| {
+        csi::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: size,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap(vc::access_mode::Mode::MultiNodeMultiWriter)],
+            parameters: profile.parameters.clone(),
+            secrets: profile.secrets("CreateVolumeSecret"),
+            volume_content_source: src.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
+            ..Default::default()
+        }
+    };
+    let a = create_until_done(&mut ctl, req("clone-src", 64 << 20, None)).await?;
+    std::fs::write(mnt.of(&a).join("data"), b"kept across copies")?;
+    std::fs::create_dir(mnt.of(&a).join("dir"))?;
+    std::fs::write(mnt.of(&a).join("dir/file"), vec![7u8; 1 << 20])?;
+    let snap = ctl
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: a.volume_id.clone(),
+            name: "clone-src-snap".into(),
+            secrets: profile.secrets("CreateSnapshotSecret"),
+            parameters: Default::default(),
+        })
+        .await?
+        .into_inner()
+        .snapshot
+        .context("no snapshot")?;
+    // Written after the snapshot: a restore must not have it.
+    std::fs::write(mnt.of(&a).join("later"), b"after the snapshot")?;
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let restored = create_until_done(
+        &mut ctl,
+        req(
+            "restored",
+            128 << 20,
+            Some(Type::Snapshot(SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            })),
+        ),
+    )
+    .await?;
+    let cloned = create_until_done(
+        &mut ctl,
+        req(
+            "cloned",
+            64 << 20,
+            Some(Type::Volume(VolumeSource {
+                volume_id: a.volume_id.clone(),
+            })),
+        ),
+    )
+    .await?;
+    for (v, later) in [(&restored, false), (&cloned, true)] {
+        let dir = mnt.of(v);
+        ensure!(
+            std::fs::read(dir.join("data"))? == b"kept across copies",
+            "{}: data differs",
+            v.volume_id
+        );
+        ensure!(
+            std::fs::read(dir.join("dir/file"))? == vec![7u8; 1 << 20],
+            "dir/file differs"
+        );
+        ensure!(
+            dir.join("later").exists() == later,
+            "{}: 'later' present: {}",
+            v.volume_id,
+            !later
+        );
+    }
+    let sub = |v: &csi::Volume| v.volume_context["subvolumeName"].clone();
+    let info = ceph(b, &["fs", "subvolume", "info", FS, &sub(&restored), GROUP])?;
+    ensure!(
+        info["bytes_quota"].as_u64() == Some(128 << 20),
+        "restored quota: {info}"
+    );
+    let snaps = names(&ceph(
+        b,
+        &["fs", "subvolume", "snapshot", "ls", FS, &sub(&a), GROUP],
+    )?);
+    ensure!(
+        snaps.len() == 1,
+        "snapshots of the source after the clone: {snaps:?}"
+    );
+    for v in [&cloned, &restored, &a] {
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets: profile.secrets("DeleteVolumeSecret"),
+        })
+        .await?;
+    }
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        secrets: profile.secrets("DeleteSnapshotSecret"),
+    })
+    .await?;
+    drop(mnt);
+    inst.stop().await?;
+    Ok(())
+}
+
 /// Raw block, an unknown filesystem, a restore: refused with
 /// InvalidArgument before anything is made.
 async fn refusals(b: &Backend, profile: &Profile) -> Result<()> {
@@ -307,6 +464,9 @@ fn main() -> std::process::ExitCode {
         ),
         trial("cephfs/controller::refusals", |b, p| {
             Box::pin(refusals(b, p))
+        }),
+        trial("cephfs/controller::restore-and-clone-keep-data", |b, p| {
+            Box::pin(restore_and_clone_keep_data(b, p))
         }),
     ];
     // One trial at a time: unfiltered snapshot listings see the whole filesystem.

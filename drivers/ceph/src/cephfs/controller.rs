@@ -101,6 +101,7 @@ impl ControllerBackend for Cephfs {
             ControllerRpc::CreateDeleteVolume,
             ControllerRpc::CreateDeleteSnapshot,
             ControllerRpc::ListSnapshots,
+            ControllerRpc::CloneVolume,
             ControllerRpc::ExpandVolume,
             ControllerRpc::SingleNodeMultiWriter,
         ]
@@ -110,32 +111,27 @@ impl ControllerBackend for Cephfs {
         filesystem_only(&req.capabilities)?;
         let p = Params::parse(&req.parameters)?;
         let creds = creds_of(&req.secrets, "CreateVolume", "provisioner")?;
-        if let Some(src) = &req.source {
-            use csi_core::types::ContentSource;
-            let (id, kind, what) = match src {
-                ContentSource::Snapshot(id) => (id, Kind::Snapshots, "snapshot"),
-                ContentSource::Volume(id) => (id, Kind::Volumes, "volume"),
-            };
-            if self.find(id, kind, &creds).await?.is_none() {
-                return Err(Error::NotFound(format!(
-                    "source {what} {id} does not exist"
-                )));
-            }
-            return Err(Error::InvalidArgument(format!(
-                "cephfs.rcsi.io cannot make a volume from a {what} yet (issue 13); create the volume empty"
-            )));
-        }
         let group = self.group(&p.cluster, p.group.as_deref())?;
         let fs = self.fs_named(&p.cluster, &creds, &p.fs_name).await?;
         let journal = self.journal(&fs, Kind::Volumes);
         let id = journal.id_for(&req.name);
-        let size = req.capacity.choose(DEFAULT_SIZE, MIB, MIB)?;
+        let source = match &req.source {
+            Some(src) => Some(self.source(src, &fs, &creds).await?),
+            None => None,
+        };
+        let min = source.as_ref().map_or(MIB, |s| size_of(&s.entry).max(MIB));
+        let default = source.as_ref().map_or(DEFAULT_SIZE, |s| size_of(&s.entry));
+        let size = req.capacity.choose(default.max(min), min, MIB)?;
         let sub = format!("{}{}", p.prefix, id.uuid.hyphenated());
         let mut attrs = BTreeMap::from([
             ("subvolume".to_string(), sub.clone()),
             ("group".into(), group.clone()),
             ("size".into(), size.to_string()),
             ("state".into(), CREATING.into()),
+            (
+                "source".into(),
+                source.as_ref().map(|s| s.label.clone()).unwrap_or_default(),
+            ),
             ("ctx.clusterID".into(), p.cluster.clone()),
             ("ctx.fsName".into(), p.fs_name.clone()),
             ("ctx.subvolumeGroup".into(), group.clone()),
@@ -150,6 +146,11 @@ impl ControllerBackend for Cephfs {
             if let Some(v) = v {
                 attrs.insert(k.into(), v.clone());
             }
+        }
+        if let Some(src) = source.as_ref().filter(|s| s.volume) {
+            // Where the temporary snapshot is, also once the source's entry is gone.
+            attrs.insert("from".into(), attr(&src.entry, "subvolume").into());
+            attrs.insert("fromGroup".into(), attr(&src.entry, "group").into());
         }
         let wanted = Reservation {
             name: req.name.clone(),
@@ -170,9 +171,13 @@ impl ControllerBackend for Cephfs {
             journal.update(wanted.clone()).await?;
             held = wanted.clone();
         }
-        if !req.capacity.admits(size_of(&held)) || context(&held) != context(&wanted) {
+        let same_source = attr(&held, "source") == attr(&wanted, "source");
+        if !req.capacity.admits(size_of(&held))
+            || context(&held) != context(&wanted)
+            || !same_source
+        {
             return Err(Error::AlreadyExists(format!(
-                "volume {:?} exists as {} with {} bytes; this request differs (size or parameters)",
+                "volume {:?} exists as {} with {} bytes; this request differs (size, parameters or source)",
                 req.name,
                 held.id,
                 size_of(&held)
@@ -188,13 +193,24 @@ impl ControllerBackend for Cephfs {
             json!({"group_name": group}),
         )
         .await?;
-        let mut args = subvolume(&held);
-        args["size"] = size_of(&held).into();
-        args["mode"] = "0777".into();
-        if let Some(pool) = &p.pool {
-            args["pool_layout"] = pool.clone().into();
+        match &source {
+            None => {
+                let mut args = subvolume(&held);
+                args["size"] = size_of(&held).into();
+                args["mode"] = "0777".into();
+                if let Some(pool) = &p.pool {
+                    args["pool_layout"] = pool.clone().into();
+                }
+                self.mgr(&fs, "fs subvolume create", args).await?;
+            }
+            Some(src) => {
+                self.clone_into(&fs, src, &held, p.pool.as_deref()).await?;
+                // The clone has the source's quota: give it the volume's.
+                let mut args = subvolume(&held);
+                args["new_size"] = size_of(&held).into();
+                self.mgr(&fs, "fs subvolume resize", args).await?;
+            }
         }
-        self.mgr(&fs, "fs subvolume create", args).await?;
         let path = self.subvolume_path(&fs, &held).await?;
         held.attrs.insert("ctx.subvolumePath".into(), path);
         held.attrs.insert("state".into(), READY.into());
@@ -213,8 +229,14 @@ impl ControllerBackend for Cephfs {
         let rm = |retain: bool| {
             let mut a = subvolume(&r);
             a["retain_snapshots"] = retain.into();
+            a["force"] = true.into();
             a
         };
+        if attr(&r, "state") != READY && !attr(&r, "source").is_empty() {
+            // A clone still copying cannot be removed until cancelled.
+            let _ = self.mgr(&fs, "fs clone cancel", clone_args(&r)).await;
+            self.drop_temp_snapshot(&fs, &r).await?;
+        }
         match self.mgr(&fs, "fs subvolume rm", rm(false)).await {
             Ok(_) | Err(Error::NotFound(_)) => {}
             // Its snapshots outlive it (VolumeSnapshots outlive their claim):
@@ -367,7 +389,151 @@ impl ControllerBackend for Cephfs {
     }
 }
 
+/// A resolved content source: the journal entry of the snapshot or volume.
+struct Source {
+    entry: Reservation,
+    /// Whether it is a volume (cloned through a temporary snapshot).
+    volume: bool,
+    /// `snapshot:<id>` or `volume:<id>`.
+    label: String,
+}
+
+/// How long CreateVolume waits for a clone before answering Aborted (the
+/// provisioner retries until it is complete).
+const CLONE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The `fs clone status` / `fs clone cancel` arguments of a new volume.
+fn clone_args(r: &Reservation) -> serde_json::Value {
+    json!({"clone_name": attr(r, "subvolume"), "group_name": attr(r, "group")})
+}
+
+/// The temporary snapshot a volume cloned from a volume is copied from.
+fn temp_snapshot(r: &Reservation) -> String {
+    format!("csi-tmp-{}", attr(r, "subvolume"))
+}
+
 impl Cephfs {
+    /// Looks up a content source in filesystem `fs` (NotFound when it does
+    /// not exist, InvalidArgument when it lives in another filesystem,
+    /// Unavailable while it is being made).
+    async fn source(
+        &self,
+        src: &csi_core::types::ContentSource,
+        fs: &Fs,
+        creds: &Credentials,
+    ) -> Result<Source> {
+        use csi_core::types::ContentSource;
+        let (id, kind, what) = match src {
+            ContentSource::Snapshot(id) => (id, Kind::Snapshots, "snapshot"),
+            ContentSource::Volume(id) => (id, Kind::Volumes, "volume"),
+        };
+        let (home, entry) = self
+            .find(id, kind, creds)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("source {what} {id} does not exist")))?;
+        if (home.cluster.as_str(), home.pool_id) != (fs.cluster.as_str(), fs.pool_id) {
+            return Err(Error::InvalidArgument(format!(
+                "source {what} {id} is in another CephFS filesystem than {:?}; a clone stays in its filesystem",
+                fs.name
+            )));
+        }
+        if attr(&entry, "state") != READY {
+            return Err(Error::Unavailable(format!(
+                "source {what} {id} is still being created; retry"
+            )));
+        }
+        Ok(Source {
+            entry,
+            volume: kind == Kind::Volumes,
+            label: format!("{what}:{id}"),
+        })
+    }
+
+    /// Copies the source into the new volume's subvolume with `fs subvolume
+    /// snapshot clone` (a volume through a temporary snapshot), waiting a
+    /// little: Aborted while the copy runs, so the CO retries; a failed
+    /// copy is removed so the retry starts it again.
+    async fn clone_into(
+        &self,
+        fs: &Fs,
+        src: &Source,
+        new: &Reservation,
+        pool: Option<&str>,
+    ) -> Result<()> {
+        let snap = if src.volume {
+            let snap = temp_snapshot(new);
+            let mut args = subvolume(&src.entry);
+            args["snap_name"] = snap.clone().into();
+            match self.mgr(fs, "fs subvolume snapshot create", args).await {
+                Ok(_) | Err(Error::AlreadyExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+            snap
+        } else {
+            attr(&src.entry, "snapshot").to_owned()
+        };
+        let mut args = subvolume(&src.entry);
+        args["snap_name"] = snap.into();
+        args["target_sub_name"] = attr(new, "subvolume").into();
+        args["target_group_name"] = attr(new, "group").into();
+        if let Some(pool) = pool {
+            args["pool_layout"] = pool.into();
+        }
+        match self.mgr(fs, "fs subvolume snapshot clone", args).await {
+            // Started by an earlier call.
+            Ok(_) | Err(Error::AlreadyExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let t = std::time::Instant::now();
+        loop {
+            let st = self.mgr(fs, "fs clone status", clone_args(new)).await?;
+            let state = st["status"]["state"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            match state.as_str() {
+                "complete" => break,
+                "failed" | "canceled" => {
+                    let why = st["status"]["failure"].to_string();
+                    let mut rm = subvolume(new);
+                    rm["force"] = true.into();
+                    self.mgr(fs, "fs subvolume rm", rm).await?;
+                    return Err(Error::Internal(format!(
+                        "copying {} into {} {state} ({why}); the copy was removed, a retry starts it again",
+                        src.label,
+                        attr(new, "subvolume")
+                    )));
+                }
+                _ if t.elapsed() >= CLONE_WAIT => {
+                    return Err(Error::Aborted(format!(
+                        "the copy of {} into volume {:?} is {state}; retry until it is complete",
+                        src.label, new.name
+                    )));
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
+        if src.volume {
+            self.drop_temp_snapshot(fs, new).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the temporary snapshot of a volume cloned from a volume
+    /// (success when there is none).
+    async fn drop_temp_snapshot(&self, fs: &Fs, new: &Reservation) -> Result<()> {
+        if attr(new, "from").is_empty() {
+            return Ok(());
+        }
+        let mut args = json!({"sub_name": attr(new, "from"), "group_name": attr(new, "fromGroup")});
+        args["snap_name"] = temp_snapshot(new).into();
+        args["force"] = true.into();
+        match self.mgr(fs, "fs subvolume snapshot rm", args).await {
+            Ok(_) | Err(Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The subvolume's path from `fs subvolume info`.
     async fn subvolume_path(&self, fs: &Fs, r: &Reservation) -> Result<String> {
         let info = self.mgr(fs, "fs subvolume info", subvolume(r)).await?;

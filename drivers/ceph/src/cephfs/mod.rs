@@ -2,7 +2,8 @@
 //! the quota) in a subvolume group, made through the mgr's `fs subvolume`
 //! commands sent over librados; names are reserved in a journal in the
 //! filesystem's metadata pool (RADOS namespace `csi`), so every step is
-//! safe to retry. This is the controller; the node plugin is not built yet.
+//! safe to retry; restores and clones go through the mgr's clone engine.
+//! This is the controller; the node plugin is not built yet.
 
 pub mod controller;
 pub mod params;
