@@ -377,6 +377,282 @@ async fn restore_and_clone_keep_data(b: &Backend, profile: &Profile) -> Result<(
     Ok(())
 }
 
+/// The uuid the journal derives for a volume or snapshot name.
+fn uuid_for(b: &Backend, name: &str) -> Result<String> {
+    let pool = ceph(b, &["fs", "ls"])?[0]["metadata_pool_id"]
+        .as_i64()
+        .context("no metadata pool id")?;
+    Ok(rcsi_ceph::journal::derived_id("rcsi-test", pool, name)
+        .uuid
+        .hyphenated()
+        .to_string())
+}
+
+/// Each step of create, clone, snapshot and delete done as a controller
+/// killed right after it leaves it, then the call retried: the same id
+/// comes back, nothing is made twice, temporary snapshots go.
+async fn crash_states(b: &Backend, profile: &Profile) -> Result<()> {
+    let mut inst = controller(b).start().await?;
+    let mut ctl = ControllerClient::new(csi_core::client::connect(&inst.endpoint()).await?);
+    let req =
+        |name: &str, src: Option<csi::volume_content_source::Type>| csi::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap(vc::access_mode::Mode::MultiNodeMultiWriter)],
+            parameters: profile.parameters.clone(),
+            secrets: profile.secrets("CreateVolumeSecret"),
+            volume_content_source: src.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
+            ..Default::default()
+        };
+    let id_uuid = |id: &str| {
+        id.rsplit('-')
+            .take(5)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("-")
+    };
+    let a = create_until_done(&mut ctl, req("crash-src", None)).await?;
+    let a_sub = a.volume_context["subvolumeName"].clone();
+
+    // A subvolume made before the journal said so.
+    let made = format!("csi-vol-{}", uuid_for(b, "crash-made")?);
+    ceph(
+        b,
+        &[
+            "fs",
+            "subvolume",
+            "create",
+            FS,
+            &made,
+            "--group_name",
+            GROUP,
+        ],
+    )?;
+    let v = create_until_done(&mut ctl, req("crash-made", None)).await?;
+    ensure!(
+        v.volume_context["subvolumeName"] == made,
+        "another subvolume: {v:?}"
+    );
+
+    // A name reserved in the journal's directory alone.
+    let ruuid = uuid_for(b, "crash-reserved")?;
+    let rados = |args: &[&str]| -> Result<()> {
+        let ok = Command::new("rados")
+            .args(["-c", &b.var("CEPH_CONF"), "-k", &b.var("CEPH_KEYRING")])
+            .args(["-p", "cephfs_metadata", "-N", "csi"])
+            .args(args)
+            .status()?
+            .success();
+        ensure!(ok, "rados {}", args.join(" "));
+        Ok(())
+    };
+    rados(&[
+        "setomapval",
+        "csi.volumes.rcsi",
+        "name.crash-reserved",
+        &ruuid,
+    ])?;
+    let r = create_until_done(&mut ctl, req("crash-reserved", None)).await?;
+    ensure!(
+        id_uuid(&r.volume_id) == ruuid,
+        "the reserved id was not used: {}",
+        r.volume_id
+    );
+
+    // A clone: its temporary snapshot made and the copy started.
+    let cuuid = uuid_for(b, "crash-clone")?;
+    let csub = format!("csi-vol-{cuuid}");
+    let tmp = format!("csi-tmp-{csub}");
+    ceph(
+        b,
+        &[
+            "fs",
+            "subvolume",
+            "snapshot",
+            "create",
+            FS,
+            &a_sub,
+            &tmp,
+            "--group_name",
+            GROUP,
+        ],
+    )?;
+    ceph(
+        b,
+        &[
+            "fs",
+            "subvolume",
+            "snapshot",
+            "clone",
+            FS,
+            &a_sub,
+            &tmp,
+            &csub,
+            "--group_name",
+            GROUP,
+            "--target_group_name",
+            GROUP,
+        ],
+    )?;
+    use csi::volume_content_source::{Type, VolumeSource};
+    let from_a = || {
+        Some(Type::Volume(VolumeSource {
+            volume_id: a.volume_id.clone(),
+        }))
+    };
+    let c = create_until_done(&mut ctl, req("crash-clone", from_a())).await?;
+    ensure!(
+        c.volume_context["subvolumeName"] == csub,
+        "another clone: {c:?}"
+    );
+    let snaps = names(&ceph(
+        b,
+        &["fs", "subvolume", "snapshot", "ls", FS, &a_sub, GROUP],
+    )?);
+    ensure!(snaps.is_empty(), "snapshots left on the source: {snaps:?}");
+
+    // A snapshot made before the journal said so.
+    let suuid = uuid_for(b, "crash-snap")?;
+    let sname = format!("csi-snap-{suuid}");
+    ceph(
+        b,
+        &[
+            "fs",
+            "subvolume",
+            "snapshot",
+            "create",
+            FS,
+            &a_sub,
+            &sname,
+            "--group_name",
+            GROUP,
+        ],
+    )?;
+    let snap_req = csi::CreateSnapshotRequest {
+        source_volume_id: a.volume_id.clone(),
+        name: "crash-snap".into(),
+        secrets: profile.secrets("CreateSnapshotSecret"),
+        parameters: Default::default(),
+    };
+    let snap = ctl
+        .create_snapshot(snap_req.clone())
+        .await?
+        .into_inner()
+        .snapshot
+        .context("no snapshot")?;
+    ensure!(
+        id_uuid(&snap.snapshot_id) == suuid && snap.ready_to_use,
+        "{snap:?}"
+    );
+    let again = ctl
+        .create_snapshot(snap_req)
+        .await?
+        .into_inner()
+        .snapshot
+        .context("no snapshot")?;
+    ensure!(
+        again.snapshot_id == snap.snapshot_id,
+        "a second snapshot for the same name"
+    );
+    let snaps = names(&ceph(
+        b,
+        &["fs", "subvolume", "snapshot", "ls", FS, &a_sub, GROUP],
+    )?);
+    ensure!(
+        snaps == vec![sname.clone()],
+        "snapshots of the source: {snaps:?}"
+    );
+
+    // A delete whose subvolume went before the journal entry.
+    ceph(
+        b,
+        &["fs", "subvolume", "rm", FS, &made, "--group_name", GROUP],
+    )?;
+    for _ in 0..2 {
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets: profile.secrets("DeleteVolumeSecret"),
+        })
+        .await?;
+    }
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        secrets: profile.secrets("DeleteSnapshotSecret"),
+    })
+    .await?;
+    for id in [&c.volume_id, &r.volume_id, &a.volume_id] {
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            secrets: profile.secrets("DeleteVolumeSecret"),
+        })
+        .await?;
+    }
+    inst.stop().await?;
+    Ok(())
+}
+
+/// The MDS stopped (SIGSTOP): CreateVolume fails within the call timeout
+/// while Probe answers, and works once the MDS runs again.
+async fn stopped_mds(b: &Backend, profile: &Profile) -> Result<()> {
+    let mut inst = controller(b).start().await?;
+    let ch = csi_core::client::connect(&inst.endpoint()).await?;
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut ident = csi::identity_client::IdentityClient::new(ch);
+    // This cluster's MDS, by its conf (another test cluster may run).
+    let pattern = format!("ceph-mds -c {} ", b.var("CEPH_CONF"));
+    let out = Command::new("pgrep").args(["-f", &pattern]).output()?;
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_owned)
+        .context("no ceph-mds")?;
+    let req = csi::CreateVolumeRequest {
+        name: "mds-stopped".into(),
+        volume_capabilities: vec![cap(vc::access_mode::Mode::MultiNodeMultiWriter)],
+        parameters: profile.parameters.clone(),
+        secrets: profile.secrets("CreateVolumeSecret"),
+        ..Default::default()
+    };
+    Command::new("kill").args(["-STOP", &pid]).status()?;
+    let t = std::time::Instant::now();
+    let r = ctl.create_volume(req.clone()).await;
+    let took = t.elapsed();
+    let probe = ident.probe(csi::ProbeRequest {}).await;
+    Command::new("kill").args(["-CONT", &pid]).status()?;
+    let e = r
+        .err()
+        .context("CreateVolume succeeded with the MDS stopped")?;
+    ensure!(
+        matches!(
+            e.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
+        ),
+        "with the MDS stopped: {e:?}"
+    );
+    ensure!(
+        took.as_secs() <= 20,
+        "CreateVolume took {took:?} with the MDS stopped"
+    );
+    probe.context("Probe did not answer with the MDS stopped")?;
+    eprintln!(
+        "figure: MDS stopped: CreateVolume failed with {:?} after {took:?}; Probe answered",
+        e.code()
+    );
+    let v = create_until_done(&mut ctl, req).await?;
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets: profile.secrets("DeleteVolumeSecret"),
+    })
+    .await?;
+    inst.stop().await?;
+    Ok(())
+}
+
 /// Raw block, an unknown filesystem, a restore: refused with
 /// InvalidArgument before anything is made.
 async fn refusals(b: &Backend, profile: &Profile) -> Result<()> {
@@ -467,6 +743,12 @@ fn main() -> std::process::ExitCode {
         }),
         trial("cephfs/controller::restore-and-clone-keep-data", |b, p| {
             Box::pin(restore_and_clone_keep_data(b, p))
+        }),
+        trial("cephfs/controller::crash-states", |b, p| {
+            Box::pin(crash_states(b, p))
+        }),
+        trial("cephfs/controller::stopped-mds", |b, p| {
+            Box::pin(stopped_mds(b, p))
         }),
     ];
     // One trial at a time: unfiltered snapshot listings see the whole filesystem.

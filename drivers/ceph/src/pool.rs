@@ -15,7 +15,8 @@ use std::time::Duration;
 pub struct Pool {
     map: ClusterMap,
     timeout: Duration,
-    conns: Mutex<HashMap<(String, Credentials), Arc<Connection>>>,
+    /// By cluster, user and whether librados times operations out.
+    conns: Mutex<HashMap<(String, Credentials, bool), Arc<Connection>>>,
 }
 
 impl Pool {
@@ -46,7 +47,22 @@ impl Pool {
 
     /// The connection to `cluster` as `creds` (a rotated key gets a new one).
     pub async fn get(&self, cluster: &str, creds: &Credentials) -> Result<Arc<Connection>> {
-        let key = (cluster.to_owned(), creds.clone());
+        self.connection(cluster, creds, true).await
+    }
+
+    /// A connection without librados op timeouts, for mgr commands (see
+    /// [`Connection::mgr_command`]); [`Pool::run`] still bounds each call.
+    pub async fn get_for_mgr(&self, cluster: &str, creds: &Credentials) -> Result<Arc<Connection>> {
+        self.connection(cluster, creds, false).await
+    }
+
+    async fn connection(
+        &self,
+        cluster: &str,
+        creds: &Credentials,
+        op_timeouts: bool,
+    ) -> Result<Arc<Connection>> {
+        let key = (cluster.to_owned(), creds.clone(), op_timeouts);
         if let Some(c) = self.lock().get(&key) {
             return Ok(c.clone());
         }
@@ -55,7 +71,7 @@ impl Pool {
         let conn = csi_core::fsutil::blocking(
             format!("connecting to Ceph cluster {cluster:?}"),
             self.deadline(),
-            move || Connection::connect(&monitors, &c, t),
+            move || Connection::connect(&monitors, &c, t, op_timeouts),
         )
         .await?;
         Ok(self.lock().entry(key).or_insert(Arc::new(conn)).clone())
@@ -75,7 +91,10 @@ impl Pool {
     /// Drops the connection to `cluster` as `creds` (after a failure that
     /// may have left it unusable); the next call connects again.
     pub fn forget(&self, cluster: &str, creds: &Credentials) {
-        self.lock().remove(&(cluster.to_owned(), creds.clone()));
+        let mut conns = self.lock();
+        for timed in [true, false] {
+            conns.remove(&(cluster.to_owned(), creds.clone(), timed));
+        }
     }
 
     /// ResourceExhausted when `size` bytes of `what` (an image, a quota)
@@ -122,7 +141,9 @@ impl Pool {
         Ok(())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Credentials), Arc<Connection>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, Credentials, bool), Arc<Connection>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -55,8 +55,14 @@ impl Drop for Connection {
 
 impl Connection {
     /// Connects to `monitors` as `creds` (the key is set in memory, never
-    /// written to a file); monitor and OSD operations time out after `timeout`.
-    pub fn connect(monitors: &[String], creds: &Credentials, timeout: Duration) -> Result<Self> {
+    /// written to a file); monitor and OSD operations time out after
+    /// `timeout`, or with `op_timeouts` false never (see [`Connection::mgr_command`]).
+    pub fn connect(
+        monitors: &[String],
+        creds: &Credentials,
+        timeout: Duration,
+        op_timeouts: bool,
+    ) -> Result<Self> {
         let user = cstr(&creds.user)?;
         let mut handle: rados_t = ptr::null_mut();
         // SAFETY: handle is an out pointer; user outlives the call.
@@ -66,11 +72,16 @@ impl Connection {
         )?;
         let conn = Self { handle };
         let secs = timeout.as_secs().max(1).to_string();
+        let op = if op_timeouts {
+            secs.clone()
+        } else {
+            "0".into()
+        };
         for (k, v) in [
             ("mon_host", monitors.join(",")),
             ("key", creds.key.clone()),
-            ("rados_mon_op_timeout", secs.clone()),
-            ("rados_osd_op_timeout", secs.clone()),
+            ("rados_mon_op_timeout", op.clone()),
+            ("rados_osd_op_timeout", op),
             ("client_mount_timeout", secs),
             ("log_to_stderr", "false".into()),
             ("err_to_stderr", "false".into()),
@@ -139,7 +150,11 @@ impl Connection {
     }
 
     /// Runs a mgr command (JSON, e.g. `fs subvolume create`); returns its
-    /// output buffer and status text.
+    /// output buffer and status text. Only on a connection without op
+    /// timeouts: librados 16.2 returns from a timed-out mgr command while the
+    /// command stays registered, and the late reply is written into the
+    /// freed call frame (a segfault, seen with a stopped MDS). Callers bound
+    /// the wait themselves and abandon the blocked thread instead.
     pub fn mgr_command(&self, cmd: &str) -> Result<(String, String)> {
         self.command(cmd, "mgr", mgr::rados_mgr_command)
     }

@@ -20,8 +20,9 @@ async fn connects_reads_and_writes_omaps_and_keeps_a_journal() {
     let cluster = map.get("rcsi-test").unwrap();
     let secret = b.secrets("CEPH_SECRETS_FILE")["CreateVolumeSecret"].clone();
     let creds = Credentials::parse(&Secrets(secret)).unwrap();
-    let conn =
-        Arc::new(Connection::connect(&cluster.monitors, &creds, Duration::from_secs(10)).unwrap());
+    let conn = Arc::new(
+        Connection::connect(&cluster.monitors, &creds, Duration::from_secs(10), true).unwrap(),
+    );
 
     let pool = conn.pool_id("rbd").unwrap();
     assert!(pool > 0);
@@ -59,7 +60,7 @@ async fn connects_reads_and_writes_omaps_and_keeps_a_journal() {
         key: "AQBx2ZxlAAAAABAAk0wE4bRTCx5uTB7f0dfFcg==".into(),
         ..creds.clone()
     };
-    let e = Connection::connect(&cluster.monitors, &wrong, Duration::from_secs(10))
+    let e = Connection::connect(&cluster.monitors, &wrong, Duration::from_secs(10), true)
         .err()
         .unwrap();
     assert!(matches!(e, Error::PermissionDenied(_)), "{e}");
@@ -94,7 +95,7 @@ async fn connects_reads_and_writes_omaps_and_keeps_a_journal() {
 
     let t = Instant::now();
     let dead = ["127.0.0.1:1".to_owned()];
-    let e = Connection::connect(&dead, &creds, Duration::from_secs(3))
+    let e = Connection::connect(&dead, &creds, Duration::from_secs(3), true)
         .err()
         .unwrap();
     assert!(

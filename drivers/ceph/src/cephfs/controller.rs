@@ -486,7 +486,12 @@ impl Cephfs {
         }
         let t = std::time::Instant::now();
         loop {
-            let st = self.mgr(fs, "fs clone status", clone_args(new)).await?;
+            let st = match self.mgr(fs, "fs clone status", clone_args(new)).await {
+                Ok(st) => st,
+                // The mgr's volumes module answers slowly while it copies.
+                Err(Error::DeadlineExceeded(_)) => json!({"status": {"state": "busy"}}),
+                Err(e) => return Err(e),
+            };
             let state = st["status"]["state"]
                 .as_str()
                 .unwrap_or_default()
@@ -537,10 +542,14 @@ impl Cephfs {
     /// The subvolume's path from `fs subvolume info`.
     async fn subvolume_path(&self, fs: &Fs, r: &Reservation) -> Result<String> {
         let info = self.mgr(fs, "fs subvolume info", subvolume(r)).await?;
-        info["path"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| Error::Internal(format!("fs subvolume info answered {info}")))
+        info["path"].as_str().map(str::to_owned).ok_or_else(|| {
+            // Seen while the MDS does not answer: the mgr prints nothing.
+            Error::Unavailable(format!(
+                "fs subvolume info of {} printed {info} (is an MDS of filesystem {:?} active?); retry",
+                attr(r, "subvolume"),
+                fs.name
+            ))
+        })
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Cephfs {
 /// its metadata pool and the connection its mgr commands go over.
 pub(crate) struct Fs {
     conn: Arc<Connection>,
+    /// For mgr commands: no librados op timeouts (see `Connection::mgr_command`).
+    mgr_conn: Arc<Connection>,
     io: Arc<IoCtx>,
     cluster: String,
     /// The filesystem's name.
@@ -132,8 +134,10 @@ impl Cephfs {
                 c.ioctx(pool_id, Some(JOURNAL_NAMESPACE))
             })
             .await?;
+        let mgr_conn = self.pool.get_for_mgr(cluster, creds).await?;
         Ok(Some(Fs {
             conn,
+            mgr_conn,
             io: Arc::new(io),
             cluster: cluster.to_owned(),
             name: fs.name,
@@ -179,7 +183,7 @@ impl Cephfs {
         let what = format!("ceph {prefix}");
         let (out, _) = self
             .pool
-            .run(&fs.conn, &what, move |c| c.mgr_command(&cmd))
+            .run(&fs.mgr_conn, &what, move |c| c.mgr_command(&cmd))
             .await?;
         if out.trim().is_empty() {
             return Ok(Value::Null);
