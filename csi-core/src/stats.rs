@@ -15,21 +15,31 @@ enum Slot {
     Running(Instant, watch::Receiver<Option<VolumeStats>>),
 }
 
+/// Measures the usage at a path (blocking), describing failures with the function given.
+pub type Measure = fn(&Path, fn(&Error) -> String) -> VolumeStats;
+
 /// Cached statfs answers by path; see the module documentation.
 pub struct StatsCache {
     slots: Arc<Mutex<HashMap<PathBuf, Slot>>>,
     hung: &'static str,
     describe: fn(&Error) -> String,
+    measure: Measure,
 }
 
 impl StatsCache {
     /// A cache whose hung statfs is reported with `hung` (e.g. "the NFS
     /// server is not responding") and failed ones with `describe(error)`.
     pub fn new(hung: &'static str, describe: fn(&Error) -> String) -> Self {
+        Self::measuring(hung, describe, statfs)
+    }
+
+    /// As [`StatsCache::new`], measuring with `measure` instead of statfs.
+    pub fn measuring(hung: &'static str, describe: fn(&Error) -> String, measure: Measure) -> Self {
         Self {
             slots: Arc::default(),
             hung,
             describe,
+            measure,
         }
     }
 
@@ -82,10 +92,10 @@ impl StatsCache {
     /// whenever it comes, however late.
     fn spawn(&self, path: PathBuf, tx: watch::Sender<Option<VolumeStats>>) {
         let slots = self.slots.clone();
-        let describe = self.describe;
+        let (describe, measure) = (self.describe, self.measure);
         tokio::spawn(async move {
             let p = path.clone();
-            let s = tokio::task::spawn_blocking(move || statfs(&p, describe))
+            let s = tokio::task::spawn_blocking(move || measure(&p, describe))
                 .await
                 .unwrap_or_else(|e| VolumeStats {
                     abnormal: Some(format!("statfs failed: {e}")),
@@ -101,7 +111,7 @@ impl StatsCache {
 }
 
 /// Usage of the filesystem at `path`, or the condition that prevents it.
-fn statfs(path: &Path, describe: fn(&Error) -> String) -> VolumeStats {
+pub fn statfs(path: &Path, describe: fn(&Error) -> String) -> VolumeStats {
     match crate::fsutil::statvfs(path) {
         Ok(s) => VolumeStats {
             bytes: Some((s.total_bytes, s.used_bytes, s.available_bytes)),

@@ -79,8 +79,8 @@ pub const DRIVERS: &[Driver] = &[
     },
     Driver {
         name: "cephfs",
-        about: "cephfs.rcsi.io: CephFS subvolumes (controller only so far)",
-        node_flags: CephfsArgs::augment_args,
+        about: "cephfs.rcsi.io: CephFS subvolumes, mounted by the kernel or ceph-fuse",
+        node_flags: CephfsNodeArgs::augment_args,
         node: cephfs_node,
         controller: Ok(ControllerEntry {
             flags: CephfsArgs::augment_args,
@@ -522,8 +522,80 @@ fn cephfs_controller(m: &ArgMatches) -> anyhow::Result<Services> {
     })
 }
 
-fn cephfs_node(_: &ArgMatches, _: NodeCommon) -> anyhow::Result<Services> {
-    anyhow::bail!(
-        "the cephfs.rcsi.io node plugin is not built yet (issue 13); `rcsi controller --driver cephfs` serves the controller"
-    )
+/// Flags of the CephFS node plugin.
+#[derive(Args)]
+#[command(next_help_heading = "cephfs (node)")]
+struct CephfsNodeArgs {
+    /// State files, keyrings and ceph-fuse logs (on the host's filesystem,
+    /// under a path shared with the host such as the kubelet's plugins directory).
+    #[arg(long, default_value = "/var/lib/kubelet/plugins/cephfs.rcsi.io/state")]
+    state_dir: PathBuf,
+    /// The ceph-fuse program (the fuse mounter).
+    #[arg(long, default_value = "ceph-fuse")]
+    ceph_fuse: String,
+    /// Seconds between checks for ceph-fuse processes that died (the volume
+    /// is mounted again and its targets re-bound); also checked at once
+    /// when one started by this process exits.
+    #[arg(long, default_value_t = 10)]
+    heal_interval: u64,
+    /// Seconds a mount or unmount may take.
+    #[arg(long, default_value_t = 30)]
+    mount_timeout: u64,
+    /// Seconds a statfs may take before the volume is reported abnormal.
+    #[arg(long, default_value_t = 10)]
+    stats_timeout: u64,
+    /// Seconds NodeGetVolumeStats answers from its cache.
+    #[arg(long, default_value_t = 5)]
+    stats_cache: u64,
+    /// The host's cgroup filesystem (a hostPath of /sys/fs/cgroup):
+    /// ceph-fuse processes move into their own cgroup there, so stopping
+    /// the plugin's container does not kill them.
+    #[arg(long)]
+    mount_cgroup_root: Option<PathBuf>,
+    /// Name of that cgroup, created in every hierarchy.
+    #[arg(long, default_value = "rcsi-cephfs")]
+    mount_cgroup: String,
+    /// Also serve the Controller service from this process (small clusters, tests).
+    #[arg(long)]
+    serve_controller: bool,
+    #[command(flatten)]
+    common: CephfsArgs,
+}
+
+fn cephfs_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
+    let a = CephfsNodeArgs::from_arg_matches(m)?;
+    let map = rcsi_ceph::config::ClusterMap::load(&a.common.ceph_config)?;
+    let cfg = rcsi_ceph::cephfs::Config {
+        call_timeout: Duration::from_secs(a.common.call_timeout.max(1)),
+    };
+    let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
+    let mount_timeout = Duration::from_secs(a.mount_timeout.max(1));
+    let escape = a
+        .mount_cgroup_root
+        .map(|root| csi_core::daemon::CgroupEscape {
+            root,
+            name: a.mount_cgroup,
+        });
+    let host = rcsi_ceph::cephfs::node::NodeHost {
+        mounter: Arc::new(csi_core::mount::SystemMounter::new(exec, mount_timeout)),
+        spawner: Arc::new(csi_core::daemon::SystemSpawner { escape }),
+    };
+    let node = rcsi_ceph::cephfs::node::NodeConfig {
+        node_id: common.node_id,
+        state_dir: a.state_dir,
+        ceph_fuse: a.ceph_fuse,
+        mount_timeout,
+        stats_timeout: Duration::from_secs(a.stats_timeout.max(1)),
+        stats_cache: Duration::from_secs(a.stats_cache),
+    };
+    let driver = Arc::new(
+        rcsi_ceph::cephfs::Cephfs::with_node(map, cfg, node, host)
+            .context("opening the CephFS node state directory")?,
+    );
+    driver.heal_forever(Duration::from_secs(a.heal_interval.max(1)));
+    let mut services = Services::all(driver);
+    if !a.serve_controller {
+        services.controller = None;
+    }
+    Ok(services)
 }

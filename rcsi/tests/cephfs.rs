@@ -1,15 +1,23 @@
-//! `cephfs.rcsi.io`'s controller against a real single-node Ceph
-//! (`tests/backends/ceph.sh`, one MDS): the conformance cases a controller
-//! alone can run, a volume's subvolume with its quota and mode, growth,
-//! snapshots outliving their volume, restores and clones holding the
-//! source's data, and at the end no subvolume, snapshot or journal key left.
+//! `cephfs.rcsi.io` against a real single-node Ceph (`tests/backends/ceph.sh`,
+//! one MDS). The controller alone: its conformance cases, a volume's
+//! subvolume with its quota and mode, growth, snapshots outliving their
+//! volume, restores and clones holding the source's data, crash states, a
+//! stopped MDS. The node plugin with ceph-fuse on this host: every
+//! conformance case, the plugin and ceph-fuse SIGKILLed, a user of the
+//! volume's own, a static volume, stats with the MDS stopped. At the end
+//! no subvolume, snapshot, journal key or volume user is left.
 
 use anyhow::{Context, Result, ensure};
 use csi_core::csi::{self, controller_client::ControllerClient, volume_capability as vc};
+use rcsi_tests::flows::{
+    NodeClient, create_in, pids_of, stage_publish, unpublish_unstage_delete, write_synced,
+};
 use rcsi_tests::{Backend, CommandDriver, Driver, Profile, run_suite_with};
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The filesystem of the test cluster and the default subvolume group.
 const FS: &str = "cephfs";
@@ -85,6 +93,18 @@ fn leftovers(b: &Backend) -> Result<Vec<String>> {
                 .into_iter()
                 .map(|s| format!("snapshot {sub}@{s}")),
         );
+    }
+    for e in ceph(b, &["auth", "ls"])?["auth_dump"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(name) = e["entity"]
+            .as_str()
+            .filter(|n| n.starts_with("client.rcsi-"))
+        {
+            out.push(format!("cephx user {name}"));
+        }
     }
     for dir in ["csi.volumes.rcsi", "csi.snaps.rcsi"] {
         let keys = Command::new("rados")
@@ -699,6 +719,402 @@ async fn refusals(b: &Backend, profile: &Profile) -> Result<()> {
     Ok(())
 }
 
+/// The node plugin (serving the controller too) with the cluster map at `config`.
+fn node_plugin(config: &str, extra: &[&str]) -> Arc<CommandDriver> {
+    let mut args: Vec<String> = [
+        "node",
+        "--driver",
+        "cephfs",
+        "--endpoint",
+        "unix://{endpoint}",
+        "--node-id",
+        "cephfs-test-node",
+        "--serve-controller",
+        "--ceph-config",
+        config,
+        "--call-timeout",
+        "5",
+        "--state-dir",
+        "{state}",
+        "--stats-cache",
+        "1",
+        "--heal-interval",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Arc::new(CommandDriver {
+        program: env!("CARGO_BIN_EXE_rcsi").into(),
+        args,
+        break_volume: Some(kill_ceph_fuse),
+        state_root: None,
+    })
+}
+
+/// The staging path of a volume staged by the plugin with state `state`.
+fn staging_of(state: &Path, volume_id: &str) -> Result<String> {
+    let f = state.join("volumes").join(format!("{volume_id}.json"));
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&f)?)?;
+    s["staging"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{} names no staging path", f.display()))
+}
+
+/// Kills the ceph-fuse process behind a volume (a kernel mount cannot be
+/// broken this way).
+fn kill_ceph_fuse(state: &Path, volume_id: &str) -> Result<()> {
+    let pattern = format!("ceph-fuse -f {} ", staging_of(state, volume_id)?);
+    let ok = Command::new("pkill")
+        .args(["-9", "-f", &pattern])
+        .status()?
+        .success();
+    ensure!(ok, "no ceph-fuse process for {volume_id}");
+    Ok(())
+}
+
+/// A profile for the node plugin mounting with `mounter`.
+fn node_profile(name: &str, parameters: HashMap<String, String>, mounter: &str) -> Profile {
+    let mut parameters = parameters;
+    parameters.insert("mounter".into(), mounter.into());
+    Profile {
+        name: name.into(),
+        parameters,
+        volume_size: 64 << 20,
+        online_expansion: true,
+        enforces_size: true,
+        // The MDS propagates usage (and ceph-fuse its quota) lazily.
+        stats_settle: Duration::from_secs(15),
+        ..Default::default()
+    }
+}
+
+/// The admin user's credentials, as a Secret.
+fn admin_secret(b: &Backend) -> Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(b.var("CEPH_KEYRING"))?;
+    let key = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("key = "))
+        .context("no key in the admin keyring")?;
+    Ok(HashMap::from([
+        ("userID".to_string(), "admin".to_string()),
+        ("userKey".to_string(), key.trim().to_string()),
+    ]))
+}
+
+/// A started node plugin and its clients.
+struct NodeSession {
+    inst: Box<dyn rcsi_tests::Instance>,
+    ctl: ControllerClient<tonic::transport::Channel>,
+    node: NodeClient,
+}
+
+impl NodeSession {
+    async fn start(b: &Backend, extra: &[&str]) -> Result<Self> {
+        let inst = node_plugin(&b.var("CEPH_CONFIG_FILE"), extra)
+            .start()
+            .await?;
+        Self::connect(inst).await
+    }
+
+    async fn connect(inst: Box<dyn rcsi_tests::Instance>) -> Result<Self> {
+        let ch = csi_core::client::connect(&inst.endpoint()).await?;
+        Ok(Self {
+            inst,
+            ctl: ControllerClient::new(ch.clone()),
+            node: NodeClient::new(ch),
+        })
+    }
+
+    /// The volume condition of `v` at `path`.
+    async fn condition(&mut self, v: &csi::Volume, path: &Path) -> Result<csi::VolumeCondition> {
+        let s = self
+            .node
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: path.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await?
+            .into_inner();
+        s.volume_condition.context("no volume condition")
+    }
+}
+
+/// SIGKILL the node plugin while a writer fsyncs into a ceph-fuse volume:
+/// the writer sees no error and the same ceph-fuse serves on. Then
+/// ceph-fuse is killed: the healer mounts the volume again and binds it
+/// over the target; the data fsynced before is there, new writes work, the
+/// condition reports the heal, and unpublish, unstage and delete work.
+async fn kill_plugin_and_ceph_fuse(b: &Backend, profile: &Profile) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let profile = node_profile("kill", profile.parameters.clone(), "fuse");
+    let mut n = NodeSession::start(b, &[]).await?;
+    let secrets = b.secrets("CEPH_SECRETS_FILE");
+    let mut p = profile.clone();
+    p.secrets = secrets.clone();
+    let v = create_in(&mut n.ctl, &p, "kill-plugin").await?;
+    let scratch = tempfile::tempdir()?;
+    let (st, tg) = (
+        scratch.path().join("staging"),
+        scratch.path().join("target"),
+    );
+    let stage_secrets = secrets["NodeStageVolumeSecret"].clone();
+    stage_publish(
+        &mut n.node,
+        &v,
+        &rcsi_tests::flows::cap(),
+        &stage_secrets,
+        &st,
+        &tg,
+    )
+    .await?;
+    let before_kill = pids_of("ceph-fuse");
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = rcsi_tests::writer(tg.join("log"), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    n.inst.crash().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    let written = written.map_err(|e| anyhow::anyhow!("the writer saw an error: {e}"))?;
+    ensure!(written > 0, "nothing written");
+    ensure!(
+        pids_of("ceph-fuse") == before_kill,
+        "ceph-fuse processes changed across the plugin's SIGKILL"
+    );
+    eprintln!(
+        "figure: plugin SIGKILLed under a writer: {written} bytes fsynced, no error, same ceph-fuse"
+    );
+    let mut n = NodeSession::connect(n.inst).await?;
+    let c = n.condition(&v, &tg).await?;
+    ensure!(!c.abnormal, "after the restart: {c:?}");
+
+    let before = b"written before ceph-fuse died\n";
+    write_synced(&tg.join("before"), before)?;
+    let pattern = format!("ceph-fuse -f {} ", st.display());
+    let old = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()?
+        .stdout;
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &pattern])
+        .status()?;
+    ensure!(killed.success(), "no ceph-fuse for the volume");
+    let t = Instant::now();
+    let message = loop {
+        let c = n.condition(&v, &tg).await?;
+        if c.abnormal && c.message.contains("mounted the volume again") {
+            break c.message;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "not healed within 60 s: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let healed = t.elapsed();
+    let now = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()?
+        .stdout;
+    ensure!(
+        !now.is_empty() && now != old,
+        "no new ceph-fuse serves the volume"
+    );
+    ensure!(
+        message.contains("re-bound 1 target"),
+        "the target was not bound again: {message}"
+    );
+    ensure!(
+        std::fs::read(tg.join("before"))? == before,
+        "the data written before the kill is not there after the heal"
+    );
+    ensure!(tg.join("log").exists(), "the writer's file is gone");
+    write_synced(&tg.join("after"), b"after")?;
+    eprintln!(
+        "figure: ceph-fuse SIGKILLed: mounted again and its target re-bound after {healed:?} (heal interval 1 s); data fsynced before the kill read back, new writes fine"
+    );
+    let delete = secrets["DeleteVolumeSecret"].clone();
+    unpublish_unstage_delete(&mut n.node, &mut n.ctl, &v, delete, &st, &tg).await?;
+    n.inst.stop().await?;
+    Ok(())
+}
+
+/// Staged with a Secret whose user may create users (admin), the volume
+/// is mounted as a user of its own whose MDS caps name only the
+/// subvolume's path; deleting the volume removes that user. A static
+/// volume (an existing directory, any id) is mounted as the Secret's user.
+async fn own_user_and_static_volume(b: &Backend, profile: &Profile) -> Result<()> {
+    let mut n = NodeSession::start(b, &[]).await?;
+    let admin = admin_secret(b)?;
+    let mut p = node_profile("own-user", profile.parameters.clone(), "fuse");
+    p.secrets = b.secrets("CEPH_SECRETS_FILE");
+    let v = create_in(&mut n.ctl, &p, "own-user").await?;
+    let sub = v.volume_context["subvolumeName"].clone();
+    let path = v.volume_context["subvolumePath"].clone();
+    let scratch = tempfile::tempdir()?;
+    let (st, tg) = (
+        scratch.path().join("staging"),
+        scratch.path().join("target"),
+    );
+    stage_publish(&mut n.node, &v, &rcsi_tests::flows::cap(), &admin, &st, &tg).await?;
+    let entity = format!("client.rcsi-{sub}");
+    let user = ceph(b, &["auth", "get", &entity])?;
+    let caps = &user[0]["caps"];
+    ensure!(
+        caps["mds"].as_str() == Some(&format!("allow rw fsname={FS} path={path}")),
+        "caps of {entity}: {caps}"
+    );
+    let pattern = format!("ceph-fuse -f {} ", st.display());
+    let args = Command::new("pgrep")
+        .args(["-af", &pattern])
+        .output()?
+        .stdout;
+    ensure!(
+        String::from_utf8_lossy(&args).contains(&format!("--id rcsi-{sub}")),
+        "ceph-fuse does not run as the volume's user: {}",
+        String::from_utf8_lossy(&args)
+    );
+    write_synced(&tg.join("f"), b"own user")?;
+    unpublish_unstage_delete(&mut n.node, &mut n.ctl, &v, admin.clone(), &st, &tg).await?;
+    ensure!(
+        ceph(b, &["auth", "get", &entity]).is_err(),
+        "{entity} outlived its volume"
+    );
+
+    // A static volume: a directory made by the admin, mounted as client.csi.
+    ceph(b, &["fs", "subvolume", "create", FS, "static-pv"])?;
+    let out = Command::new("ceph")
+        .args(["-c", &b.var("CEPH_CONF"), "-k", &b.var("CEPH_KEYRING")])
+        .args(["fs", "subvolume", "getpath", FS, "static-pv"])
+        .output()?;
+    let root = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(root.starts_with('/'), "getpath answered {root:?}");
+    let sv = csi::Volume {
+        volume_id: "static-pv-1".into(),
+        volume_context: HashMap::from([
+            ("clusterID".to_string(), p.parameters["clusterID"].clone()),
+            ("fsName".into(), FS.into()),
+            ("staticVolume".into(), "true".into()),
+            ("rootPath".into(), root.clone()),
+            ("mounter".into(), "fuse".into()),
+        ]),
+        ..Default::default()
+    };
+    let secrets = p.secrets("NodeStageVolumeSecret");
+    let (st, tg) = (scratch.path().join("st2"), scratch.path().join("tg2"));
+    stage_publish(
+        &mut n.node,
+        &sv,
+        &rcsi_tests::flows::cap(),
+        &secrets,
+        &st,
+        &tg,
+    )
+    .await?;
+    write_synced(&tg.join("static"), b"static")?;
+    let c = n.condition(&sv, &tg).await?;
+    ensure!(!c.abnormal, "static volume: {c:?}");
+    n.node
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: sv.volume_id.clone(),
+            target_path: tg.display().to_string(),
+        })
+        .await?;
+    n.node
+        .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: sv.volume_id.clone(),
+            staging_target_path: st.display().to_string(),
+        })
+        .await?;
+    ceph(b, &["fs", "subvolume", "rm", FS, "static-pv"])?;
+    n.inst.stop().await?;
+    Ok(())
+}
+
+/// The MDS stopped under a published volume: NodeGetVolumeStats answers
+/// within its timeout (abnormal), Probe answers, and the volume is healthy
+/// again once the MDS runs.
+async fn stats_with_stopped_mds(b: &Backend, profile: &Profile) -> Result<()> {
+    let mut n = NodeSession::start(b, &["--stats-timeout", "2"]).await?;
+    let mut p = node_profile("mds-stats", profile.parameters.clone(), "fuse");
+    p.secrets = b.secrets("CEPH_SECRETS_FILE");
+    let v = create_in(&mut n.ctl, &p, "mds-stats").await?;
+    let scratch = tempfile::tempdir()?;
+    let (st, tg) = (
+        scratch.path().join("staging"),
+        scratch.path().join("target"),
+    );
+    let secrets = p.secrets("NodeStageVolumeSecret");
+    stage_publish(
+        &mut n.node,
+        &v,
+        &rcsi_tests::flows::cap(),
+        &secrets,
+        &st,
+        &tg,
+    )
+    .await?;
+    write_synced(&tg.join("f"), &[1u8; 4096])?;
+    let pattern = format!("ceph-mds -c {} ", b.var("CEPH_CONF"));
+    let out = Command::new("pgrep").args(["-f", &pattern]).output()?;
+    let pid = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_owned)
+        .context("no ceph-mds")?;
+    Command::new("kill").args(["-STOP", &pid]).status()?;
+    // A file the client has no caps for yet: its stat needs the MDS.
+    let hung = tg.join("never");
+    std::thread::spawn(move || std::fs::metadata(hung).is_ok());
+    let mut slowest = Duration::ZERO;
+    let mut abnormal = None;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(8) {
+        let c0 = Instant::now();
+        let c = n.condition(&v, &tg).await;
+        slowest = slowest.max(c0.elapsed());
+        if let Ok(c) = c
+            && c.abnormal
+        {
+            abnormal = Some(c.message);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let probe = csi::identity_client::IdentityClient::new(
+        csi_core::client::connect(&n.inst.endpoint()).await?,
+    )
+    .probe(csi::ProbeRequest {})
+    .await;
+    Command::new("kill").args(["-CONT", &pid]).status()?;
+    probe.context("Probe did not answer with the MDS stopped")?;
+    ensure!(
+        slowest < Duration::from_secs(5),
+        "NodeGetVolumeStats took {slowest:?} with the MDS stopped (stats timeout 2 s)"
+    );
+    eprintln!(
+        "figure: MDS stopped under a ceph-fuse volume: NodeGetVolumeStats answered within {slowest:?} (abnormal: {abnormal:?}); Probe answered"
+    );
+    let t = Instant::now();
+    loop {
+        let c = n.condition(&v, &tg).await?;
+        if !c.abnormal {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "still abnormal after the MDS runs again: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let delete = p.secrets("DeleteVolumeSecret");
+    unpublish_unstage_delete(&mut n.node, &mut n.ctl, &v, delete, &st, &tg).await?;
+    n.inst.stop().await?;
+    Ok(())
+}
+
 type TrialFn = for<'a> fn(
     &'a Backend,
     &'a Profile,
@@ -754,7 +1170,33 @@ fn main() -> std::process::ExitCode {
     // One trial at a time: unfiltered snapshot listings see the whole filesystem.
     let mut args = libtest_mimic::Arguments::from_args();
     args.test_threads = Some(1);
-    let conclusion = run_suite_with(args, vec![(controller(&b), profile)], cases, extra);
+    let mut conclusion = run_suite_with(
+        args.clone(),
+        vec![(controller(&b), profile.clone())],
+        cases,
+        extra,
+    );
+    let node_trials = vec![
+        trial("cephfs/fuse::kill-plugin-and-ceph-fuse", |b, p| {
+            Box::pin(kill_plugin_and_ceph_fuse(b, p))
+        }),
+        trial("cephfs/fuse::own-user-and-static-volume", |b, p| {
+            Box::pin(own_user_and_static_volume(b, p))
+        }),
+        trial("cephfs/fuse::stats-with-stopped-mds", |b, p| {
+            Box::pin(stats_with_stopped_mds(b, p))
+        }),
+    ];
+    let mut fuse = node_profile("cephfs/fuse", profile.parameters.clone(), "fuse");
+    fuse.secrets = profile.secrets.clone();
+    let nodes = run_suite_with(
+        args,
+        vec![(node_plugin(&b.var("CEPH_CONFIG_FILE"), &[]), fuse)],
+        rcsi_tests::cases::all(),
+        node_trials,
+    );
+    conclusion.num_failed += nodes.num_failed;
+    conclusion.num_passed += nodes.num_passed;
     let left = leftovers(&b);
     drop(b);
     match left {

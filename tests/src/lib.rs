@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cases;
+pub mod flows;
 pub mod harness;
 pub mod raw;
 

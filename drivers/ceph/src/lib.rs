@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod id;
 pub mod journal;
+mod keyfiles;
 pub mod librbd;
 pub mod pool;
 pub mod rados;

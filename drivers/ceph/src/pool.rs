@@ -141,6 +141,33 @@ impl Pool {
         Ok(())
     }
 
+    /// Blocklists a dead client of ours at `addr` for an hour, so its
+    /// watches (RBD) or capabilities and session (CephFS) stop holding
+    /// others up; best effort: they lapse by themselves after a while.
+    pub async fn blocklist(&self, cluster: &str, creds: &Credentials, addr: &str) {
+        let cmd = serde_json::json!({
+            "prefix": "osd blocklist",
+            "blocklistop": "add",
+            "addr": addr,
+            "expire": 3600.0,
+        })
+        .to_string();
+        let done = async {
+            let conn = self.get(cluster, creds).await?;
+            self.run(&conn, "blocklisting a dead client", move |c| {
+                c.mon_command(&cmd).map(drop)
+            })
+            .await
+        }
+        .await;
+        match done {
+            Ok(()) => tracing::info!(cluster, addr, "blocklisted a dead client"),
+            Err(e) => {
+                tracing::warn!(cluster, addr, error = %e, "cannot blocklist a dead client; what it holds lapses by itself")
+            }
+        }
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<(String, Credentials, bool), Arc<Connection>>> {

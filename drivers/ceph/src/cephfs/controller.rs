@@ -94,6 +94,30 @@ impl Cephfs {
     }
 }
 
+impl Cephfs {
+    /// Removes the cephx user nodes made for the volume of `sub`, when the
+    /// provisioner's user may (else it stays, harmless: its caps name a
+    /// path that no longer exists).
+    async fn remove_volume_user(&self, fs: &Fs, sub: &str) -> Result<()> {
+        let entity = format!("client.{}", super::node::volume_user(sub));
+        let cmd = json!({"prefix": "auth rm", "entity": entity}).to_string();
+        let done = self
+            .pool
+            .run(&fs.conn, "removing the volume's cephx user", move |c| {
+                c.mon_command(&cmd)
+            })
+            .await;
+        match done {
+            Ok(_) | Err(Error::NotFound(_)) => Ok(()),
+            Err(Error::PermissionDenied(e)) => {
+                tracing::info!(entity, error = %e, "the provisioner's user may not remove the volume's cephx user; it stays");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 #[async_trait]
 impl ControllerBackend for Cephfs {
     fn controller_capabilities(&self) -> Vec<ControllerRpc> {
@@ -246,6 +270,7 @@ impl ControllerBackend for Cephfs {
             }
             Err(e) => return Err(e),
         }
+        self.remove_volume_user(&fs, attr(&r, "subvolume")).await?;
         self.journal(&fs, Kind::Volumes).release(&r.name).await
     }
 

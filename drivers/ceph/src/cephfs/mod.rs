@@ -3,9 +3,10 @@
 //! commands sent over librados; names are reserved in a journal in the
 //! filesystem's metadata pool (RADOS namespace `csi`), so every step is
 //! safe to retry; restores and clones go through the mgr's clone engine.
-//! This is the controller; the node plugin is not built yet.
+//! The node mounts a subvolume with the kernel's client or ceph-fuse.
 
 pub mod controller;
+pub mod node;
 pub mod params;
 
 use crate::config::ClusterMap;
@@ -42,6 +43,7 @@ pub struct Config {
 /// The CephFS driver.
 pub struct Cephfs {
     pool: Pool,
+    node: Option<node::Node>,
 }
 
 /// A filesystem of a cluster, opened as one user: the journal's context in
@@ -84,7 +86,21 @@ impl Cephfs {
     pub fn new(map: ClusterMap, cfg: Config) -> Self {
         Self {
             pool: Pool::new(map, cfg.call_timeout),
+            node: None,
         }
+    }
+
+    /// A driver that also serves the node plugin, its state in `node.state_dir`.
+    pub fn with_node(
+        map: ClusterMap,
+        cfg: Config,
+        node: node::NodeConfig,
+        host: node::NodeHost,
+    ) -> Result<Self> {
+        Ok(Self {
+            node: Some(node::Node::open(node, host)?),
+            ..Self::new(map, cfg)
+        })
     }
 
     /// The subvolume group of a volume: the parameter, else the cluster

@@ -18,6 +18,15 @@ pub enum Mounter {
 }
 
 impl Mounter {
+    /// Reads a `mounter` value (empty: kernel).
+    pub fn parse(v: &str) -> Result<Self, CephError> {
+        match v.trim() {
+            "" | "kernel" => Ok(Mounter::Kernel),
+            "fuse" | "ceph-fuse" => Ok(Mounter::Fuse),
+            v => Err(bad("mounter", format!("{v:?} is not kernel or fuse"))),
+        }
+    }
+
     /// The parameter value naming this mounter.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -81,13 +90,7 @@ impl Params {
                 "fsName" => p.fs_name = v.to_owned(),
                 "subvolumeGroup" => p.group = opt(v),
                 "pool" => p.pool = opt(v),
-                "mounter" => {
-                    p.mounter = match v {
-                        "" | "kernel" => Mounter::Kernel,
-                        "fuse" | "ceph-fuse" => Mounter::Fuse,
-                        _ => return Err(bad("mounter", format!("{v:?} is not kernel or fuse"))),
-                    }
-                }
+                "mounter" => p.mounter = Mounter::parse(v)?,
                 "kernelMountOptions" => p.kernel_options = opt(v),
                 "fuseMountOptions" => p.fuse_options = opt(v),
                 "volumeNamePrefix" => p.prefix = v.to_owned(),

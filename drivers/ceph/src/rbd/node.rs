@@ -13,6 +13,7 @@ use super::mapper::{Krbd, NBD_REATTACH, RbdFuse, RbdNbd};
 use super::params::Mounter as MounterKind;
 use super::{Rbd, creds_of};
 use crate::id::CephId;
+use crate::keyfiles::KeyFiles;
 use crate::secret::Credentials;
 use async_trait::async_trait;
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
@@ -86,6 +87,7 @@ pub struct NodeHost {
 pub(crate) struct Node {
     cfg: NodeConfig,
     host: NodeHost,
+    keys: KeyFiles,
     stats: StatsCache,
     krbd: Krbd,
     nbd: RbdNbd,
@@ -217,7 +219,7 @@ impl Node {
     /// The node side with its state under `cfg.state_dir`.
     pub(crate) fn open(cfg: NodeConfig, host: NodeHost) -> Result<Self> {
         use std::os::unix::fs::PermissionsExt;
-        for d in ["", "volumes", "keys", "fuse"] {
+        for d in ["", "volumes", "fuse"] {
             let dir = cfg.state_dir.join(d);
             std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
@@ -244,7 +246,9 @@ impl Node {
             dir: cfg.state_dir.join("fuse"),
             timeout: cfg.mount_timeout,
         };
+        let keys = KeyFiles::open(cfg.state_dir.join("keys"), cfg.mount_timeout)?;
         Ok(Self {
+            keys,
             cfg,
             host,
             stats: StatsCache::new("the RBD image does not answer", describe),
@@ -292,7 +296,7 @@ impl Node {
 
     /// What the mapper maps for a staged volume (`key` is the volume id).
     fn mapping(&self, volume_id: &str, s: &Staged) -> Mapping {
-        let (conf, keyring) = self.key_paths(&s.cluster, &s.user);
+        let k = self.keys.paths(&s.cluster, &s.user);
         Mapping {
             source: s.spec(),
             key: if s.nbd {
@@ -303,11 +307,11 @@ impl Node {
             options: s.map_options.clone(),
             client: vec![
                 "-c".into(),
-                conf.into(),
+                k.conf.into(),
                 "--id".into(),
                 s.user.clone().into(),
                 "--keyring".into(),
-                keyring.into(),
+                k.keyring.into(),
             ],
             device: s.dev.clone(),
         }
@@ -363,60 +367,6 @@ impl Node {
                 _ => Ok(()),
             },
         )
-        .await
-    }
-
-    /// Where the ceph.conf of `cluster` and the keyring of `user` are.
-    fn key_paths(&self, cluster: &str, user: &str) -> (PathBuf, PathBuf) {
-        let dir = self.cfg.state_dir.join("keys");
-        (
-            dir.join(format!("{cluster}.conf")),
-            dir.join(format!("{cluster}.{user}.keyring")),
-        )
-    }
-
-    /// Writes the ceph.conf and keyring rbd-fuse reads for `cluster` as
-    /// `creds` (0600 in the 0700 keys directory); returns their paths.
-    async fn keys(
-        &self,
-        cluster: &str,
-        monitors: &[String],
-        creds: &Credentials,
-    ) -> Result<(PathBuf, PathBuf)> {
-        let (conf, keyring) = self.key_paths(cluster, &creds.user);
-        let conf_text = format!(
-            "[global]\nmon host = {}\nadmin socket =\nlog file =\nlog to stderr = true\n",
-            monitors.join(",")
-        );
-        let key_text = format!("[client.{}]\n\tkey = {}\n", creds.user, creds.key);
-        let (c, k) = (conf.clone(), keyring.clone());
-        self.blocking("writing the Ceph keyring".into(), move || {
-            csi_core::fsutil::atomic_write(&c, conf_text.as_bytes())?;
-            csi_core::fsutil::atomic_write(&k, key_text.as_bytes())
-        })
-        .await?;
-        Ok((conf, keyring))
-    }
-
-    /// The credentials a staged volume was mapped with (from its keyring).
-    async fn staged_creds(&self, s: &Staged) -> Result<Credentials> {
-        let k = self
-            .cfg
-            .state_dir
-            .join("keys")
-            .join(format!("{}.{}.keyring", s.cluster, s.user));
-        let user = s.user.clone();
-        self.blocking(format!("reading {}", k.display()), move || {
-            let text = std::fs::read_to_string(&k).ctx(|| format!("reading {}", k.display()))?;
-            let key = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("key = "))
-                .ok_or_else(|| Error::Internal(format!("{} holds no key", k.display())))?;
-            Ok(Credentials {
-                user,
-                key: key.trim().to_owned(),
-            })
-        })
         .await
     }
 
@@ -581,33 +531,14 @@ impl Rbd {
         Ok((new.len() == 1).then(|| new.remove(0)))
     }
 
-    /// Blocklists a dead client of ours, so its watch stops keeping the
-    /// image busy (best effort: it lapses by itself after a while).
+    /// Blocklists a dead rbd-fuse client, so its watch stops keeping the
+    /// image busy.
     async fn blocklist(&self, s: &Staged, addr: &str) {
-        let done = async {
-            let n = self.node()?;
-            let creds = n.staged_creds(s).await?;
-            let conn = self.pool.get(&s.cluster, &creds).await?;
-            let cmd = serde_json::json!({
-                "prefix": "osd blocklist",
-                "blocklistop": "add",
-                "addr": addr,
-                "expire": 3600.0,
-            })
-            .to_string();
-            self.pool
-                .run(&conn, "blocklisting a dead client", move |c| {
-                    c.mon_command(&cmd).map(drop)
-                })
-                .await
-        }
-        .await;
-        match done {
-            Ok(()) => {
-                tracing::info!(image = %s.image, addr, "blocklisted the dead rbd-fuse client")
-            }
+        let Ok(n) = self.node() else { return };
+        match n.keys.read(&s.cluster, &s.user).await {
+            Ok(creds) => self.pool.blocklist(&s.cluster, &creds, addr).await,
             Err(e) => {
-                tracing::warn!(image = %s.image, addr, error = %e, "cannot blocklist the dead rbd-fuse client; its watch lapses by itself")
+                tracing::warn!(image = %s.image, error = %e, "no key to blocklist the dead rbd-fuse client")
             }
         }
     }
@@ -695,7 +626,7 @@ impl Rbd {
     /// client blocklisted first) and attaches a new loop device; the state
     /// then names the old device as `replaced` until its mounts are redone.
     async fn remap_fuse(&self, n: &Node, id: &str, s: Staged, old: PathBuf) -> Result<Staged> {
-        let creds = n.staged_creds(&s).await?;
+        let creds = n.keys.read(&s.cluster, &s.user).await?;
         if let Some(addr) = &s.watcher {
             self.blocklist(&s, addr).await;
         }
@@ -822,7 +753,7 @@ impl NodeBackend for Rbd {
         } else {
             self.check_single_node(&s, &creds, &req.capability).await?
         };
-        n.keys(&s.cluster, &monitors, &creds).await?;
+        n.keys.write(&s.cluster, &monitors, &creds).await?;
         n.save(&req.volume_id, &s).await?;
         let (dev, started) = n.mapper(&s).map(&n.mapping(&req.volume_id, &s)).await?;
         let watcher = if started {
