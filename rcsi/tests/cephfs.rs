@@ -719,8 +719,9 @@ async fn refusals(b: &Backend, profile: &Profile) -> Result<()> {
     Ok(())
 }
 
-/// The node plugin (serving the controller too) with the cluster map at `config`.
-fn node_plugin(config: &str, extra: &[&str]) -> Arc<CommandDriver> {
+/// The node plugin (serving the controller too) with the cluster map at
+/// `config`; `fuse`: its volumes are broken by killing their ceph-fuse.
+fn node_plugin(config: &str, fuse: bool, extra: &[&str]) -> Arc<CommandDriver> {
     let mut args: Vec<String> = [
         "node",
         "--driver",
@@ -747,7 +748,7 @@ fn node_plugin(config: &str, extra: &[&str]) -> Arc<CommandDriver> {
     Arc::new(CommandDriver {
         program: env!("CARGO_BIN_EXE_rcsi").into(),
         args,
-        break_volume: Some(kill_ceph_fuse),
+        break_volume: fuse.then_some(kill_ceph_fuse as rcsi_tests::harness::BreakFn),
         state_root: None,
     })
 }
@@ -812,7 +813,7 @@ struct NodeSession {
 
 impl NodeSession {
     async fn start(b: &Backend, extra: &[&str]) -> Result<Self> {
-        let inst = node_plugin(&b.var("CEPH_CONFIG_FILE"), extra)
+        let inst = node_plugin(&b.var("CEPH_CONFIG_FILE"), true, extra)
             .start()
             .await?;
         Self::connect(inst).await
@@ -1120,7 +1121,32 @@ type TrialFn = for<'a> fn(
     &'a Profile,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
 
+/// Inside the node VM (`RCSI_VM_PROFILES=cephfs`): the cases that use a
+/// node, with the kernel's CephFS client, against the host's cluster.
+fn in_node_vm() -> std::process::ExitCode {
+    // The host's files are not all visible in the guest: they come as
+    // one-line JSON.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, var("RCSI_CEPH_CONFIG")).expect("writing the cluster map");
+    let parameters = serde_json::from_str(&var("RCSI_CEPH_PARAMS")).expect("parameters");
+    let mut profile = node_profile("cephfs/kernel", parameters, "kernel");
+    profile.secrets = serde_json::from_str(&var("RCSI_CEPH_SECRETS")).expect("secrets");
+    let cases = rcsi_tests::cases::all()
+        .into_iter()
+        .filter(|c| !c.node_free)
+        .collect();
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let plugin = node_plugin(&config.display().to_string(), false, &[]);
+    run_suite_with(args, vec![(plugin, profile)], cases, vec![]).exit_code()
+}
+
 fn main() -> std::process::ExitCode {
+    if std::env::var_os("RCSI_VM_PROFILES").is_some() {
+        return in_node_vm();
+    }
     let b = match Backend::start("ceph") {
         Ok(b) => b,
         Err(e) => {
@@ -1176,7 +1202,7 @@ fn main() -> std::process::ExitCode {
         cases,
         extra,
     );
-    let node_trials = vec![
+    let mut node_trials = vec![
         trial("cephfs/fuse::kill-plugin-and-ceph-fuse", |b, p| {
             Box::pin(kill_plugin_and_ceph_fuse(b, p))
         }),
@@ -1187,11 +1213,30 @@ fn main() -> std::process::ExitCode {
             Box::pin(stats_with_stopped_mds(b, p))
         }),
     ];
+    let config_line = std::fs::read_to_string(b.var("CEPH_CONFIG_FILE"))
+        .unwrap_or_default()
+        .replace('\n', " ");
+    let secrets_json = serde_json::to_string(&profile.secrets).expect("secrets as JSON");
+    let params_json = serde_json::to_string(&profile.parameters).expect("parameters as JSON");
+    let vm = rcsi_tests::node_vm_trial(
+        "cephfs/kernel::in-node-vm",
+        &[
+            ("RCSI_VM_PROFILES", "cephfs"),
+            (
+                "RCSI_VM_FORWARD",
+                b.var("CEPH_PORTS").trim_matches('"').trim(),
+            ),
+            ("RCSI_CEPH_CONFIG", &config_line),
+            ("RCSI_CEPH_SECRETS", &secrets_json),
+            ("RCSI_CEPH_PARAMS", &params_json),
+        ],
+    );
+    node_trials.push(vm);
     let mut fuse = node_profile("cephfs/fuse", profile.parameters.clone(), "fuse");
     fuse.secrets = profile.secrets.clone();
     let nodes = run_suite_with(
         args,
-        vec![(node_plugin(&b.var("CEPH_CONFIG_FILE"), &[]), fuse)],
+        vec![(node_plugin(&b.var("CEPH_CONFIG_FILE"), true, &[]), fuse)],
         rcsi_tests::cases::all(),
         node_trials,
     );

@@ -95,7 +95,7 @@ run() {
       # Host services on 127.0.0.1: each port is relayed by a socat in the
       # guest to the slirp guestfwd address, whose host side connects to
       # 127.0.0.1 of the host (qemu's -netdev below).
-      echo 'modprobe -a virtio_net nfs nfsv3 nfsv4 rbd 2>/dev/null; modprobe nbd nbds_max=16 2>/dev/null'
+      echo 'modprobe -a virtio_net nfs nfsv3 nfsv4 rbd ceph 2>/dev/null; modprobe nbd nbds_max=16 2>/dev/null'
       echo 'ip link set lo up'
       echo 'for n in /sys/class/net/*; do n=${n##*/}; [ "$n" = lo ] && continue; ip link set "$n" up; ip addr add 10.0.2.15/24 dev "$n"; break; done'
       for p in $RCSI_VM_FORWARD; do
