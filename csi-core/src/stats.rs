@@ -110,6 +110,55 @@ impl StatsCache {
     }
 }
 
+/// Recent heals (a mount or mapping made again under published volumes),
+/// each reported in its volumes' condition for a while.
+pub struct Heals {
+    report: Duration,
+    done: Mutex<HashMap<String, (Instant, String)>>,
+}
+
+impl Heals {
+    /// Heals reported for `report` after they happen.
+    pub fn new(report: Duration) -> Self {
+        Self {
+            report,
+            done: Mutex::default(),
+        }
+    }
+
+    /// Records that what `key` names was healed, as `what` says.
+    pub fn record(&self, key: &str, what: String) {
+        self.lock().insert(key.to_owned(), (Instant::now(), what));
+    }
+
+    /// Forgets the heal of `key` (unstaged, unmounted).
+    pub fn forget(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    /// Makes `stats` abnormal with a recent heal of `key` when nothing
+    /// else is wrong, saying what the pod must do about it.
+    pub fn report(&self, key: &str, stats: &mut VolumeStats) {
+        let heal = self
+            .lock()
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < self.report)
+            .cloned();
+        if stats.abnormal.is_none()
+            && let Some((at, what)) = heal
+        {
+            stats.abnormal = Some(format!(
+                "{what} {:.0?} ago. Files opened before then must be reopened; a container sees the new mount only if it mounts the volume with mountPropagation: HostToContainer, others must be restarted",
+                at.elapsed()
+            ));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, String)>> {
+        self.done.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Usage of the filesystem at `path`, or the condition that prevents it.
 pub fn statfs(path: &Path, describe: fn(&Error) -> String) -> VolumeStats {
     match crate::fsutil::statvfs(path) {

@@ -44,8 +44,8 @@ trap stop EXIT
 
 t=$(now)
 rootfs=$WORKDIR/rcsi-rootfs
-# Built again when the package list changes (rbd-fuse maps RBD images).
-packages=util-linux,mount,e2fsprogs,xfsprogs,librados2,librbd1,rbd-fuse
+# Built again when the package list changes (rbd-fuse maps RBD images, ceph-fuse mounts CephFS).
+packages=util-linux,mount,e2fsprogs,xfsprogs,librados2,librbd1,rbd-fuse,ceph-fuse
 if [ "$(cat "$rootfs.packages" 2>/dev/null)" != "$packages" ]; then
   rm -rf "$rootfs"
   "$KIT" debian-rootfs "$rootfs" "$packages" >&2
@@ -60,7 +60,7 @@ install -m755 "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts
 "$KIT" sidecar-images "$WORKDIR" >&2
 figure "images built and imported: $(since "$t") s"
 
-for overlay in ${E2E_ONLY:-local-path nfs juicefs rbd local-path-sidecars}; do
+for overlay in ${E2E_ONLY:-local-path nfs juicefs rbd cephfs local-path-sidecars}; do
   t=$(now)
   "tests/e2e/$overlay.sh"
   figure "$overlay: passed in $(since "$t") s"

@@ -16,5 +16,6 @@ pub mod pool;
 pub mod rados;
 pub mod rbd;
 pub mod secret;
+mod volstate;
 
 pub use error::CephError;

@@ -14,14 +14,14 @@ use crate::{Config, FsSecret, Juicefs, NodeConfig};
 use async_trait::async_trait;
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
 use csi_core::mount::{MountInfo, Mounter};
-use csi_core::stats::StatsCache;
+use csi_core::stats::{Heals, StatsCache};
 use csi_core::types::{AccessMode, AccessType, PublishVolume};
 use csi_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tracing::{info, warn};
 
 /// How long the volume condition reports that a mount was restored.
@@ -62,7 +62,7 @@ pub(crate) struct Node {
     /// Held across serializing and writing, so writes land in order.
     save_lock: tokio::sync::Mutex<()>,
     /// Per filesystem key: when its mount was restored, and what happened.
-    heals: Mutex<HashMap<String, (Instant, String)>>,
+    heals: Heals,
     stats: StatsCache,
 }
 
@@ -110,7 +110,7 @@ impl Node {
             file,
             saved: Mutex::new(saved),
             save_lock: tokio::sync::Mutex::default(),
-            heals: Mutex::default(),
+            heals: Heals::new(HEAL_REPORT),
             stats: StatsCache::new("the JuiceFS mount is not responding", describe),
         })
     }
@@ -228,10 +228,7 @@ impl Node {
             fs.secret.name
         );
         warn!(key, rebound, "restored a lost JuiceFS mount");
-        self.heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_owned(), (Instant::now(), msg));
+        self.heals.record(key, msg);
         Ok(())
     }
 
@@ -259,10 +256,7 @@ impl Node {
         }
         self.mounts.unmount(key).await?;
         self.saved(|s| s.filesystems.remove(key));
-        self.heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.heals.forget(key);
         self.save().await
     }
 }
@@ -559,21 +553,7 @@ impl NodeBackend for Juicefs {
                 ));
             }
         }
-        let heal = n
-            .heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&t.key)
-            .filter(|(at, _)| at.elapsed() < HEAL_REPORT)
-            .cloned();
-        if s.abnormal.is_none()
-            && let Some((at, msg)) = heal
-        {
-            s.abnormal = Some(format!(
-                "{msg} {:.0?} ago. Files opened before then must be reopened; a container sees the new mount only if it mounts the volume with mountPropagation: HostToContainer, others must be restarted",
-                at.elapsed()
-            ));
-        }
+        n.heals.report(&t.key, &mut s);
         Ok(s)
     }
 }

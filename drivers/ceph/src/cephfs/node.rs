@@ -13,13 +13,14 @@ use super::params::Mounter as MounterKind;
 use crate::id::CephId;
 use crate::keyfiles::KeyFiles;
 use crate::secret::{Credentials, creds_of};
+use crate::volstate::VolumeStates;
 use async_trait::async_trait;
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
 use csi_core::daemon::Spawner;
 use csi_core::devvol::elsewhere;
 use csi_core::exec::Command;
 use csi_core::mount::{MountInfo, Mounter};
-use csi_core::stats::StatsCache;
+use csi_core::stats::{Heals, StatsCache};
 use csi_core::types::{AccessMode, AccessType, Capability, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
@@ -98,11 +99,10 @@ pub(crate) struct Node {
     cfg: NodeConfig,
     host: NodeHost,
     keys: KeyFiles,
+    states: VolumeStates,
     stats: StatsCache,
-    /// Per volume: held by stage, unstage and the healer.
-    volume_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per volume: when and how its mount was last healed.
-    heals: std::sync::Mutex<HashMap<String, (Instant, String)>>,
+    heals: Heals,
     /// Notified when a ceph-fuse this process started exits.
     died: Arc<Notify>,
 }
@@ -326,7 +326,7 @@ impl Node {
     /// The node side with its state under `cfg.state_dir`.
     pub(crate) fn open(cfg: NodeConfig, host: NodeHost) -> Result<Self> {
         use std::os::unix::fs::PermissionsExt;
-        for d in ["", "volumes", "fuse"] {
+        for d in ["", "fuse"] {
             let dir = cfg.state_dir.join(d);
             std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
@@ -334,25 +334,13 @@ impl Node {
         }
         Ok(Self {
             keys: KeyFiles::open(cfg.state_dir.join("keys"), cfg.mount_timeout)?,
+            states: VolumeStates::open(cfg.state_dir.join("volumes"), cfg.mount_timeout)?,
             cfg,
             host,
             stats: StatsCache::measuring("the CephFS mount does not answer", describe, usage),
-            volume_locks: Default::default(),
-            heals: Default::default(),
+            heals: Heals::new(HEAL_REPORT),
             died: Default::default(),
         })
-    }
-
-    /// Serialises stage, unstage and heals of one volume.
-    async fn lock_volume(&self, volume_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self
-            .volume_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(volume_id.to_owned())
-            .or_default()
-            .clone();
-        m.lock_owned().await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -361,66 +349,6 @@ impl Node {
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
         csi_core::fsutil::blocking(what, self.cfg.mount_timeout, f).await
-    }
-
-    fn state_file(&self, volume_id: &str) -> PathBuf {
-        self.cfg
-            .state_dir
-            .join("volumes")
-            .join(format!("{volume_id}.json"))
-    }
-
-    async fn load(&self, volume_id: &str) -> Result<Option<Staged>> {
-        let f = self.state_file(volume_id);
-        self.blocking(
-            format!("reading {}", f.display()),
-            move || match std::fs::read(&f) {
-                Ok(b) => serde_json::from_slice(&b)
-                    .map(Some)
-                    .map_err(|e| Error::Internal(format!("{} is corrupt: {e}", f.display()))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(Error::io(format!("reading {}", f.display()), e)),
-            },
-        )
-        .await
-    }
-
-    async fn save(&self, volume_id: &str, s: &Staged) -> Result<()> {
-        let f = self.state_file(volume_id);
-        let data = serde_json::to_vec(s).map_err(|e| Error::Internal(e.to_string()))?;
-        self.blocking(format!("writing {}", f.display()), move || {
-            csi_core::fsutil::atomic_write(&f, &data)
-        })
-        .await
-    }
-
-    async fn forget(&self, volume_id: &str) -> Result<()> {
-        let f = self.state_file(volume_id);
-        self.blocking(
-            format!("removing {}", f.display()),
-            move || match std::fs::remove_file(&f) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(Error::io(format!("removing {}", f.display()), e))
-                }
-                _ => Ok(()),
-            },
-        )
-        .await
-    }
-
-    /// The ids of the volumes staged here.
-    fn staged_ids(&self) -> Vec<String> {
-        std::fs::read_dir(self.cfg.state_dir.join("volumes"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".json")
-                    .map(str::to_owned)
-            })
-            .collect()
     }
 
     /// The topmost mount at `path`.
@@ -607,9 +535,13 @@ impl Node {
     /// The staged volume `volume_id`, or NotFound when it is not staged
     /// here or `path` (when given) is neither its staging path nor a target.
     async fn holding(&self, volume_id: &str, path: &Path) -> Result<Staged> {
-        let s = self.load(volume_id).await?.ok_or_else(|| {
-            Error::NotFound(format!("volume {volume_id} is not staged on this node"))
-        })?;
+        let s = self
+            .states
+            .load::<Staged>(volume_id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!("volume {volume_id} is not staged on this node"))
+            })?;
         let here = self
             .exposed(&s)
             .await?
@@ -641,8 +573,8 @@ impl Cephfs {
     /// first, so the MDS frees what it held) and binds the new mount over
     /// every target of the old one.
     async fn heal_volume(&self, n: &Node, id: &str, monitors: &[String]) -> Result<()> {
-        let _held = n.lock_volume(id).await;
-        let Some(mut s) = n.load(id).await? else {
+        let _held = n.states.lock(id).await;
+        let Some(mut s) = n.states.load::<Staged>(id).await? else {
             return Ok(());
         };
         let Some(dev) = s.dev.clone().filter(|_| s.fuse) else {
@@ -655,7 +587,7 @@ impl Cephfs {
                 return Ok(());
             };
             s.replaced = Some(dev.clone());
-            n.save(id, &s).await?;
+            n.states.save(id, &s).await?;
             why
         };
         if n.staging_mount(&s).await?.map(|m| m.dev) != s.dev || s.dev == s.replaced {
@@ -665,7 +597,7 @@ impl Cephfs {
                 .unmount_network(&s.staging, Duration::from_secs(1))
                 .await?;
             n.mount(id, &mut s, monitors).await?;
-            n.save(id, &s).await?;
+            n.states.save(id, &s).await?;
             n.stats.forget(&s.staging);
         }
         let old = s.replaced.clone().unwrap_or_default();
@@ -686,16 +618,13 @@ impl Cephfs {
             rebound += 1;
         }
         s.replaced = None;
-        n.save(id, &s).await?;
+        n.states.save(id, &s).await?;
         let msg = format!(
             "the ceph-fuse process of {} on filesystem {:?} died ({why}); the plugin mounted the volume again and re-bound {rebound} target(s)",
             s.root, s.fs_name
         );
         tracing::warn!(volume = %id, rebound, "ceph-fuse had died; the volume is mounted again");
-        n.heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), (Instant::now(), msg));
+        n.heals.record(id, msg);
         Ok(())
     }
 
@@ -710,8 +639,8 @@ impl Cephfs {
         let Some(n) = &self.node else {
             return;
         };
-        for id in n.staged_ids() {
-            let done = match n.load(&id).await {
+        for id in n.states.ids() {
+            let done = match n.states.load::<Staged>(&id).await {
                 Ok(Some(s)) => match self.pool.cluster(&s.cluster) {
                     Ok(c) => self.heal_volume(n, &id, &c.monitors.clone()).await,
                     Err(e) => Err(e),
@@ -822,8 +751,8 @@ impl NodeBackend for Cephfs {
         let src = source_of(&req.volume_id, &req.volume_context, &req.capability)?;
         let creds = creds_of(&req.secrets, "NodeStageVolume", "node-stage")?;
         let monitors = self.pool.cluster(&src.cluster)?.monitors.clone();
-        let _held = n.lock_volume(&req.volume_id).await;
-        let old = n.load(&req.volume_id).await?;
+        let _held = n.states.lock(&req.volume_id).await;
+        let old = n.states.load::<Staged>(&req.volume_id).await?;
         if let Some(o) = &old {
             let same = (
                 &o.cluster, &o.fs_name, &o.root, o.fuse, &o.options, &o.staging,
@@ -879,20 +808,20 @@ impl NodeBackend for Cephfs {
                 .unmount_network(&o.staging, Duration::from_secs(1))
                 .await?;
         }
-        n.save(&req.volume_id, &s).await?;
+        n.states.save(&req.volume_id, &s).await?;
         let sp = req.staging_path.clone();
         n.blocking(format!("creating {}", sp.display()), move || {
             std::fs::create_dir_all(&sp).ctx(|| format!("creating {}", sp.display()))
         })
         .await?;
         n.mount(&req.volume_id, &mut s, &monitors).await?;
-        n.save(&req.volume_id, &s).await
+        n.states.save(&req.volume_id, &s).await
     }
 
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let n = self.node()?;
-        let _held = n.lock_volume(volume_id).await;
-        let Some(s) = n.load(volume_id).await? else {
+        let _held = n.states.lock(volume_id).await;
+        let Some(s) = n.states.load::<Staged>(volume_id).await? else {
             // Not staged here, or already unstaged: a CephFS mount left at
             // the path (state lost) still goes.
             if let Some(m) = n.mount_at(staging_path).await?
@@ -931,11 +860,8 @@ impl NodeBackend for Cephfs {
         if s.own_user {
             n.keys.remove(&s.cluster, &s.user).await?;
         }
-        n.heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(volume_id);
-        n.forget(volume_id).await
+        n.heals.forget(volume_id);
+        n.states.forget(volume_id).await
     }
 
     async fn publish(&self, req: PublishVolume) -> Result<()> {
@@ -951,7 +877,7 @@ impl NodeBackend for Cephfs {
                 staging.display()
             ))
         };
-        let Some(s) = n.load(&req.volume_id).await? else {
+        let Some(s) = n.states.load::<Staged>(&req.volume_id).await? else {
             source_of(&req.volume_id, &req.volume_context, &req.capability)?;
             return Err(not_staged());
         };
@@ -1029,21 +955,7 @@ impl NodeBackend for Cephfs {
         if stats.abnormal.is_some() {
             n.died.notify_one(); // let the healer look now
         }
-        let heal = n
-            .heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(volume_id)
-            .filter(|(at, _)| at.elapsed() < HEAL_REPORT)
-            .cloned();
-        if stats.abnormal.is_none()
-            && let Some((at, msg)) = heal
-        {
-            stats.abnormal = Some(format!(
-                "{msg} {:.0?} ago. Files opened before then must be reopened; a container sees the new mount only if it mounts the volume with mountPropagation: HostToContainer, others must be restarted",
-                at.elapsed()
-            ));
-        }
+        n.heals.report(volume_id, &mut stats);
         Ok(stats)
     }
 }

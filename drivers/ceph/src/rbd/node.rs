@@ -15,6 +15,7 @@ use super::{Rbd, creds_of};
 use crate::id::CephId;
 use crate::keyfiles::KeyFiles;
 use crate::secret::Credentials;
+use crate::volstate::VolumeStates;
 use async_trait::async_trait;
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
 use csi_core::blockdev::{BlockDevices, DeviceMapper, LoopDevices, Mapping};
@@ -22,7 +23,7 @@ use csi_core::daemon::Spawner;
 use csi_core::devvol::{Format, elsewhere, mount_filesystem, publish_device, same_device};
 use csi_core::exec::Exec;
 use csi_core::mount::{MountInfo, Mounter, exposures, vfs_flags};
-use csi_core::stats::StatsCache;
+use csi_core::stats::{Heals, StatsCache};
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
 use csi_core::{Error, IoContext, Result};
 use serde::{Deserialize, Serialize};
@@ -88,16 +89,13 @@ pub(crate) struct Node {
     cfg: NodeConfig,
     host: NodeHost,
     keys: KeyFiles,
+    states: VolumeStates,
     stats: StatsCache,
     krbd: Krbd,
     nbd: RbdNbd,
     fuse: RbdFuse,
-    /// Per volume: held from mapping to saving the state (stage), from
-    /// unmapping to forgetting it (unstage), and while the healer works,
-    /// so the healer never maps a volume being unstaged.
-    volume_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per volume: when and how its mapping was last healed.
-    heals: std::sync::Mutex<HashMap<String, (Instant, String)>>,
+    heals: Heals,
 }
 
 /// How long the volume condition reports a heal.
@@ -219,7 +217,7 @@ impl Node {
     /// The node side with its state under `cfg.state_dir`.
     pub(crate) fn open(cfg: NodeConfig, host: NodeHost) -> Result<Self> {
         use std::os::unix::fs::PermissionsExt;
-        for d in ["", "volumes", "fuse"] {
+        for d in ["", "fuse"] {
             let dir = cfg.state_dir.join(d);
             std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
@@ -247,16 +245,17 @@ impl Node {
             timeout: cfg.mount_timeout,
         };
         let keys = KeyFiles::open(cfg.state_dir.join("keys"), cfg.mount_timeout)?;
+        let states = VolumeStates::open(cfg.state_dir.join("volumes"), cfg.mount_timeout)?;
         Ok(Self {
             keys,
+            states,
             cfg,
             host,
             stats: StatsCache::new("the RBD image does not answer", describe),
             krbd,
             nbd,
             fuse,
-            volume_locks: Default::default(),
-            heals: Default::default(),
+            heals: Heals::new(HEAL_REPORT),
         })
     }
 
@@ -269,18 +268,6 @@ impl Node {
                 tracing::info!(device = %dev.display(), error = %e, "a replaced loop device is detached at its last close");
             }
         });
-    }
-
-    /// Serialises mapping changes of one volume (see `volume_locks`).
-    async fn lock_volume(&self, volume_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self
-            .volume_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(volume_id.to_owned())
-            .or_default()
-            .clone();
-        m.lock_owned().await
     }
 
     /// The mapper that maps a staged volume.
@@ -323,51 +310,6 @@ impl Node {
         f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<T> {
         csi_core::fsutil::blocking(what, self.cfg.mount_timeout, f).await
-    }
-
-    fn state_file(&self, volume_id: &str) -> PathBuf {
-        self.cfg
-            .state_dir
-            .join("volumes")
-            .join(format!("{volume_id}.json"))
-    }
-
-    async fn load(&self, volume_id: &str) -> Result<Option<Staged>> {
-        let f = self.state_file(volume_id);
-        self.blocking(
-            format!("reading {}", f.display()),
-            move || match std::fs::read(&f) {
-                Ok(b) => serde_json::from_slice(&b)
-                    .map(Some)
-                    .map_err(|e| Error::Internal(format!("{} is corrupt: {e}", f.display()))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(Error::io(format!("reading {}", f.display()), e)),
-            },
-        )
-        .await
-    }
-
-    async fn save(&self, volume_id: &str, s: &Staged) -> Result<()> {
-        let f = self.state_file(volume_id);
-        let data = serde_json::to_vec(s).map_err(|e| Error::Internal(e.to_string()))?;
-        self.blocking(format!("writing {}", f.display()), move || {
-            csi_core::fsutil::atomic_write(&f, &data)
-        })
-        .await
-    }
-
-    async fn forget(&self, volume_id: &str) -> Result<()> {
-        let f = self.state_file(volume_id);
-        self.blocking(
-            format!("removing {}", f.display()),
-            move || match std::fs::remove_file(&f) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(Error::io(format!("removing {}", f.display()), e))
-                }
-                _ => Ok(()),
-            },
-        )
-        .await
     }
 
     /// Whether the image is mapped here and answering.
@@ -468,7 +410,8 @@ impl Node {
     async fn holding(&self, volume_id: &str, path: Option<&Path>) -> Result<(Staged, PathBuf)> {
         let missing = |what: String| Error::NotFound(what);
         let s = self
-            .load(volume_id)
+            .states
+            .load::<Staged>(volume_id)
             .await?
             .ok_or_else(|| missing(format!("volume {volume_id} is not staged on this node")))?;
         let dev = self.device(volume_id, &s).await?.ok_or_else(|| {
@@ -551,17 +494,7 @@ impl Rbd {
         let Some(n) = &self.node else {
             return;
         };
-        let ids: Vec<String> = std::fs::read_dir(n.cfg.state_dir.join("volumes"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_suffix(".json")
-                    .map(str::to_owned)
-            })
-            .collect();
+        let ids = n.states.ids();
         for id in ids {
             if let Err(e) = self.heal_volume(n, &id).await {
                 tracing::error!(volume = %id, error = %e, "cannot serve the volume's mapping again; retrying at the next heal");
@@ -570,8 +503,8 @@ impl Rbd {
     }
 
     async fn heal_volume(&self, n: &Node, id: &str) -> Result<()> {
-        let _held = n.lock_volume(id).await;
-        let Some(s) = n.load(id).await? else {
+        let _held = n.states.lock(id).await;
+        let Some(s) = n.states.load::<Staged>(id).await? else {
             return Ok(());
         };
         let (mapper, m) = (n.mapper(&s), n.mapping(id, &s));
@@ -601,24 +534,22 @@ impl Rbd {
         };
         let exposed = n.exposed(&s, &old).await?;
         let rebound = n.expose_again(&s, &dev, &exposed).await?;
-        n.save(
-            id,
-            &Staged {
-                replaced: None,
-                ..s.clone()
-            },
-        )
-        .await?;
+        n.states
+            .save(
+                id,
+                &Staged {
+                    replaced: None,
+                    ..s.clone()
+                },
+            )
+            .await?;
         n.release_loop(old);
         let msg = format!(
             "the rbd-fuse process of image {} died; the plugin started a new one, mounted the volume again and re-bound {rebound} target(s)",
             s.spec()
         );
         tracing::warn!(volume = %id, rebound, "rbd-fuse had died; the volume is mapped and mounted again");
-        n.heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), (Instant::now(), msg));
+        n.heals.record(id, msg);
         Ok(())
     }
 
@@ -639,7 +570,7 @@ impl Rbd {
             replaced: Some(s.replaced.clone().unwrap_or(old)),
             ..s
         };
-        n.save(id, &s).await?;
+        n.states.save(id, &s).await?;
         Ok(s)
     }
 
@@ -732,8 +663,8 @@ impl NodeBackend for Rbd {
             mount_options: vec![],
             replaced: None,
         };
-        let _held = n.lock_volume(&req.volume_id).await;
-        let old = n.load(&req.volume_id).await?;
+        let _held = n.states.lock(&req.volume_id).await;
+        let old = n.states.load::<Staged>(&req.volume_id).await?;
         if let Some(o) = &old
             && (o.block, o.krbd, o.nbd, &o.image, &o.pool)
                 != (s.block, s.krbd, s.nbd, &s.image, &s.pool)
@@ -754,7 +685,7 @@ impl NodeBackend for Rbd {
             self.check_single_node(&s, &creds, &req.capability).await?
         };
         n.keys.write(&s.cluster, &monitors, &creds).await?;
-        n.save(&req.volume_id, &s).await?;
+        n.states.save(&req.volume_id, &s).await?;
         let (dev, started) = n.mapper(&s).map(&n.mapping(&req.volume_id, &s)).await?;
         let watcher = if started {
             self.new_watcher(&s, &creds, &before).await?
@@ -774,7 +705,7 @@ impl NodeBackend for Rbd {
             mount_options: mount_flags(&req.capability).to_vec(),
             ..s
         };
-        n.save(&req.volume_id, &s).await?;
+        n.states.save(&req.volume_id, &s).await?;
         if let Some(old) = replaced {
             // A dead rbd-fuse's loop device, replaced by a new one: what is
             // still mounted from it is dead too.
@@ -818,8 +749,8 @@ impl NodeBackend for Rbd {
 
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let n = self.node()?;
-        let _held = n.lock_volume(volume_id).await;
-        let Some(s) = n.load(volume_id).await? else {
+        let _held = n.states.lock(volume_id).await;
+        let Some(s) = n.states.load::<Staged>(volume_id).await? else {
             // Never staged here (or already unstaged): nothing of ours to undo.
             return Ok(());
         };
@@ -844,11 +775,8 @@ impl NodeBackend for Rbd {
         if dead && let Some(addr) = &s.watcher {
             self.blocklist(&s, addr).await;
         }
-        n.heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(volume_id);
-        n.forget(volume_id).await
+        n.heals.forget(volume_id);
+        n.states.forget(volume_id).await
     }
 
     async fn publish(&self, req: PublishVolume) -> Result<()> {
@@ -864,7 +792,7 @@ impl NodeBackend for Rbd {
                 staging.display()
             ))
         };
-        let s = match n.load(&req.volume_id).await? {
+        let s = match n.states.load::<Staged>(&req.volume_id).await? {
             Some(s) => s,
             None => {
                 let (cluster, pool, image) = image_of(&req.volume_id, &req.volume_context)?;
@@ -971,21 +899,7 @@ impl NodeBackend for Rbd {
                 .get(path, n.cfg.stats_cache, n.cfg.stats_timeout)
                 .await
         };
-        let heal = n
-            .heals
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(volume_id)
-            .filter(|(at, _)| at.elapsed() < HEAL_REPORT)
-            .cloned();
-        if stats.abnormal.is_none()
-            && let Some((at, msg)) = heal
-        {
-            stats.abnormal = Some(format!(
-                "{msg} {:.0?} ago. Files opened before then must be reopened; a container sees the new mount only if it mounts the volume with mountPropagation: HostToContainer, others must be restarted",
-                at.elapsed()
-            ));
-        }
+        n.heals.report(volume_id, &mut stats);
         Ok(stats)
     }
 
