@@ -1122,7 +1122,7 @@ type TrialFn = for<'a> fn(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
 
 /// Inside the node VM (`RCSI_VM_PROFILES=cephfs`): the cases that use a
-/// node, with the kernel's CephFS client, against the host's cluster.
+/// node or data, with the kernel's CephFS client, against the host's cluster.
 fn in_node_vm() -> std::process::ExitCode {
     // The host's files are not all visible in the guest: they come as
     // one-line JSON.
@@ -1135,7 +1135,7 @@ fn in_node_vm() -> std::process::ExitCode {
     profile.secrets = serde_json::from_str(&var("RCSI_CEPH_SECRETS")).expect("secrets");
     let cases = rcsi_tests::cases::all()
         .into_iter()
-        .filter(|c| !c.node_free)
+        .filter(|c| !c.node_free || NEED_DATA.contains(&c.name))
         .collect();
     let mut args = libtest_mimic::Arguments::from_args();
     args.test_threads = Some(1);

@@ -426,12 +426,23 @@ impl Ctx {
     }
 
     /// Sends a CreateVolume request and returns its volume.
+    /// ABORTED (a copy still running, another call on the name) is retried
+    /// for up to two minutes, as the external-provisioner retries it.
     pub async fn create_with(&mut self, req: csi::CreateVolumeRequest) -> Result<csi::Volume> {
         let name = req.name.clone();
-        self.ctl
-            .create_volume(req)
-            .await
-            .with_context(|| format!("CreateVolume {name}"))?
+        let start = std::time::Instant::now();
+        let r = loop {
+            match self.ctl.create_volume(req.clone()).await {
+                Err(e)
+                    if e.code() == tonic::Code::Aborted
+                        && start.elapsed() < std::time::Duration::from_secs(120) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                r => break r,
+            }
+        };
+        r.with_context(|| format!("CreateVolume {name}"))?
             .into_inner()
             .volume
             .ok_or_else(|| anyhow!("CreateVolume {name} returned no volume"))

@@ -98,7 +98,12 @@ impl Cephfs {
     /// Removes the cephx user nodes made for the volume of `sub`, when the
     /// provisioner's user may (else it stays, harmless: its caps name a
     /// path that no longer exists).
-    async fn remove_volume_user(&self, fs: &Fs, sub: &str) -> Result<()> {
+    async fn remove_volume_user(&self, fs: &Fs, creds: &Credentials, sub: &str) -> Result<()> {
+        let who = (fs.cluster.clone(), creds.user.clone());
+        let refused = || self.no_auth_caps.lock().unwrap_or_else(|e| e.into_inner());
+        if refused().contains(&who) {
+            return Ok(());
+        }
         let entity = format!("client.{}", super::node::volume_user(sub));
         let cmd = json!({"prefix": "auth rm", "entity": entity}).to_string();
         let done = self
@@ -110,7 +115,8 @@ impl Cephfs {
         match done {
             Ok(_) | Err(Error::NotFound(_)) => Ok(()),
             Err(Error::PermissionDenied(e)) => {
-                tracing::info!(entity, error = %e, "the provisioner's user may not remove the volume's cephx user; it stays");
+                tracing::info!(entity, error = %e, "the provisioner's user may not remove volume users; they stay (harmless: their caps name removed paths)");
+                refused().insert(who);
                 Ok(())
             }
             Err(e) => Err(e),
@@ -270,7 +276,8 @@ impl ControllerBackend for Cephfs {
             }
             Err(e) => return Err(e),
         }
-        self.remove_volume_user(&fs, attr(&r, "subvolume")).await?;
+        self.remove_volume_user(&fs, &creds, attr(&r, "subvolume"))
+            .await?;
         self.journal(&fs, Kind::Volumes).release(&r.name).await
     }
 

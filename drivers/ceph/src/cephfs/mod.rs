@@ -44,6 +44,9 @@ pub struct Config {
 pub struct Cephfs {
     pool: Pool,
     node: Option<node::Node>,
+    /// Provisioner users (cluster, user) the monitors refused `auth rm`:
+    /// not asked again to remove volume users.
+    no_auth_caps: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// A filesystem of a cluster, opened as one user: the journal's context in
@@ -87,6 +90,7 @@ impl Cephfs {
         Self {
             pool: Pool::new(map, cfg.call_timeout),
             node: None,
+            no_auth_caps: Default::default(),
         }
     }
 

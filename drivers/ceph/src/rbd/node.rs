@@ -910,13 +910,20 @@ impl NodeBackend for Rbd {
         // from the image's header notification.
         let (mapper, m) = (n.mapper(&s), n.mapping(&req.volume_id, &s));
         let t = Instant::now();
+        let mut pause = Duration::from_millis(50);
         let size = loop {
-            mapper.refresh(&m, &dev).await?;
             let size = n.host.blockdev.size(&dev).await?;
             if size >= req.range.required || t.elapsed() >= n.cfg.mount_timeout {
                 break size;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Not grown yet: the device may need telling (a loop device
+            // over rbd-fuse's file); then wait, less often as time goes by.
+            mapper.refresh(&m, &dev).await?;
+            if n.host.blockdev.size(&dev).await? >= req.range.required {
+                continue;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
         };
         if size < req.range.required {
             return Err(Error::FailedPrecondition(format!(
