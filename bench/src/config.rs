@@ -93,7 +93,8 @@ pub enum RandAlgo {
     version,
     about = "Storage benchmark: throughput, IOPS, latency percentiles and metadata rates",
     after_help = "Dir mode: one existing directory; each thread works in PATH/t<N>/d<M>/f<K>.\n\
-                  File mode: files or block devices (ranges like /data/f[1-4]); each file's range is split across threads."
+                  File mode: files or block devices (ranges like /data/f[1-4]); each file's range is split across threads.\n\
+                  Kubernetes: `rbench k8s --help` measures StorageClasses through N claims and pods."
 )]
 pub struct Args {
     /// Directory (dir mode), or files / block devices (file mode). With

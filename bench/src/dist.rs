@@ -374,6 +374,34 @@ fn host_error(name: &str, message: String, usage: bool) -> BenchError {
     }
 }
 
+/// The phases a coordinator's command line asks for, in order.
+pub fn phase_names(args: &Args) -> Vec<&'static str> {
+    [
+        (args.mkdirs, "MKDIRS"),
+        (args.write, "WRITE"),
+        (args.read, "READ"),
+        (args.stat, "STAT"),
+        (args.delfiles, "RMFILES"),
+        (args.deldirs, "RMDIRS"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| *n)
+    .collect()
+}
+
+/// How many iterations a command line asks for (None: until stopped).
+pub fn iterations(args: &Args) -> Result<Option<u64>> {
+    if args.infloop {
+        return Ok(None);
+    }
+    args.iterations
+        .trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| BenchError::Usage("--iterations is not a whole number".into()))
+}
+
 /// Runs the benchmark on every host; `args` is the command line without
 /// the coordinator's own options. Results go to `sink` as they are merged.
 pub fn coordinate(

@@ -14,6 +14,9 @@ pub enum BenchError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The Kubernetes cluster refused or did not do what `rbench k8s` asked.
+    #[error("{0}")]
+    Cluster(String),
     /// A block read back did not hold what was written.
     #[error(
         "verify failed: {path} at offset {offset} (byte {byte} of the block) differs from what was written"

@@ -8,6 +8,7 @@ pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod fill;
+pub mod k8s;
 pub mod paths;
 pub mod report;
 pub mod run;

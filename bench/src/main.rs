@@ -6,6 +6,17 @@ use rbench::error::BenchError;
 use rbench::{report, run};
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("k8s") {
+        let code = match rbench::k8s::main(argv[2..].to_vec()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("rbench k8s: {e}");
+                e.exit_code()
+            }
+        };
+        std::process::exit(code);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e)
@@ -96,33 +107,13 @@ fn execute(args: Args) -> Result<(), BenchError> {
         let cfg = Config::from_args(args).map_err(BenchError::Usage)?;
         run::run(&cfg, &mut sink)?;
     } else {
-        let names: Vec<&str> = [
-            (args.mkdirs, "MKDIRS"),
-            (args.write, "WRITE"),
-            (args.read, "READ"),
-            (args.stat, "STAT"),
-            (args.delfiles, "RMFILES"),
-            (args.deldirs, "RMDIRS"),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, n)| *n)
-        .collect();
+        let names = rbench::dist::phase_names(&args);
         if names.is_empty() {
             return Err(BenchError::Usage(
                 "nothing to do: choose at least one of -d, -w, -r, --stat, -F, -D".into(),
             ));
         }
-        let iterations = if args.infloop {
-            None
-        } else {
-            Some(
-                args.iterations
-                    .trim()
-                    .parse()
-                    .map_err(|_| BenchError::Usage("--iterations is not a whole number".into()))?,
-            )
-        };
+        let iterations = rbench::dist::iterations(&args)?;
         rbench::dist::coordinate(
             &args.hosts,
             args.port,

