@@ -7,17 +7,17 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Benchmark phases, run in this order when selected.
+/// Benchmark phases, run in elbencho's order ([`Phase::ORDER`]) when selected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// Create directories (dir mode).
     Mkdirs,
     /// Write files or block ranges.
     Write,
-    /// Read files or block ranges.
-    Read,
     /// Stat files (dir mode).
     Stat,
+    /// Read files or block ranges.
+    Read,
     /// Delete files (dir mode).
     RmFiles,
     /// Delete directories (dir mode).
@@ -25,6 +25,16 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The order phases run in, elbencho's: stat before read.
+    pub const ORDER: [Phase; 6] = [
+        Phase::Mkdirs,
+        Phase::Write,
+        Phase::Stat,
+        Phase::Read,
+        Phase::RmFiles,
+        Phase::RmDirs,
+    ];
+
     /// Name used in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -152,9 +162,9 @@ pub struct Args {
     /// File size (k/m/g/t suffixes); file mode defaults to the device or file size.
     #[arg(short = 's', long)]
     pub size: Option<String>,
-    /// Block size of each read or write.
-    #[arg(short = 'b', long, default_value = "1m")]
-    pub block: String,
+    /// Block size of each read or write [default: 1m, or --size when that is smaller].
+    #[arg(short = 'b', long)]
+    pub block: Option<String>,
     /// O_DIRECT: bypass the page cache (blocks and offsets must be aligned).
     #[arg(long)]
     pub direct: bool,
@@ -185,6 +195,9 @@ pub struct Args {
     /// Check on read that every block holds what the write phase put there.
     #[arg(long)]
     pub verify: bool,
+    /// With --verify: stop at the Nth bad block (each one is reported).
+    #[arg(long, default_value = "1", value_name = "N")]
+    pub verifylimit: String,
     /// Percentage of each block refilled with new random data per write (0: fill once).
     #[arg(long, default_value = "100")]
     pub blockvarpct: String,
@@ -219,11 +232,31 @@ pub struct Args {
     #[arg(long, default_value = "")]
     pub label: String,
     /// Write all results as JSON to this file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, visible_alias = "jsonfile", value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Append all results as CSV rows to this file (header when new).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, visible_alias = "csvfile", value_name = "FILE")]
     pub csv: Option<PathBuf>,
+    /// Append this run's result tables to this file, under its time and command line.
+    #[arg(long, value_name = "FILE")]
+    pub resfile: Option<PathBuf>,
+}
+
+impl Args {
+    /// The phases asked for, in run order.
+    pub fn phases(&self) -> Vec<Phase> {
+        Phase::ORDER
+            .into_iter()
+            .filter(|p| match p {
+                Phase::Mkdirs => self.mkdirs,
+                Phase::Write => self.write,
+                Phase::Stat => self.stat,
+                Phase::Read => self.read,
+                Phase::RmFiles => self.delfiles,
+                Phase::RmDirs => self.deldirs,
+            })
+            .collect()
+    }
 }
 
 /// What the targets are.
@@ -268,6 +301,8 @@ pub struct Config {
     pub iterations: Option<u64>,
     /// Verify on read.
     pub verify: bool,
+    /// Bad blocks that stop a verifying read.
+    pub verify_limit: u64,
     /// Refill percentage per block.
     pub blockvarpct: u8,
     /// Shared file descriptors in file mode.
@@ -298,6 +333,8 @@ pub struct Config {
     pub rank: usize,
     /// Hosts taking part (1 when local).
     pub hosts: usize,
+    /// What rbench chose for the user (printed before the results).
+    pub notes: Vec<String>,
 }
 
 impl Config {
@@ -397,7 +434,7 @@ impl Config {
         }
         let dirs = count(&a.dirs, "--dirs", 1)?;
         let files = count(&a.files, "--files", 1)?;
-        let block = size(&a.block, "--block")?;
+        let mut block = size(a.block.as_deref().unwrap_or("1m"), "--block")?;
         if block == 0 {
             return Err("--block must be larger than 0".into());
         }
@@ -450,25 +487,16 @@ impl Config {
             Mode::File(paths)
         };
 
-        let mut phases = Vec::new();
+        let phases = a.phases();
         let dir_mode = matches!(mode, Mode::Dir(_));
-        for (on, phase) in [
-            (a.mkdirs, Phase::Mkdirs),
-            (a.write, Phase::Write),
-            (a.read, Phase::Read),
-            (a.stat, Phase::Stat),
-            (a.delfiles, Phase::RmFiles),
-            (a.deldirs, Phase::RmDirs),
-        ] {
-            if on {
-                if !dir_mode && !matches!(phase, Phase::Write | Phase::Read) {
-                    return Err(format!(
-                        "{} needs dir mode (one directory as the target)",
-                        phase.name().to_lowercase()
-                    ));
-                }
-                phases.push(phase);
-            }
+        if let Some(p) = phases
+            .iter()
+            .find(|p| !dir_mode && !matches!(p, Phase::Write | Phase::Read))
+        {
+            return Err(format!(
+                "{} needs dir mode (one directory as the target)",
+                p.name().to_lowercase()
+            ));
         }
         if phases.is_empty() {
             return Err("nothing to do: choose at least one of -d, -w, -r, --stat, -F, -D".into());
@@ -492,6 +520,15 @@ impl Config {
                 }
             }
         };
+        let mut notes = Vec::new();
+        if io && size > 0 && block > size && a.block.is_none() {
+            // As elbencho does: small files are written in one block.
+            notes.push(format!(
+                "block size set to the file size {} (the default 1M is larger; -b sets it)",
+                format_size(size)
+            ));
+            block = size;
+        }
         if io && size > 0 && block > size {
             return Err(format!(
                 "block size {} is larger than the file size {}",
@@ -574,6 +611,7 @@ impl Config {
             timelimit,
             iterations,
             verify: a.verify,
+            verify_limit: count(&a.verifylimit, "--verifylimit", 1)?,
             blockvarpct: blockvarpct as u8,
             sharedfd: a.sharedfd,
             prealloc: a.prealloc,
@@ -598,6 +636,7 @@ impl Config {
             },
             rank: 0,
             hosts: 1,
+            notes,
             label: a.label,
             json: a.json,
             csv: a.csv,

@@ -10,7 +10,7 @@
 //! at once and the coordinator merges the results (latency histograms
 //! included, so percentiles are exact over all hosts).
 
-use crate::config::{Args, Config};
+use crate::config::{Args, Config, Phase};
 use crate::error::{BenchError, Result};
 use crate::run;
 use crate::stats::{self, Done, Latency, PhaseResult, Sample, Totals};
@@ -376,18 +376,7 @@ fn host_error(name: &str, message: String, usage: bool) -> BenchError {
 
 /// The phases a coordinator's command line asks for, in order.
 pub fn phase_names(args: &Args) -> Vec<&'static str> {
-    [
-        (args.mkdirs, "MKDIRS"),
-        (args.write, "WRITE"),
-        (args.read, "READ"),
-        (args.stat, "STAT"),
-        (args.delfiles, "RMFILES"),
-        (args.deldirs, "RMDIRS"),
-    ]
-    .iter()
-    .filter(|(on, _)| *on)
-    .map(|(_, n)| *n)
-    .collect()
+    args.phases().into_iter().map(Phase::name).collect()
 }
 
 /// How many iterations a command line asks for (None: until stopped).

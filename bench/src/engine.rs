@@ -137,13 +137,15 @@ pub struct Meter<'a> {
     pub pacer: Option<Pacer>,
     /// Mixed reads, if any.
     pub mixed: Option<&'a mut Mixed>,
+    /// Blocks that failed `--verify`, shared by the phase's threads.
+    pub mismatches: &'a Mismatches,
 }
 
 impl Meter<'_> {
-    /// True (and remembered) once the deadline has passed.
+    /// True (and remembered) once the deadline has passed or --verifylimit is reached.
     #[inline]
     pub fn expired(&mut self) -> bool {
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) || self.mismatches.at_limit() {
             self.cut = true;
         }
         self.cut
@@ -203,15 +205,68 @@ fn check(spec: &Spec<'_>, write: bool, got: isize, offset: u64) -> Result<()> {
     Ok(())
 }
 
-fn after_read(spec: &Spec<'_>, buf: &[u8], offset: u64) -> Result<()> {
-    if spec.verify {
-        fill::verify(buf, spec.file_id, offset).map_err(|byte| BenchError::Verify {
-            path: spec.path.to_owned(),
-            offset,
-            byte,
-        })?;
+fn after_read(spec: &Spec<'_>, buf: &[u8], offset: u64, m: &Meter<'_>) -> Result<()> {
+    if spec.verify
+        && let Err(bad) = fill::verify(buf, spec.file_id, offset)
+    {
+        return m.mismatches.report(spec.path, offset, bad);
     }
     Ok(())
+}
+
+/// Blocks that failed `--verify` over all threads of a phase.
+#[derive(Debug)]
+pub struct Mismatches {
+    limit: u64,
+    count: std::sync::atomic::AtomicU64,
+    first: std::sync::Mutex<Option<String>>,
+}
+
+impl Mismatches {
+    /// Stops the run at the `limit`th bad block.
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            count: 0.into(),
+            first: None.into(),
+        }
+    }
+
+    /// Prints one bad block's first bad byte; an error once the limit is reached.
+    fn report(&self, path: &str, block: u64, bad: fill::Mismatch) -> Result<()> {
+        let at = format!(
+            "{path} at offset {} (byte {} of the block at {block}): expected 0x{:02x}, found 0x{:02x}",
+            block + bad.byte as u64,
+            bad.byte,
+            bad.expected,
+            bad.found
+        );
+        eprintln!("rbench: verify: {at}");
+        self.first.lock().expect("not poisoned").get_or_insert(at);
+        let n = self
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n >= self.limit {
+            return Err(self.error().expect("one was found"));
+        }
+        Ok(())
+    }
+
+    /// Whether a thread has stopped the phase (so the others stop too).
+    #[inline]
+    fn at_limit(&self) -> bool {
+        self.count.load(std::sync::atomic::Ordering::Relaxed) >= self.limit
+    }
+
+    /// The phase's verify failure, if any block was bad.
+    pub fn error(&self) -> Option<BenchError> {
+        let first = self.first.lock().expect("not poisoned").clone()?;
+        Some(BenchError::Verify {
+            blocks: self.count.load(std::sync::atomic::Ordering::Relaxed),
+            first,
+        })
+    }
 }
 
 /// Synchronous pread/pwrite of every offset.
@@ -249,7 +304,7 @@ pub fn sync_io(
         };
         check(spec, write, got, off)?;
         if !spec.write {
-            after_read(spec, b, off)?;
+            after_read(spec, b, off, m)?;
         }
         m.done(start, spec.block as u64, read_instead);
     }
@@ -328,7 +383,7 @@ pub fn uring_io(
             free.push(slot);
             check(spec, spec.write && !read_instead, res as isize, off)?;
             if !spec.write {
-                after_read(spec, &bufs[slot].bytes()[..spec.block], off)?;
+                after_read(spec, &bufs[slot].bytes()[..spec.block], off, m)?;
             }
             m.done(start, spec.block as u64, read_instead);
         }

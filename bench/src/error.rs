@@ -17,17 +17,13 @@ pub enum BenchError {
     /// The Kubernetes cluster refused or did not do what `rbench k8s` asked.
     #[error("{0}")]
     Cluster(String),
-    /// A block read back did not hold what was written.
-    #[error(
-        "verify failed: {path} at offset {offset} (byte {byte} of the block) differs from what was written"
-    )]
+    /// Blocks read back did not hold what was written.
+    #[error("verify failed: {blocks} block(s) differ from what was written; the first: {first}")]
     Verify {
-        /// File or device.
-        path: String,
-        /// Block offset.
-        offset: u64,
-        /// First differing byte within the block.
-        byte: usize,
+        /// Blocks found bad before the run stopped (at most --verifylimit).
+        blocks: u64,
+        /// The first bad byte: file, offset, expected and found.
+        first: String,
     },
     /// A read or write moved fewer bytes than asked.
     #[error(
@@ -63,6 +59,32 @@ impl BenchError {
             source,
         }
     }
+}
+
+/// A clap error in one line: its first line plus the indented lines under
+/// it (the names of missing arguments).
+pub fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut lines = text.lines();
+    let mut out = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .trim_end_matches(':')
+        .to_owned();
+    let listed: Vec<&str> = lines
+        .take_while(|l| l.starts_with(' '))
+        .map(str::trim)
+        .collect();
+    if e.kind() == clap::error::ErrorKind::MissingRequiredArgument && !listed.is_empty() {
+        out = format!("missing {}", listed.join(", "));
+        if out.contains("<PATH>") {
+            out.push_str(": a directory (dir mode), or files and block devices (file mode)");
+        }
+    } else if !listed.is_empty() {
+        out = format!("{out}: {}", listed.join(", "));
+    }
+    out
 }
 
 /// rbench's result type.

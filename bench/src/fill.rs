@@ -98,13 +98,29 @@ pub fn fill(buf: &mut [u8], file: u64, offset: u64, pct: u8) {
     fill_words(&mut buf[..len], seed);
 }
 
-/// Checks that `buf` holds the data of (file, offset); returns the first bad byte index.
-pub fn verify(buf: &[u8], file: u64, offset: u64) -> Result<(), usize> {
+/// The first byte of a block that differs from what was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Index of the byte within the block.
+    pub byte: usize,
+    /// What was written there.
+    pub expected: u8,
+    /// What was read back.
+    pub found: u8,
+}
+
+/// Checks that `buf` holds the data of (file, offset); names the first bad byte.
+pub fn verify(buf: &[u8], file: u64, offset: u64) -> Result<(), Mismatch> {
     let mut g = Lanes::new(block_seed(file, offset));
     for (i, chunk) in buf.chunks(LANES * 8).enumerate() {
         for (j, (got, want)) in chunk.chunks_exact(8).zip(g.step()).enumerate() {
-            if got != want.to_ne_bytes() {
-                return Err((i * LANES + j) * 8);
+            let want = want.to_ne_bytes();
+            if let Some(k) = (0..8).find(|&k| got[k] != want[k]) {
+                return Err(Mismatch {
+                    byte: (i * LANES + j) * 8 + k,
+                    expected: want[k],
+                    found: got[k],
+                });
             }
         }
     }
@@ -166,8 +182,16 @@ mod tests {
         fill(&mut b, 3, 8192, 100);
         assert!(verify(&b, 3, 8192).is_ok());
         assert!(verify(&b, 3, 4096).is_err());
+        let expected = b[100];
         b[100] ^= 1;
-        assert_eq!(verify(&b, 3, 8192), Err(96));
+        assert_eq!(
+            verify(&b, 3, 8192),
+            Err(Mismatch {
+                byte: 100,
+                expected,
+                found: expected ^ 1
+            })
+        );
         // A partial refill writes the same words as a full one, tail included.
         let mut full = vec![0u8; 520];
         let mut part = vec![0u8; 520];

@@ -29,14 +29,10 @@ fn main() {
             std::process::exit(0);
         }
         Err(e) => {
-            // One line: what is wrong; --help has the rest.
-            let text = e.render().to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("rbench: {first} (see rbench --help)");
+            eprintln!(
+                "rbench: {} (see rbench --help)",
+                rbench::error::one_line(&e)
+            );
             std::process::exit(2);
         }
     };
@@ -50,6 +46,23 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Our command line with the value of --secret blanked out.
+fn redacted_command() -> String {
+    let mut out = Vec::new();
+    let mut hide = false;
+    for a in std::env::args() {
+        if std::mem::take(&mut hide) {
+            out.push("***".to_owned());
+        } else if a.starts_with("--secret=") {
+            out.push("--secret=***".to_owned());
+        } else {
+            hide = a == "--secret";
+            out.push(a);
+        }
+    }
+    out.join(" ")
+}
+
 /// Options that only the coordinator uses, with whether they take a value.
 const COORDINATOR_ONLY: &[(&str, bool)] = &[
     ("--hosts", true),
@@ -57,7 +70,10 @@ const COORDINATOR_ONLY: &[(&str, bool)] = &[
     ("--bind", true),
     ("--secret", true),
     ("--json", true),
+    ("--jsonfile", true),
     ("--csv", true),
+    ("--csvfile", true),
+    ("--resfile", true),
     ("--chart", true),
     ("--progress", true),
 ];
@@ -91,20 +107,30 @@ fn execute(args: Args) -> Result<(), BenchError> {
         });
     }
     let mut results = Vec::new();
+    let mut tables = String::new();
     let mut sink = |r: &rbench::stats::PhaseResult| {
-        print!("{}", report::text(r));
+        let mut t = report::text(r);
         for h in &r.hosts {
-            println!(
-                "{:<10}host {:<21}: {:>9.1} MiB/s {:>10.1} IOPS {:>10.1} entries/s",
+            t.push_str(&format!(
+                "{:<10}host {:<21}: {:>9.1} MiB/s {:>10.1} IOPS {:>10.1} entries/s\n",
                 "", h.host, h.last.mib_per_s, h.last.iops, h.last.entries_per_s
-            );
+            ));
         }
+        print!("{t}");
+        tables.push_str(&t);
         results.push(r.clone());
         Ok(())
     };
     let (json, csv, chart) = (args.json.clone(), args.csv.clone(), args.chart.clone());
+    let resfile = args.resfile.clone();
+    let mut notes = String::new();
     if args.hosts.is_empty() {
         let cfg = Config::from_args(args).map_err(BenchError::Usage)?;
+        for n in &cfg.notes {
+            let line = format!("note: {n}\n");
+            print!("{line}");
+            notes.push_str(&line);
+        }
         run::run(&cfg, &mut sink)?;
     } else {
         let names = rbench::dist::phase_names(&args);
@@ -123,6 +149,9 @@ fn execute(args: Args) -> Result<(), BenchError> {
             &names,
             &mut sink,
         )?;
+    }
+    if let Some(p) = &resfile {
+        report::append_text(p, &redacted_command(), &(notes + &tables))?;
     }
     if let Some(p) = &json {
         report::write_json(p, &results)?;

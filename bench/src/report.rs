@@ -81,6 +81,38 @@ pub fn write_json(path: &Path, results: &[PhaseResult]) -> Result<()> {
     std::fs::write(path, data).map_err(|e| BenchError::io(format!("writing {}", path.display()), e))
 }
 
+/// Appends one run's tables to a results file (`--resfile`), under a line
+/// with the time and the command line, so runs accumulate in one file.
+pub fn append_text(path: &Path, command: &str, tables: &str) -> Result<()> {
+    let io = |e: std::io::Error| BenchError::io(format!("writing {}", path.display()), e);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io)?;
+    let entry = format!("# {} UTC: {command}\n{tables}\n", utc_now());
+    f.write_all(entry.as_bytes()).map_err(io)
+}
+
+/// The current time as `YYYY-MM-DD HH:MM:SS` in UTC.
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as libc::time_t;
+    // SAFETY: gmtime_r fills the struct we pass from a valid time_t.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe { libc::gmtime_r(&secs, &mut tm) };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
 /// Column names of the CSV output, in order.
 pub const CSV_HEADER: &[&str] = &[
     "label",

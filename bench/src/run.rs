@@ -108,6 +108,7 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
     let counters: Vec<Counters> = (0..cfg.threads).map(|_| Counters::default()).collect();
     let mixing = phase == Phase::Write && cfg.rwmixpct.is_some();
     let mix_counters: Vec<Arc<Counters>> = (0..cfg.threads).map(|_| Arc::default()).collect();
+    let mismatches = crate::engine::Mismatches::new(cfg.verify_limit);
     let barrier = Barrier::new(cfg.threads + 1);
     let (tx, rx) = mpsc::channel();
     let (user0, sys0) = stats::cpu_times();
@@ -117,7 +118,7 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
     let mut mix_series = Vec::new();
     std::thread::scope(|s| {
         for (thread, c) in counters.iter().enumerate() {
-            let (tx, barrier, shared) = (tx.clone(), &barrier, &shared);
+            let (tx, barrier, shared, mismatches) = (tx.clone(), &barrier, &shared, &mismatches);
             let mut mixed = mixing.then(|| Mixed {
                 counters: mix_counters[thread].clone(),
                 hist: stats::new_histogram(),
@@ -129,6 +130,7 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
                     thread,
                     counters: c,
                     shared,
+                    mismatches,
                 };
                 let mut hist = stats::new_histogram();
                 barrier.wait();
@@ -204,6 +206,9 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
         }
         cut |= c;
         last_end = last_end.max(end);
+    }
+    if let Some(e) = mismatches.error() {
+        return Err(e);
     }
     let totals = sum(counters.iter());
     let mix_totals = sum(mix_counters.iter().map(|c| &**c));

@@ -107,6 +107,8 @@ pub struct Worker<'a> {
     pub counters: &'a Counters,
     /// Descriptors shared by all threads (file mode with --sharedfd).
     pub shared: &'a [File],
+    /// Blocks that failed `--verify` in this phase, over all threads.
+    pub mismatches: &'a engine::Mismatches,
 }
 
 /// The block offsets a thread handles in a range of `blocks` blocks.
@@ -189,6 +191,7 @@ impl<'a> Worker<'a> {
             cut: false,
             pacer: limit.map(|rate| Pacer::new(cfg.block, rate)),
             mixed,
+            mismatches: self.mismatches,
         };
         match &self.cfg.mode {
             Mode::Dir(base) => self.dir_phase(base, phase, &mut m)?,

@@ -146,6 +146,7 @@ fn verify_catches_corruption() {
         .assert()
         .success();
     let mut data = std::fs::read(&f).unwrap();
+    let good = data[300_000];
     data[300_000] ^= 0xff;
     std::fs::write(&f, data).unwrap();
     let out = rbench()
@@ -155,9 +156,48 @@ fn verify_catches_corruption() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
+    let at = format!(
+        "{} at offset 300000 (byte 37856 of the block at 262144): expected 0x{:02x}, found 0x{:02x}",
+        f.display(),
+        good,
+        good ^ 0xff
+    );
     assert!(
-        err.contains("verify failed") && err.contains("offset 262144"),
+        err.contains("verify failed: 1 block(s)") && err.contains(&at),
         "{err}"
+    );
+
+    // More bad blocks: each reported, the run stops at the limit.
+    let mut data = std::fs::read(&f).unwrap();
+    for at in [0usize, 70_000, 140_000, 600_000] {
+        data[at] ^= 0x01;
+    }
+    std::fs::write(&f, data).unwrap();
+    let out = rbench()
+        .args([
+            "-r",
+            "--verify",
+            "--verifylimit",
+            "3",
+            "-s",
+            "1m",
+            "-b",
+            "64k",
+        ])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.matches("rbench: verify: ").count(), 3, "{err}");
+    assert!(err.contains("verify failed: 3 block(s)"), "{err}");
+    assert!(
+        err.contains("at offset 0 (byte 0 of the block at 0)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("offset 300000"),
+        "stopped at the third: {err}"
     );
 }
 
@@ -452,4 +492,101 @@ fn rate_limit_paces_the_run() {
         "512 blocks at 1024 blocks/s take ~0.5 s, took {ms} ms"
     );
     assert!(r["latency"]["p50_us"].as_f64().unwrap() < 1000.0);
+}
+
+#[test]
+fn phases_run_in_elbenchos_order() {
+    let d = tempfile::tempdir().unwrap();
+    // Asked for in another order: they still run as elbencho runs them.
+    let rs = run_json(
+        &[
+            "-D", "-F", "-r", "--stat", "-w", "-d", "-s", "8k", "-b", "4k",
+        ],
+        d.path(),
+    );
+    let order: Vec<&str> = rs.iter().map(|r| r["phase"].as_str().unwrap()).collect();
+    assert_eq!(
+        order,
+        ["MKDIRS", "WRITE", "STAT", "READ", "RMFILES", "RMDIRS"]
+    );
+}
+
+#[test]
+fn small_files_shrink_the_default_block_and_say_so() {
+    let d = tempfile::tempdir().unwrap();
+    let json = tempfile::NamedTempFile::new().unwrap();
+    let out = rbench()
+        .args(["-w", "-r", "-N", "3", "-s", "4k", "--json"])
+        .arg(json.path())
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.starts_with("note: block size set to the file size 4K"),
+        "{stdout}"
+    );
+    let rs = results(json.path());
+    assert_eq!(phase(&rs, "WRITE")["block_size"], 4096);
+    assert_eq!(phase(&rs, "READ")["last"]["ops"], 3, "one block per file");
+    // A block given explicitly is never changed.
+    let err = fails_with_one_line(rbench().args(["-w", "-s", "4k", "-b", "1m"]).arg(d.path()));
+    assert!(
+        err.contains("block size 1M is larger than the file size 4K"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_arguments_are_named() {
+    let err = fails_with_one_line(&mut rbench());
+    assert!(err.starts_with("rbench: missing <PATH>"), "{err}");
+    let err = fails_with_one_line(rbench().arg("k8s"));
+    assert!(
+        err.contains("missing --storageclass <STORAGECLASS>, <WORKLOAD>"),
+        "{err}"
+    );
+}
+
+#[test]
+fn resfile_accumulates_runs_and_elbencho_file_options_work() {
+    let d = tempfile::tempdir().unwrap();
+    let (res, json, csv) = (
+        d.path().join("res.txt"),
+        d.path().join("r.json"),
+        d.path().join("r.csv"),
+    );
+    let target = d.path().join("t");
+    std::fs::create_dir(&target).unwrap();
+    for label in ["one", "two"] {
+        let out = rbench()
+            .args(["-w", "-s", "64k", "--label", label, "--resfile"])
+            .arg(&res)
+            .arg("--jsonfile")
+            .arg(&json)
+            .arg("--csvfile")
+            .arg(&csv)
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let text = std::fs::read_to_string(&res).unwrap();
+        assert!(
+            text.ends_with(&format!("{stdout}\n")),
+            "the tables as printed: {text}"
+        );
+    }
+    let text = std::fs::read_to_string(&res).unwrap();
+    let heads: Vec<&str> = text.lines().filter(|l| l.starts_with("# ")).collect();
+    assert_eq!(heads.len(), 2, "{text}");
+    assert!(
+        heads[1].contains(" UTC: ") && heads[1].contains("--label two"),
+        "{text}"
+    );
+    assert_eq!(text.matches("WRITE ").count(), 2);
+    assert_eq!(results(&json)[0]["label"], "two", "--jsonfile is --json");
+    let rows = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(rows.lines().count(), 3, "header and a row per run: {rows}");
 }

@@ -86,6 +86,8 @@ fn three_services_add_up_and_report_per_host() {
             "--json",
         ])
         .arg(&json)
+        .arg("--resfile")
+        .arg(d.path().join("res.txt"))
         .arg(d.path().join("tree").tap_mkdir())
         .output()
         .unwrap();
@@ -99,6 +101,12 @@ fn three_services_add_up_and_report_per_host() {
         text.matches("host 127.0.0.1:").count(),
         3 * 5,
         "a line per host per phase:\n{text}"
+    );
+    let res = std::fs::read_to_string(d.path().join("res.txt")).unwrap();
+    assert!(res.contains(&*text), "the tables as printed: {res}");
+    assert!(
+        res.contains("--secret ***") && !res.contains("s3cr3t"),
+        "the secret is not kept: {res}"
     );
     let rs: Vec<Value> = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let write = rs.iter().find(|r| r["phase"] == "WRITE").unwrap();

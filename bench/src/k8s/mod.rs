@@ -139,7 +139,7 @@ fn workload_plan(workload: &[String], target: &str) -> Result<(Vec<String>, Opti
     let a = crate::config::Args::try_parse_from(argv).map_err(|e| {
         BenchError::Usage(format!(
             "the workload after --: {}",
-            e.render().to_string().lines().next().unwrap_or_default()
+            crate::error::one_line(&e)
         ))
     })?;
     if a.paths.len() > 1 {
@@ -175,7 +175,10 @@ pub fn main(argv: Vec<String>) -> Result<()> {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            BenchError::Usage(e.render().to_string().trim().to_owned())
+            BenchError::Usage(format!(
+                "{} (see rbench k8s --help)",
+                crate::error::one_line(&e)
+            ))
         })?;
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| BenchError::io("starting the async runtime", e))?;
