@@ -5,10 +5,16 @@
 # (io_uring), all with 2 threads each owning half of one file, and CPU
 # seconds per GiB (user+sys of each tool's whole process, measured the same
 # way). Both tools do the same fixed amount of work; they alternate and each
-# workload repeats REPEAT times, and medians are compared, because a shared
-# virtual disk's speed drifts. Targets: the root disk, a loop-mounted ext4
-# and a tmpfs. The last line holds the worst ratio of each kind over all
-# targets (for cpu_per_gib lower is better, so the worst is the highest).
+# workload repeats REPEAT times, and medians are compared (the spread,
+# min-max over the repeats, is printed beside each), because a shared
+# virtual disk's speed drifts. The page cache is dropped before every run.
+# Targets: the root disk and a loop-mounted ext4 (its loop device in
+# direct-I/O mode, so the host's page cache under the image file serves
+# nothing) with direct I/O only: buffered runs there would measure the page
+# cache, as a file that fits in memory does; and a tmpfs, where buffered
+# and direct are both memory. The last line holds the worst ratio of each
+# kind over all targets (for cpu_per_gib lower is better, so the worst is
+# the highest).
 #
 #   bench/compare-fio.sh [RBENCH]      as root; env SIZE=1g REPEAT=3
 set -euo pipefail
@@ -20,14 +26,19 @@ command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteract
 
 work=$(mktemp -d /var/tmp/compare-fio.XXXXXX)
 shm=$(mktemp -d /dev/shm/compare-fio.XXXXXX)
-cleanup() { umount "$work/ext4" 2>/dev/null || true; rm -rf "$work" "$shm"; }
+cleanup() {
+  umount "$work/ext4" 2>/dev/null || true
+  [ -z "${loopdev:-}" ] || losetup -d "$loopdev" 2>/dev/null || true
+  rm -rf "$work" "$shm"
+}
 trap cleanup EXIT
 truncate -s 4G "$work/ext4.img"
 mkfs.ext4 -q -F "$work/ext4.img"
 mkdir -p "$work/ext4" "$work/root"
-mount -o loop "$work/ext4.img" "$work/ext4"
+loopdev=$(losetup --direct-io=on --show -f "$work/ext4.img")
+mount "$loopdev" "$work/ext4"
 
-RBENCH=$rbench python3 - root="$work/root" ext4="$work/ext4" tmpfs="$shm" <<'PY'
+RBENCH=$rbench python3 - root="$work/root" ext4="$work/ext4" tmpfs="$shm:buffered" <<'PY'
 import json, os, resource, statistics, subprocess, sys
 
 rbench = os.environ["RBENCH"]
@@ -82,11 +93,18 @@ def keep(kind, value, lower_is_better=False):
     if kind not in worst or (value > worst[kind] if lower_is_better else value < worst[kind]):
         worst[kind] = value
 
+def spread(values):
+    return f"{min(values):.0f}-{max(values):.0f}"
+
 for target in sys.argv[1:]:
     name, d = target.split("=", 1)
+    d, _, buffered = d.partition(":")
     path = os.path.join(d, "data")
-    print(f"== {name} ({d}), {size} per run, median of {repeat}", flush=True)
+    print(f"== {name} ({d}), {size} per run, median of {repeat}"
+          f"{'' if buffered else ', direct I/O only'}", flush=True)
     for kind, rw, bs, direct, depth, rand in workloads:
+        if not direct and not buffered:
+            continue
         if rw == "read" and not os.path.exists(path):
             subprocess.run([rbench, "-w", "-t", "2", "-s", size, "-b", "1m", "--progress", "never", path],
                            check=True, stdout=subprocess.DEVNULL)
@@ -104,8 +122,11 @@ for target in sys.argv[1:]:
         keep(kind.replace("_direct", ""), ratio)
         keep("cpu_per_gib", cpu_ratio, lower_is_better=True)
         r, f = med["rbench"], med["fio"]
-        print(f"  {kind:<17} rbench {r[0]:9.1f} MiB/s {r[1]:9.0f} IOPS {r[2]:6.3f} CPU s/GiB | "
-              f"fio {f[0]:9.1f} MiB/s {f[1]:9.0f} IOPS {f[2]:6.3f} CPU s/GiB | ratio {ratio:.3f} cpu {cpu_ratio:.3f}",
+        col = 1 if rand else 0
+        unit = "IOPS" if rand else "MiB/s"
+        rs, fs = (spread([x[col] for x in res[t]]) for t in ("rbench", "fio"))
+        print(f"  {kind:<17} rbench {r[col]:9.0f} {unit} ({rs}) {r[2]:6.3f} CPU s/GiB | "
+              f"fio {f[col]:9.0f} {unit} ({fs}) {f[2]:6.3f} CPU s/GiB | ratio {ratio:.3f} cpu {cpu_ratio:.3f}",
               flush=True)
     for leftover in ("data", "rbench.json", "fio.json"):
         try: os.remove(os.path.join(d, leftover))

@@ -96,36 +96,74 @@ pub enum RandAlgo {
     Plain,
 }
 
+/// What the short help adds after its options.
+const SHORT_HELP: &str = "\
+Phases (run in this order): -d mkdirs, -w write, --stat, -r read, -F delete files, -D delete dirs.
+Sizes: 4096, 4k, 1m, 2g, 1t (powers of 1024; K/KiB/KB the same). More options: rbench --help-all.
+
+Examples:
+  A file on a disk, 4 KiB random direct reads at queue depth 16, 2 threads:
+    rbench -w -r -t 2 -s 10g -b 4k --rand --direct --iodepth 16 /mnt/disk/file
+  A directory tree, 4 threads x 8 dirs x 1000 files of 64 KiB, every phase:
+    rbench -d -w --stat -r -F -D -t 4 -n 8 -N 1000 -s 64k /mnt/fs
+  A block device, 1 MiB sequential writes then verified reads (overwrites it!):
+    rbench -w -r -t 4 -b 1m --direct --verify /dev/sdb
+  Distributed: `rbench --service --bind 0.0.0.0 --secret S /mnt/fs` on each host, then
+    rbench --hosts node1,node2 --secret S -w -r -t 4 -s 1g /mnt/fs
+  Latency at a steady 20 MiB/s per thread for 60 s:
+    rbench -w -t 1 -s 10g -b 4k --rand --direct --limitwrite 20m --timelimit 60 /mnt/disk/file
+  PVCs of StorageClasses on Kubernetes: rbench k8s --help";
+
+/// What the full help adds after its options.
+const LONG_HELP: &str = "\
+Modes:
+  Dir mode: one existing directory; thread N works in PATH/t<N>/d<M>/f<K> (-n dirs, -N files).
+  File mode: files or block devices (ranges like /data/f[1-4]); each target's --size is split
+  between the threads (over all hosts of a distributed run).
+Units:
+  Sizes (--size, --block, --limitread, --limitwrite): a whole number of bytes, or with k, m, g
+  or t for KiB, MiB, GiB, TiB (case-insensitive; 4k, 4K, 4KiB and 4KB are all 4096 bytes).
+  Rates are sizes per second (50m or 50m/s). --timelimit is in seconds.
+Phases run in elbencho's order: -d, -w, --stat, -r, -F, -D.
+Kubernetes: `rbench k8s --help` measures StorageClasses through N claims and pods.";
+
 /// rbench command line.
 #[derive(Parser, Debug)]
 #[command(
     name = "rbench",
     version,
     about = "Storage benchmark: throughput, IOPS, latency percentiles and metadata rates",
-    after_help = "Dir mode: one existing directory; each thread works in PATH/t<N>/d<M>/f<K>.\n\
-                  File mode: files or block devices (ranges like /data/f[1-4]); each file's range is split across threads.\n\
-                  Kubernetes: `rbench k8s --help` measures StorageClasses through N claims and pods."
+    disable_help_flag = true,
+    after_help = SHORT_HELP,
+    after_long_help = LONG_HELP
 )]
 pub struct Args {
+    /// The most used options and examples (--help-all: every option).
+    #[arg(short = 'h', long = "help", action = clap::ArgAction::HelpShort)]
+    help: Option<bool>,
+    /// Every option, the units and the modes.
+    #[arg(long = "help-all", action = clap::ArgAction::HelpLong)]
+    help_all: Option<bool>,
     /// Directory (dir mode), or files / block devices (file mode). With
     /// --service: the only directories and files coordinators may use.
     #[arg(required_unless_present = "service", value_name = "PATH")]
     pub paths: Vec<String>,
     /// Run as a service that coordinators (--hosts) drive, on the PATHs given.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub service: bool,
     /// TCP port of the service (with --service) or the default port of --hosts.
-    #[arg(long, default_value_t = 1611)]
+    #[arg(hide_short_help = true, long, default_value_t = 1611)]
     pub port: u16,
     /// Address the service listens on; any other than loopback needs --secret.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(hide_short_help = true, long, default_value = "127.0.0.1")]
     pub bind: String,
     /// Run on these services (host or host:port, comma-separated) instead of locally.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(hide_short_help = true, long, value_delimiter = ',')]
     pub hosts: Vec<String>,
     /// Shared secret between coordinator and services (never sent: the
     /// coordinator proves it knows it with an HMAC of a fresh challenge).
     #[arg(
+        hide_short_help = true,
         long,
         env = "RBENCH_SECRET",
         default_value = "",
@@ -133,7 +171,7 @@ pub struct Args {
     )]
     pub secret: String,
     /// Create directories.
-    #[arg(short = 'd', long = "mkdirs")]
+    #[arg(hide_short_help = true, short = 'd', long = "mkdirs")]
     pub mkdirs: bool,
     /// Write.
     #[arg(short = 'w', long)]
@@ -142,13 +180,13 @@ pub struct Args {
     #[arg(short = 'r', long)]
     pub read: bool,
     /// Stat files.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub stat: bool,
     /// Delete files.
-    #[arg(short = 'F', long = "delfiles")]
+    #[arg(hide_short_help = true, short = 'F', long = "delfiles")]
     pub delfiles: bool,
     /// Delete directories.
-    #[arg(short = 'D', long = "deldirs")]
+    #[arg(hide_short_help = true, short = 'D', long = "deldirs")]
     pub deldirs: bool,
     /// Worker threads.
     #[arg(short = 't', long, default_value = "1")]
@@ -172,73 +210,89 @@ pub struct Args {
     #[arg(long)]
     pub rand: bool,
     /// How random offsets are chosen.
-    #[arg(long, value_enum, default_value_t = RandAlgo::Full)]
+    #[arg(hide_short_help = true, long, value_enum, default_value_t = RandAlgo::Full)]
     pub randalgo: RandAlgo,
     /// Asynchronous I/O depth per thread through io_uring (1: synchronous pread/pwrite).
     #[arg(long, default_value = "1")]
     pub iodepth: String,
     /// Sync the filesystems of the targets after each phase.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub sync: bool,
     /// Drop the page cache after each phase (needs root).
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub dropcache: bool,
     /// Stop each phase after this many seconds.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub timelimit: Option<String>,
     /// Run the phases this many times.
-    #[arg(long, default_value = "1")]
+    #[arg(hide_short_help = true, long, default_value = "1")]
     pub iterations: String,
     /// Run the phases until interrupted.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub infloop: bool,
     /// Check on read that every block holds what the write phase put there.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub verify: bool,
     /// With --verify: stop at the Nth bad block (each one is reported).
-    #[arg(long, default_value = "1", value_name = "N")]
+    #[arg(hide_short_help = true, long, default_value = "1", value_name = "N")]
     pub verifylimit: String,
     /// Percentage of each block refilled with new random data per write (0: fill once).
-    #[arg(long, default_value = "100")]
+    #[arg(hide_short_help = true, long, default_value = "100")]
     pub blockvarpct: String,
     /// File mode: threads share one file descriptor per file instead of opening their own.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub sharedfd: bool,
     /// Reserve each file's full size with fallocate before writing.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub prealloc: bool,
     /// File mode: truncate regular files to --size before the write phase.
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub trunc: bool,
     /// posix_fadvise hint for every opened file.
-    #[arg(long, value_enum)]
+    #[arg(hide_short_help = true, long, value_enum)]
     pub fadvise: Option<Fadvise>,
     /// Percentage of the write phase's blocks that are reads instead (mixed I/O).
-    #[arg(long)]
+    #[arg(hide_short_help = true, long)]
     pub rwmixpct: Option<String>,
     /// Per-thread write rate limit, e.g. 50m (bytes per second).
-    #[arg(long, value_name = "SIZE/s")]
+    #[arg(hide_short_help = true, long, value_name = "SIZE/s")]
     pub limitwrite: Option<String>,
     /// Per-thread read rate limit, e.g. 50m (bytes per second).
-    #[arg(long, value_name = "SIZE/s")]
+    #[arg(hide_short_help = true, long, value_name = "SIZE/s")]
     pub limitread: Option<String>,
     /// Draw each phase's latency histogram and throughput over time into this SVG file.
-    #[arg(long, value_name = "FILE.svg")]
+    #[arg(hide_short_help = true, long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
-    /// Live single-line progress: auto (only on a terminal), always or never.
-    #[arg(long, value_enum, default_value_t = Progress::Auto)]
+    /// Live view on stderr: auto (only on a terminal), always or never.
+    #[arg(hide_short_help = true, long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
+    /// Live view in one line instead of the full screen.
+    #[arg(hide_short_help = true, long)]
+    pub live1: bool,
+    /// No live view (as --progress never).
+    #[arg(hide_short_help = true, long)]
+    pub nolive: bool,
     /// Label written into every result.
-    #[arg(long, default_value = "")]
+    #[arg(hide_short_help = true, long, default_value = "")]
     pub label: String,
     /// Write all results as JSON to this file.
-    #[arg(long, visible_alias = "jsonfile", value_name = "FILE")]
+    #[arg(
+        hide_short_help = true,
+        long,
+        visible_alias = "jsonfile",
+        value_name = "FILE"
+    )]
     pub json: Option<PathBuf>,
     /// Append all results as CSV rows to this file (header when new).
-    #[arg(long, visible_alias = "csvfile", value_name = "FILE")]
+    #[arg(
+        hide_short_help = true,
+        long,
+        visible_alias = "csvfile",
+        value_name = "FILE"
+    )]
     pub csv: Option<PathBuf>,
     /// Append this run's result tables to this file, under its time and command line.
-    #[arg(long, value_name = "FILE")]
+    #[arg(hide_short_help = true, long, value_name = "FILE")]
     pub resfile: Option<PathBuf>,
 }
 
@@ -321,8 +375,8 @@ pub struct Config {
     pub limit_read: Option<u64>,
     /// SVG chart output.
     pub chart: Option<PathBuf>,
-    /// Show the progress line.
-    pub progress: bool,
+    /// The live view while a phase runs.
+    pub live: crate::live::Live,
     /// Result label.
     pub label: String,
     /// JSON output.
@@ -629,10 +683,18 @@ impl Config {
                 .map(|v| rate(v, "--limitread"))
                 .transpose()?,
             chart: a.chart,
-            progress: match a.progress {
-                Progress::Always => true,
-                Progress::Never => false,
-                Progress::Auto => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            live: {
+                use crate::live::Live;
+                let show = match a.progress {
+                    Progress::Always => true,
+                    Progress::Never => false,
+                    Progress::Auto => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                };
+                match (show && !a.nolive, a.live1) {
+                    (false, _) => Live::Off,
+                    (true, true) => Live::Line,
+                    (true, false) => Live::Full,
+                }
             },
             rank: 0,
             hosts: 1,

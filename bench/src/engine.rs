@@ -153,7 +153,13 @@ impl Meter<'_> {
 
     #[inline]
     fn done(&mut self, start: Instant, bytes: u64, mixed_read: bool) {
-        let ns = start.elapsed().as_nanos() as u64;
+        self.done_at(start, Instant::now(), bytes, mixed_read);
+    }
+
+    /// Counts an operation that started at `start` and was seen done at `end`.
+    #[inline]
+    fn done_at(&mut self, start: Instant, end: Instant, bytes: u64, mixed_read: bool) {
+        let ns = end.saturating_duration_since(start).as_nanos() as u64;
         match (&mut self.mixed, mixed_read) {
             (Some(mx), true) => {
                 mx.hist.saturating_record(ns);
@@ -312,7 +318,11 @@ pub fn sync_io(
 }
 
 /// Asynchronous I/O through io_uring with `bufs.len()` operations in flight;
-/// `bufs` must be registered with the ring, in order.
+/// `bufs` must be registered with the ring, in order. Each round fills every
+/// free slot, submits them in one call and reaps every completion there is;
+/// without a rate limit the clock is read once per round on each side (an
+/// operation counts from just before its submission to just after its reap),
+/// not twice per operation.
 pub fn uring_io(
     ring: &mut io_uring::IoUring,
     fd: RawFd,
@@ -323,16 +333,15 @@ pub fn uring_io(
 ) -> Result<()> {
     use io_uring::{opcode, types};
     let depth = bufs.len();
-    let mut slots: Vec<Option<(u64, Instant, bool)>> = vec![None; depth];
+    let paced = m.pacer.is_some();
+    let epoch = Instant::now();
+    let mut slots: Vec<(u64, Instant, bool)> = vec![(0, epoch, false); depth];
     let mut free: Vec<usize> = (0..depth).rev().collect();
+    let mut batch: Vec<usize> = Vec::with_capacity(depth);
     let mut in_flight = 0usize;
-    let mut exhausted = false;
+    let mut exhausted = m.expired();
     loop {
         while !exhausted && !free.is_empty() {
-            if m.expired() {
-                exhausted = true;
-                break;
-            }
             let Some(off) = offsets.next() else {
                 exhausted = true;
                 break;
@@ -340,7 +349,7 @@ pub fn uring_io(
             let slot = free.pop().expect("a free slot");
             let read_instead = m.mixed_read(spec);
             let write = spec.write && !read_instead;
-            let start = m.begin();
+            let start = if paced { m.begin() } else { epoch };
             let b = &mut bufs[slot].bytes()[..spec.block];
             if write && spec.varpct > 0 {
                 fill::fill(b, spec.file_id, off, spec.varpct);
@@ -361,7 +370,8 @@ pub fn uring_io(
                 .build()
             }
             .user_data(slot as u64);
-            slots[slot] = Some((off, start, read_instead));
+            slots[slot] = (off, start, read_instead);
+            batch.push(slot);
             // SAFETY: the buffer stays alive and untouched until its completion is reaped.
             unsafe { ring.submission().push(&sqe) }.expect("queue has room for depth entries");
             in_flight += 1;
@@ -369,24 +379,31 @@ pub fn uring_io(
         if in_flight == 0 {
             return Ok(());
         }
-        ring.submit_and_wait(1)
+        if !paced {
+            let now = Instant::now();
+            for &s in &batch {
+                slots[s].1 = now;
+            }
+        }
+        batch.clear();
+        let (submitter, _, mut cq) = ring.split();
+        submitter
+            .submit_and_wait(1)
             .map_err(|e| BenchError::io(format!("io_uring submit for {}", spec.path), e))?;
-        let done: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (slot, res) in done {
-            let slot = slot as usize;
-            let (off, start, read_instead) =
-                slots[slot].take().expect("completion for a submitted slot");
+        cq.sync();
+        let now = Instant::now();
+        for c in &mut cq {
+            let slot = c.user_data() as usize;
+            let (off, start, read_instead) = slots[slot];
             in_flight -= 1;
             free.push(slot);
-            check(spec, spec.write && !read_instead, res as isize, off)?;
+            check(spec, spec.write && !read_instead, c.result() as isize, off)?;
             if !spec.write {
                 after_read(spec, &bufs[slot].bytes()[..spec.block], off, m)?;
             }
-            m.done(start, spec.block as u64, read_instead);
+            m.done_at(start, now, spec.block as u64, read_instead);
         }
+        exhausted = exhausted || m.expired();
     }
 }
 

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod fill;
 pub mod k8s;
+pub mod live;
 pub mod paths;
 pub mod report;
 pub mod run;

@@ -76,6 +76,8 @@ const COORDINATOR_ONLY: &[(&str, bool)] = &[
     ("--resfile", true),
     ("--chart", true),
     ("--progress", true),
+    ("--live1", false),
+    ("--nolive", false),
 ];
 
 /// The command line to hand to services: ours without coordinator options.

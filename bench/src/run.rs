@@ -5,6 +5,7 @@ use crate::config::{Config, Mode, Phase};
 use crate::engine::Mixed;
 use crate::error::{BenchError, Result};
 use crate::fill::Rng;
+use crate::live::{Frame, Live, View, Work};
 use crate::stats::{self, Counters, Done, Latency, PhaseResult, Sample, Totals};
 use crate::work::{self, Worker};
 use std::fs::File;
@@ -12,23 +13,8 @@ use std::sync::Arc;
 use std::sync::{Barrier, mpsc};
 use std::time::{Duration, Instant};
 
-/// How often throughput is sampled (and the progress line redrawn).
+/// How often throughput is sampled (and the live view redrawn).
 const TICK: Duration = Duration::from_millis(100);
-
-fn progress(phase: Phase, done: usize, threads: usize, s: &Sample, elapsed: Duration) {
-    use std::io::Write;
-    let mut err = std::io::stderr().lock();
-    let _ = write!(
-        err,
-        "\r\x1b[2K{:<8} {:>7.1}s  {:>9.1} MiB/s  {:>10.0} IOPS  {:>9.0} entries/s  {done}/{threads} threads done",
-        phase.name(),
-        elapsed.as_secs_f64(),
-        s.mib_per_s,
-        s.iops,
-        s.entries_per_s
-    );
-    let _ = err.flush();
-}
 
 /// Runs every iteration of every phase, handing each result to `sink` as
 /// soon as it is known.
@@ -111,7 +97,8 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
     let mismatches = crate::engine::Mismatches::new(cfg.verify_limit);
     let barrier = Barrier::new(cfg.threads + 1);
     let (tx, rx) = mpsc::channel();
-    let (user0, sys0) = stats::cpu_times();
+    let cpu0 = stats::cpu_times();
+    let (user0, sys0) = cpu0;
     let mut first: Option<(Totals, Totals, Instant)> = None;
     let mut outcomes = Vec::with_capacity(cfg.threads);
     let mut series = Vec::new();
@@ -141,6 +128,11 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
             });
         }
         drop(tx);
+        let view = View::start(cfg.live);
+        let work = Work::per_thread(cfg, phase);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let mut thread_prev = vec![Totals::default(); cfg.threads];
+        let mut cpu_prev = cpu0;
         barrier.wait();
         let t0 = Instant::now();
         let mut prev = (Duration::ZERO, Totals::default());
@@ -160,8 +152,33 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let now = (t0.elapsed(), sum(counters.iter()));
                     let sample = Sample::between(prev, now);
-                    if cfg.progress {
-                        progress(phase, outcomes.len(), cfg.threads, &sample, now.0);
+                    if cfg.live != Live::Off {
+                        let dt = now.0 - prev.0;
+                        let threads: Vec<(Totals, Sample)> = counters
+                            .iter()
+                            .zip(mix_counters.iter())
+                            .zip(thread_prev.iter_mut())
+                            .map(|((c, mc), p)| {
+                                let t = c.snapshot() + mc.snapshot();
+                                let r = Sample::between((Duration::ZERO, *p), (dt, t));
+                                *p = t;
+                                (t, r)
+                            })
+                            .collect();
+                        let cpu = stats::cpu_times();
+                        let used = (cpu.0 + cpu.1) - (cpu_prev.0 + cpu_prev.1);
+                        cpu_prev = cpu;
+                        view.draw(&Frame {
+                            phase,
+                            iteration,
+                            elapsed: now.0,
+                            totals: now.1 + sum(mix_counters.iter().map(|c| &**c)),
+                            current: &sample,
+                            threads: &threads,
+                            done: outcomes.len(),
+                            cpu_pct: used / dt.as_secs_f64().max(1e-9) / cores * 100.0,
+                            work,
+                        });
                     }
                     series.push(sample);
                     prev = now;
@@ -182,9 +199,7 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
                 mix_series.push(Sample::between(mix_prev, m));
             }
         }
-        if cfg.progress {
-            eprint!("\r\x1b[2K");
-        }
+        drop(view);
     });
     let (user1, sys1) = stats::cpu_times();
 

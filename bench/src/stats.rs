@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Live progress of one thread, read by the coordinator without locks.
+/// Live progress of one thread, written by it alone and read by the coordinator without locks.
 #[derive(Default)]
 #[repr(align(128))]
 pub struct Counters {
@@ -28,20 +28,27 @@ impl Counters {
         }
     }
 
-    /// Adds one finished operation of `bytes` bytes.
+    /// Adds one finished operation of `bytes` bytes (by the owning thread only).
     #[inline]
     pub fn op(&self, bytes: u64) {
-        self.ops.fetch_add(1, Ordering::Relaxed);
+        bump(&self.ops, 1);
         if bytes > 0 {
-            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+            bump(&self.bytes, bytes);
         }
     }
 
-    /// Adds one finished file or directory.
+    /// Adds one finished file or directory (by the owning thread only).
     #[inline]
     pub fn entry(&self) {
-        self.entries.fetch_add(1, Ordering::Relaxed);
+        bump(&self.entries, 1);
     }
+}
+
+/// Adds to a counter that only one thread writes: a plain load and store,
+/// no locked read-modify-write on the hot path.
+#[inline]
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
 }
 
 /// Summed counters.

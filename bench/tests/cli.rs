@@ -435,7 +435,7 @@ fn mixed_reads_rate_limits_and_file_options() {
 }
 
 #[test]
-fn chart_and_progress() {
+fn chart_and_live_views() {
     let d = tempfile::tempdir().unwrap();
     let svg = d.path().join("c.svg");
     let out = rbench()
@@ -458,22 +458,48 @@ fn chart_and_progress() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
+    // The full-screen view: alternate screen in and out, figures, a row per thread.
+    assert!(err.starts_with("\x1b[?1049h"), "{err:?}");
+    assert!(err.trim_end().ends_with("\x1b[?1049l\x1b[?25h"), "{err:?}");
+    for want in [
+        "rbench  WRITE  iteration 1",
+        "% done",
+        "rbench CPU",
+        "current",
+        "average",
+    ] {
+        assert!(err.contains(want), "{want} expected: {err:?}");
+    }
     assert!(
-        err.contains("MiB/s") && err.contains("threads done"),
-        "progress line expected: {err}"
+        err.contains("Thread  Done") && err.contains("\r\n     0 "),
+        "{err:?}"
     );
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
     assert!(text.contains("WRITE (iteration 1") && text.contains("READ (iteration 1"));
     assert!(text.matches("<rect").count() > 3, "histogram bars drawn");
     assert!(text.contains("<path d=\"M"), "throughput line drawn");
-    // Not a terminal and not asked: no progress line.
-    let quiet = rbench()
-        .args(["-w", "-s", "1m"])
+    // One line instead, redrawn in place.
+    let slow = ["-w", "-s", "64m", "-b", "1m", "--limitwrite", "256m"];
+    let line = rbench()
+        .args(slow)
+        .args(["--progress", "always", "--live1"])
         .arg(d.path().join("g"))
         .output()
         .unwrap();
-    assert!(quiet.stderr.is_empty());
+    let err = String::from_utf8_lossy(&line.stderr);
+    assert!(err.starts_with("\r\x1b[2KWRITE "), "{err:?}");
+    assert!(err.contains("% ") && err.contains("threads done") && !err.contains("1049h"));
+    // Not a terminal and not asked, or --nolive: nothing.
+    for extra in [&[][..], &["--progress", "always", "--nolive"][..]] {
+        let quiet = rbench()
+            .args(slow)
+            .args(extra)
+            .arg(d.path().join("g"))
+            .output()
+            .unwrap();
+        assert!(quiet.stderr.is_empty(), "{extra:?}");
+    }
 }
 
 #[test]
@@ -589,4 +615,69 @@ fn resfile_accumulates_runs_and_elbencho_file_options_work() {
     assert_eq!(results(&json)[0]["label"], "two", "--jsonfile is --json");
     let rows = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(rows.lines().count(), 3, "header and a row per run: {rows}");
+}
+
+#[test]
+fn metadata_phases_name_the_file_they_fail_on() {
+    let d = tempfile::tempdir().unwrap();
+    rbench()
+        .args(["-d", "-w", "-s", "0", "-N", "3"])
+        .arg(d.path())
+        .assert()
+        .success();
+    std::fs::remove_file(d.path().join("t0/d0/f1")).unwrap();
+    for op in ["--stat", "-F"] {
+        let out = rbench()
+            .args([op, "-N", "3"])
+            .arg(d.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8(out.stderr).unwrap();
+        let want = format!("{}: No such file", d.path().join("t0/d0/f1").display());
+        assert!(err.contains(&want), "{op}: {err}");
+    }
+}
+
+#[test]
+fn short_help_with_examples_and_the_full_reference() {
+    let out = rbench().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let short = String::from_utf8(out.stdout).unwrap();
+    let options: Vec<&str> = short
+        .lines()
+        .filter(|l| l.trim_start().starts_with('-'))
+        .filter(|l| !l.contains("--help") && !l.contains("--version"))
+        .collect();
+    assert_eq!(options.len(), 10, "the ten most used: {options:#?}");
+    assert!(short.lines().count() < 50, "{short}");
+    for want in [
+        "Examples:",
+        "/dev/sdb",
+        "--hosts",
+        "--limitwrite",
+        "-d mkdirs",
+        "--help-all",
+    ] {
+        assert!(short.contains(want), "{want}: {short}");
+    }
+    assert!(!short.contains("--fadvise"));
+    let out = rbench().arg("--help-all").output().unwrap();
+    let full = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "--fadvise",
+        "--verifylimit",
+        "--resfile",
+        "--live1",
+        "--nolive",
+        "[alias: --jsonfile]",
+        "Units:",
+        "4KiB and 4KB are all 4096 bytes",
+    ] {
+        assert!(full.contains(want), "{want}: {full}");
+    }
+    assert_eq!(
+        rbench().arg("-h").output().unwrap().stdout,
+        short.as_bytes()
+    );
 }
