@@ -421,6 +421,22 @@ fn rate(s: &str, what: &str) -> Result<u64, String> {
     Ok(v)
 }
 
+/// The block size and a note saying so when -b is left out and the files
+/// are smaller than the default block: as elbencho does, each is moved in one block.
+pub fn shrunk_block(a: &Args, size: u64) -> Option<(u64, String)> {
+    let io = a.write || a.read;
+    (io && a.block.is_none() && size > 0 && size < DEFAULT_BLOCK).then(|| {
+        let note = format!(
+            "block size set to the file size {} (the default 1M is larger; -b sets it)",
+            format_size(size)
+        );
+        (size, note)
+    })
+}
+
+/// The block size when -b is left out.
+const DEFAULT_BLOCK: u64 = 1 << 20;
+
 /// Size of a block device or regular file.
 fn target_size(p: &Path) -> Option<u64> {
     let meta = std::fs::metadata(p).ok()?;
@@ -488,7 +504,10 @@ impl Config {
         }
         let dirs = count(&a.dirs, "--dirs", 1)?;
         let files = count(&a.files, "--files", 1)?;
-        let mut block = size(a.block.as_deref().unwrap_or("1m"), "--block")?;
+        let mut block = match &a.block {
+            Some(b) => size(b, "--block")?,
+            None => DEFAULT_BLOCK,
+        };
         if block == 0 {
             return Err("--block must be larger than 0".into());
         }
@@ -575,13 +594,9 @@ impl Config {
             }
         };
         let mut notes = Vec::new();
-        if io && size > 0 && block > size && a.block.is_none() {
-            // As elbencho does: small files are written in one block.
-            notes.push(format!(
-                "block size set to the file size {} (the default 1M is larger; -b sets it)",
-                format_size(size)
-            ));
-            block = size;
+        if let Some((b, note)) = shrunk_block(&a, size) {
+            notes.push(note);
+            block = b;
         }
         if io && size > 0 && block > size {
             return Err(format!(

@@ -232,9 +232,13 @@ fn session(stream: TcpStream, secret: &str, roots: &[std::path::PathBuf]) -> std
         );
     }
     let cfg = match Args::try_parse_from(std::iter::once("rbench".to_owned()).chain(args))
-        .map_err(|e| e.to_string().lines().next().unwrap_or_default().to_owned())
+        .map_err(|e| crate::error::one_line(&e))
         .and_then(Config::from_args)
-    {
+        // A service draws nothing: the coordinator shows the run.
+        .map(|c| Config {
+            live: crate::live::Live::Off,
+            ..c
+        }) {
         Ok(c) if let Some(t) = outside(&c, roots) => {
             let allowed: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
             return send(

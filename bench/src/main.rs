@@ -142,6 +142,16 @@ fn execute(args: Args) -> Result<(), BenchError> {
             ));
         }
         let iterations = rbench::dist::iterations(&args)?;
+        // The services decide the same; say it here, where the results are.
+        let given = args
+            .size
+            .as_deref()
+            .and_then(|s| rbench::units::parse_size(s).ok());
+        if let Some((_, n)) = given.and_then(|s| rbench::config::shrunk_block(&args, s)) {
+            let line = format!("note: {n}\n");
+            print!("{line}");
+            notes.push_str(&line);
+        }
         rbench::dist::coordinate(
             &args.hosts,
             args.port,

@@ -166,7 +166,7 @@ pub struct PhaseResult {
     /// Service this result comes from (empty: local run or aggregate).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
-    /// MKDIRS, WRITE, READ, STAT, RMFILES, RMDIRS.
+    /// MKDIRS, WRITE, STAT, READ, RMFILES, RMDIRS.
     pub phase: String,
     /// Iteration number, from 1.
     pub iteration: u64,

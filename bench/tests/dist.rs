@@ -368,3 +368,22 @@ fn a_service_beyond_loopback_needs_a_secret_and_paths() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("PATH"), "{err}");
 }
+
+#[test]
+fn the_coordinator_says_when_the_block_is_shrunk_to_small_files() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Service::start("s3cr3t", d.path());
+    let out = Command::cargo_bin("rbench")
+        .unwrap()
+        .args(["-w", "-N", "2", "-s", "8k", "--hosts", &hosts(&[&s])])
+        .args(["--secret", "s3cr3t"])
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("note: block size set to the file size 8K"),
+        "{text}"
+    );
+}

@@ -1,5 +1,6 @@
 //! `rbench k8s` against a scripted API server (tower-test): the exact
-//! requests of a run (preflight, Secret, claims, pods, their status,
+//! requests of a run (preflight, Secret, claims, pods, their status listed
+//! then watched,
 //! deletion of pods, claims and Secret, PVs gone), of a run that fails
 //! midway (cleaned up all the same) and of one refused before anything is
 //! made. The services are real `rbench --service` processes on loopback,
@@ -25,6 +26,8 @@ struct Step {
     status: u16,
     reply: Option<Value>,
     check: Option<Check>,
+    /// A watch's answer: one JSON event per line.
+    events: Option<Vec<Value>>,
 }
 
 fn step(method: Method, path: &str, status: u16, reply: Option<Value>) -> Step {
@@ -34,7 +37,25 @@ fn step(method: Method, path: &str, status: u16, reply: Option<Value>) -> Step {
         status,
         reply,
         check: None,
+        events: None,
     }
+}
+
+/// A watch (from resource version `rv`) answered with `events`, then ended by the server.
+fn watch(what: &str, rv: &str, events: Vec<Value>) -> Step {
+    Step {
+        events: Some(events),
+        ..step(
+            Method::GET,
+            &format!("{NS}/{what}?*watch=true*resourceVersion={rv}*"),
+            200,
+            None,
+        )
+    }
+}
+
+fn event(kind: &str, object: Value) -> Value {
+    json!({"type": kind, "object": object})
 }
 
 fn echo(method: Method, path: &str, check: impl Fn(&Value) + Send + 'static) -> Step {
@@ -104,12 +125,19 @@ fn api(steps: Vec<Step>) -> (kube::Client, tokio::task::JoinHandle<()>) {
             if let Some(check) = &s.check {
                 check(&body);
             }
-            let reply = s.reply.unwrap_or(body);
+            let bytes = match s.events {
+                Some(events) => events
+                    .iter()
+                    .flat_map(|e| [serde_json::to_vec(e).unwrap(), b"\n".to_vec()])
+                    .flatten()
+                    .collect(),
+                None => serde_json::to_vec(&s.reply.unwrap_or(body)).unwrap(),
+            };
             send.send_response(
                 Response::builder()
                     .status(s.status)
                     .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .body(Body::from(bytes))
                     .unwrap(),
             );
         }
@@ -180,6 +208,24 @@ impl Tunnel for Loopback {
     }
 }
 
+/// Two RWX claims of class fast in namespace bench.
+const TWO_RWX: &[&str] = &[
+    "--storageclass",
+    "fast",
+    "--pvcs",
+    "2",
+    "--size",
+    "1Gi",
+    "--access-mode",
+    "RWX",
+    "--namespace",
+    "bench",
+];
+
+fn args_with(common: &[&str], extra: &[&str]) -> K8sArgs {
+    args(&[common, extra].concat())
+}
+
 fn args(extra: &[&str]) -> K8sArgs {
     use clap::Parser;
     let mut argv = vec!["rbench k8s"];
@@ -191,6 +237,10 @@ const NS: &str = "/api/v1/namespaces/bench";
 
 fn list(items: Vec<Value>) -> Value {
     json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items})
+}
+
+fn list_at(rv: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": items})
 }
 
 /// The preflight of a run in namespace bench measuring StorageClass fast.
@@ -295,6 +345,21 @@ fn delete_claim(i: usize) -> Vec<Step> {
     ]
 }
 
+/// Removing two pods and claims (both Bound) of the run that `selector` selects.
+fn remove_two(selector: &str) -> Vec<Step> {
+    let mut steps = vec![delete_pod(0), delete_pod(1)];
+    steps.push(step(
+        Method::GET,
+        &format!("{NS}/pods?*{selector}"),
+        200,
+        Some(list(vec![])),
+    ));
+    steps.extend(delete_claim(0));
+    steps.extend(delete_claim(1));
+    steps.extend(volumes_gone_and_secret());
+    steps
+}
+
 /// The end of every run: both PVs gone, then the Secret deleted.
 fn volumes_gone_and_secret() -> Vec<Step> {
     vec![
@@ -318,43 +383,44 @@ async fn a_run_makes_measures_and_removes_everything_in_order() {
     steps.push(secret_step(&slot));
     steps.extend([claim_step(0), claim_step(1)]);
     steps.extend([pod_step(0, root.clone()), pod_step(1, root.clone())]);
-    // Status: one claim pending and no pod running yet, then all ready.
+    // Status: one claim pending and no pod running yet; then watches from
+    // those versions. The first pair ends before all is ready (the server's
+    // timeout) and is watched again from the last version seen.
     let selector = "labelSelector=rbench.rcsi.io%2Frun%3D*-0";
     steps.push(step(
         Method::GET,
         &format!("{NS}/persistentvolumeclaims?*{selector}"),
         200,
-        Some(list(vec![claim(0, "Bound"), claim(1, "Pending")])),
+        Some(list_at("10", vec![claim(0, "Bound"), claim(1, "Pending")])),
     ));
     steps.push(step(
         Method::GET,
         &format!("{NS}/pods?*{selector}"),
         200,
-        Some(list(vec![pod(0, "Pending"), pod(1, "Pending")])),
+        Some(list_at("11", vec![pod(0, "Pending"), pod(1, "Pending")])),
     ));
-    steps.push(step(
-        Method::GET,
-        &format!("{NS}/persistentvolumeclaims?*{selector}"),
-        200,
-        Some(list(vec![claim(0, "Bound"), claim(1, "Bound")])),
+    let at = |mut v: Value, rv: &str| {
+        v["metadata"]["resourceVersion"] = rv.into();
+        v
+    };
+    steps.push(watch(
+        "persistentvolumeclaims",
+        "10",
+        vec![event("MODIFIED", at(claim(1, "Bound"), "12"))],
     ));
-    steps.push(step(
-        Method::GET,
-        &format!("{NS}/pods?*{selector}"),
-        200,
-        Some(list(vec![pod(0, "Running"), pod(1, "Running")])),
+    steps.push(watch(
+        "pods",
+        "11",
+        vec![event("MODIFIED", at(pod(0, "Running"), "13"))],
+    ));
+    steps.push(watch("persistentvolumeclaims", "12", vec![]));
+    steps.push(watch(
+        "pods",
+        "13",
+        vec![event("MODIFIED", at(pod(1, "Running"), "14"))],
     ));
     // The workload runs through the tunnel; then everything goes.
-    steps.extend([delete_pod(0), delete_pod(1)]);
-    steps.push(step(
-        Method::GET,
-        &format!("{NS}/pods?*{selector}"),
-        200,
-        Some(list(vec![])),
-    ));
-    steps.extend(delete_claim(0));
-    steps.extend(delete_claim(1));
-    steps.extend(volumes_gone_and_secret());
+    steps.extend(remove_two(selector));
     let (client, script) = api(steps);
     let services = Arc::new(Services {
         secret: slot,
@@ -362,37 +428,30 @@ async fn a_run_makes_measures_and_removes_everything_in_order() {
         running: Mutex::default(),
     });
     let json_out = d.path().join("r.json");
-    let a = args(&[
-        "--storageclass",
-        "fast",
-        "--pvcs",
-        "2",
-        "--size",
-        "1Gi",
-        "--access-mode",
-        "RWX",
-        "--namespace",
-        "bench",
-        "--mount-path",
-        &root,
-        "--timeout",
-        "30",
-        "--json",
-        json_out.to_str().unwrap(),
-        "--",
-        "-w",
-        "-r",
-        "-t",
-        "1",
-        "-n",
-        "1",
-        "-N",
-        "4",
-        "-s",
-        "64k",
-        "-b",
-        "16k",
-    ]);
+    let a = args_with(
+        TWO_RWX,
+        &[
+            "--mount-path",
+            &root,
+            "--timeout",
+            "30",
+            "--json",
+            json_out.to_str().unwrap(),
+            "--",
+            "-w",
+            "-r",
+            "-t",
+            "1",
+            "-n",
+            "1",
+            "-N",
+            "4",
+            "-s",
+            "64k",
+            "-b",
+            "16k",
+        ],
+    );
     run(client, Arc::new(Loopback(services.clone())), a)
         .await
         .unwrap();
@@ -426,6 +485,24 @@ async fn a_run_makes_measures_and_removes_everything_in_order() {
         assert_eq!(r["last"]["bytes"], 2 * 4 * 64 * 1024, "{r}");
         assert_eq!(r["label"], "fast");
     }
+}
+
+/// Runs two RWX claims of class fast in namespace bench against `steps`,
+/// which must end the run with an error; returns it.
+async fn failing_run(steps: Vec<Step>, slot: Arc<Mutex<Option<String>>>) -> String {
+    let (client, script) = api(steps);
+    let services = Arc::new(Services {
+        secret: slot,
+        root: "/nonexistent".into(),
+        running: Mutex::default(),
+    });
+    let a = args_with(TWO_RWX, &["--", "-w", "-s", "1m"]);
+    let e = run(client, Arc::new(Loopback(services)), a)
+        .await
+        .unwrap_err()
+        .to_string();
+    script.await.unwrap();
+    e
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -464,33 +541,7 @@ async fn a_refused_pod_still_removes_what_was_made() {
         ));
     }
     steps.extend(volumes_gone_and_secret());
-    let (client, script) = api(steps);
-    let services = Arc::new(Services {
-        secret: slot,
-        root: "/nonexistent".into(),
-        running: Mutex::default(),
-    });
-    let a = args(&[
-        "--storageclass",
-        "fast",
-        "--pvcs",
-        "2",
-        "--size",
-        "1Gi",
-        "--access-mode",
-        "RWX",
-        "--namespace",
-        "bench",
-        "--",
-        "-w",
-        "-s",
-        "1m",
-    ]);
-    let e = run(client, Arc::new(Loopback(services)), a)
-        .await
-        .unwrap_err()
-        .to_string();
-    script.await.unwrap();
+    let e = failing_run(steps, slot).await;
     assert!(e.contains("ResourceQuota") && e.contains("rbench-1"), "{e}");
 }
 
@@ -544,4 +595,53 @@ async fn an_unknown_storageclass_is_refused_before_anything_is_made() {
     }
     drop(client);
     script.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_watch_lists_again_and_a_bad_image_is_said_and_cleaned_up() {
+    let slot = Arc::new(Mutex::new(None));
+    let mut steps = preflight();
+    steps.push(secret_step(&slot));
+    steps.extend([claim_step(0), claim_step(1)]);
+    steps.extend([pod_step(0, "/data".into()), pod_step(1, "/data".into())]);
+    let selector = "labelSelector=rbench.rcsi.io%2Frun%3D*-0";
+    let lists = |pods: Vec<Value>| {
+        [
+            step(
+                Method::GET,
+                &format!("{NS}/persistentvolumeclaims?*{selector}"),
+                200,
+                Some(list_at(
+                    "10",
+                    vec![claim(0, "Pending"), claim(1, "Pending")],
+                )),
+            ),
+            step(
+                Method::GET,
+                &format!("{NS}/pods?*{selector}"),
+                200,
+                Some(list_at("11", pods)),
+            ),
+        ]
+    };
+    steps.extend(lists(vec![pod(0, "Pending"), pod(1, "Pending")]));
+    // The version is too old by the time the watch starts: 410 Gone.
+    steps.push(watch(
+        "persistentvolumeclaims",
+        "10",
+        vec![json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+            "status": "Failure", "reason": "Expired", "code": 410, "message": "too old resource version"}})],
+    ));
+    steps.push(watch("pods", "11", vec![]));
+    let mut bad = pod(1, "Pending");
+    bad["status"]["containerStatuses"] = json!([{"name": "rbench", "image": "nope:1",
+        "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"waiting": {"reason": "ErrImagePull", "message": "pull access denied"}}}]);
+    steps.extend(lists(vec![pod(0, "Pending"), bad]));
+    steps.extend(remove_two(selector));
+    let e = failing_run(steps, slot).await;
+    assert!(
+        e.contains("pod rbench-1: ErrImagePull: pull access denied (--image nope:1)"),
+        "{e}"
+    );
 }

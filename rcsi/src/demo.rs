@@ -125,7 +125,7 @@ pub async fn run(base_path: Option<PathBuf>) -> anyhow::Result<()> {
     // stat'ed and deleted, as `rbench -w -r --stat -F -D` does.
     let argv = [
         "rbench", "-w", "-r", "--stat", "-F", "-D", "-t", "2", "-n", "2", "-N", "32", "-s", "64k",
-        "-b", "16k",
+        "-b", "16k", "--nolive",
     ]
     .map(std::ffi::OsString::from)
     .into_iter()

@@ -80,7 +80,7 @@ fn demo_walks_a_volume_through_its_life_and_benchmarks_it() {
             "step {n} missing:\n{text}"
         );
     }
-    for phase in ["WRITE", "READ", "STAT", "RMFILES", "RMDIRS"] {
+    for phase in ["WRITE", "STAT", "READ", "RMFILES", "RMDIRS"] {
         assert!(
             text.lines().any(|l| l.starts_with(phase)),
             "{phase} missing:\n{text}"

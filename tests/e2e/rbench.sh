@@ -69,7 +69,7 @@ for c in classes:
             assert v[k] is not None and v[k] >= 0, (k, v)
         assert v["bound_s"] <= v["running_s"] <= v["answering_s"], v
     phases = [r["phase"] for r in c["results"]]
-    assert phases == ["WRITE", "READ", "STAT"], phases
+    assert phases == ["WRITE", "STAT", "READ"], phases
     for r in c["results"]:
         assert len(r["hosts"]) == 3, r["hosts"]
         if r["phase"] in ("WRITE", "READ"):

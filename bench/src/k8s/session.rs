@@ -202,53 +202,8 @@ impl Session {
                 ..Default::default()
             })
             .collect();
-        let selector = self.selector.clone();
         let start = Instant::now();
-        loop {
-            let claims = pvcs
-                .list(&selector)
-                .await
-                .map_err(|e| api_error("listing the claims", e))?;
-            let running = pods
-                .list(&selector)
-                .await
-                .map_err(|e| api_error("listing the pods", e))?;
-            for (i, t) in times.iter_mut().enumerate() {
-                let claim = claims
-                    .items
-                    .iter()
-                    .find(|c| c.metadata.name.as_deref() == Some(&t.name));
-                let phase = claim.and_then(|c| c.status.as_ref()?.phase.as_deref());
-                if t.bound_s.is_none() && phase == Some("Bound") {
-                    t.bound_s = Some(created[i].elapsed().as_secs_f64());
-                }
-                let pod = running
-                    .items
-                    .iter()
-                    .find(|p| p.metadata.name.as_deref() == Some(&t.name));
-                if let Some(p) = pod {
-                    pod_failure(p)?;
-                    let status = p.status.as_ref();
-                    if t.running_s.is_none()
-                        && status.and_then(|s| s.phase.as_deref()) == Some("Running")
-                    {
-                        t.running_s = Some(created[i].elapsed().as_secs_f64());
-                        t.node = p
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.node_name.clone())
-                            .unwrap_or_default();
-                    }
-                }
-            }
-            if times.iter().all(|t| t.running_s.is_some()) {
-                break;
-            }
-            if start.elapsed() > self.timeout {
-                return Err(self.stuck(&times).await);
-            }
-            tokio::time::sleep(self.poll).await;
-        }
+        self.wait_running(&created, &mut times, start).await?;
         let mut addrs = Vec::new();
         for (i, t) in times.iter_mut().enumerate() {
             let addr = tunnel::forward(self.tunnel.clone(), &self.ns, &t.name, SERVICE_PORT)
@@ -262,6 +217,120 @@ impl Session {
             addrs.push(addr);
         }
         Ok((times, addrs))
+    }
+
+    /// Waits until every pod runs, recording when each claim was Bound and
+    /// each pod Running from the moment the API says so: one list of the
+    /// claims and one of the pods, then a watch on each from there (watched
+    /// again from the last version seen when the server ends it, listed
+    /// again when that version has expired).
+    async fn wait_running(
+        &self,
+        created: &[Instant],
+        times: &mut [VolumeTimes],
+        start: Instant,
+    ) -> Result<()> {
+        use futures::{StreamExt, TryStreamExt};
+        use kube::api::{WatchEvent, WatchParams};
+        let (pvcs, pods): (Api<PersistentVolumeClaim>, Api<Pod>) = (self.api(), self.api());
+        let labels = self.selector.label_selector.clone().unwrap_or_default();
+        let mut versions: Option<(String, String)> = None;
+        loop {
+            let (claim_rv, pod_rv) = match versions.take() {
+                Some(v) => v,
+                None => {
+                    let claims = pvcs
+                        .list(&self.selector)
+                        .await
+                        .map_err(|e| api_error("listing the claims", e))?;
+                    let running = pods
+                        .list(&self.selector)
+                        .await
+                        .map_err(|e| api_error("listing the pods", e))?;
+                    for c in &claims.items {
+                        claim_seen(c, created, times);
+                    }
+                    for p in &running.items {
+                        pod_seen(p, created, times)?;
+                    }
+                    let rv =
+                        |m: &kube::api::ListMeta| m.resource_version.clone().unwrap_or_default();
+                    (rv(&claims.metadata), rv(&running.metadata))
+                }
+            };
+            if all_ready(times) {
+                return Ok(());
+            }
+            let left = self.timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(self.stuck(times).await);
+            }
+            let wp = WatchParams::default()
+                .labels(&labels)
+                .timeout(left.as_secs().clamp(1, 290) as u32);
+            let claim_events = pvcs
+                .watch(&wp, &claim_rv)
+                .await
+                .map_err(|e| api_error("watching the claims", e))?
+                .map_ok(Err);
+            let pod_events = pods
+                .watch(&wp, &pod_rv)
+                .await
+                .map_err(|e| api_error("watching the pods", e))?
+                .map_ok(Ok);
+            let mut events = futures::stream::select(claim_events.boxed(), pod_events.boxed());
+            let (mut claim_rv, mut pod_rv) = (claim_rv, pod_rv);
+            loop {
+                let left = self.timeout.saturating_sub(start.elapsed());
+                let next = match tokio::time::timeout(left, events.next()).await {
+                    Err(_) => return Err(self.stuck(times).await),
+                    // The server ended a watch: watch again from where it stopped.
+                    Ok(None) => break,
+                    Ok(Some(ev)) => ev.map_err(|e| api_error("watching claims and pods", e))?,
+                };
+                match next {
+                    Err(WatchEvent::Added(c) | WatchEvent::Modified(c)) => {
+                        claim_rv = c.metadata.resource_version.clone().unwrap_or(claim_rv);
+                        claim_seen(&c, created, times);
+                    }
+                    Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)) => {
+                        pod_rv = p.metadata.resource_version.clone().unwrap_or(pod_rv);
+                        pod_seen(&p, created, times)?;
+                    }
+                    Err(WatchEvent::Bookmark(b)) => claim_rv = b.metadata.resource_version,
+                    Ok(WatchEvent::Bookmark(b)) => pod_rv = b.metadata.resource_version,
+                    Err(WatchEvent::Deleted(c)) => {
+                        return Err(BenchError::Cluster(format!(
+                            "claim {} was deleted while the run waited for it",
+                            c.metadata.name.unwrap_or_default()
+                        )));
+                    }
+                    Ok(WatchEvent::Deleted(p)) => {
+                        return Err(BenchError::Cluster(format!(
+                            "pod {} was deleted while the run waited for it",
+                            p.metadata.name.unwrap_or_default()
+                        )));
+                    }
+                    // 410 Gone: the version is too old; list again.
+                    Err(WatchEvent::Error(e)) | Ok(WatchEvent::Error(e)) if e.code == 410 => {
+                        claim_rv.clear();
+                        break;
+                    }
+                    Err(WatchEvent::Error(e)) | Ok(WatchEvent::Error(e)) => {
+                        return Err(BenchError::Cluster(format!(
+                            "watching claims and pods: {} ({})",
+                            e.message, e.code
+                        )));
+                    }
+                }
+                if all_ready(times) {
+                    return Ok(());
+                }
+            }
+            if !claim_rv.is_empty() {
+                versions = Some((claim_rv, pod_rv));
+            }
+        }
     }
 
     /// The error for claims or pods not ready in time, with their events.
@@ -405,6 +474,47 @@ impl Session {
         }
         left
     }
+}
+
+/// Whether every claim was seen Bound and every pod Running.
+fn all_ready(times: &[VolumeTimes]) -> bool {
+    times
+        .iter()
+        .all(|t| t.bound_s.is_some() && t.running_s.is_some())
+}
+
+/// The index of a run's object by name.
+fn index(name: Option<&str>, times: &[VolumeTimes]) -> Option<usize> {
+    times.iter().position(|t| Some(t.name.as_str()) == name)
+}
+
+/// Records when claim `c` was first seen Bound.
+fn claim_seen(c: &PersistentVolumeClaim, created: &[Instant], times: &mut [VolumeTimes]) {
+    let Some(i) = index(c.metadata.name.as_deref(), times) else {
+        return;
+    };
+    let phase = c.status.as_ref().and_then(|s| s.phase.as_deref());
+    if times[i].bound_s.is_none() && phase == Some("Bound") {
+        times[i].bound_s = Some(created[i].elapsed().as_secs_f64());
+    }
+}
+
+/// Records when pod `p` was first seen Running (and where); an error when it cannot come up.
+fn pod_seen(p: &Pod, created: &[Instant], times: &mut [VolumeTimes]) -> Result<()> {
+    let Some(i) = index(p.metadata.name.as_deref(), times) else {
+        return Ok(());
+    };
+    pod_failure(p)?;
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    if times[i].running_s.is_none() && phase == Some("Running") {
+        times[i].running_s = Some(created[i].elapsed().as_secs_f64());
+        times[i].node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+    }
+    Ok(())
 }
 
 fn not_found(e: &kube::Error) -> bool {
