@@ -247,7 +247,10 @@ impl Mismatches {
             bad.expected,
             bad.found
         );
-        eprintln!("rbench: verify: {at}");
+        if self.limit > 1 {
+            // With a limit of one, the error that ends the run says it.
+            eprintln!("rbench: verify: {at}");
+        }
         self.first.lock().expect("not poisoned").get_or_insert(at);
         let n = self
             .count

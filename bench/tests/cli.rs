@@ -166,6 +166,7 @@ fn verify_catches_corruption() {
         err.contains("verify failed: 1 block(s)") && err.contains(&at),
         "{err}"
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
 
     // More bad blocks: each reported, the run stops at the limit.
     let mut data = std::fs::read(&f).unwrap();

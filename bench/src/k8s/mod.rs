@@ -26,7 +26,17 @@ use tunnel::Tunnel;
 #[derive(Debug, Parser)]
 #[command(
     name = "rbench k8s",
-    about = "Benchmark what StorageClasses deliver to pods: N claims and pods, provisioning times, the workload on all at once"
+    about = "Benchmark what StorageClasses deliver to pods: N claims and pods, provisioning times, the workload on all at once",
+    after_help = "\
+Examples:
+  Two classes side by side, 4 volumes each, sequential and random I/O:
+    rbench k8s --storageclass fast,standard --pvcs 4 --size 20Gi -- -w -r -t 4 -s 4g -b 1m
+  Shared RWX volume metadata rates, pods spread over nodes, in an existing namespace:
+    rbench k8s --storageclass nfs --pvcs 3 --access-mode RWX --node-spread --namespace rbench-bench \\
+      -- -d -w --stat -r -F -D -t 4 -n 8 -N 1000 -s 64k
+  Raw block volumes, 4 KiB random reads at depth 16:
+    rbench k8s --storageclass rbd --volume-mode Block --size 10Gi -- -r -t 2 -b 4k --rand --direct --iodepth 16
+The workload takes rbench's options (rbench --help-all) and no path. RBAC: manifests/rbench."
 )]
 pub struct K8sArgs {
     /// StorageClass(es) to measure, comma-separated (one after the other, side by side at the end).
@@ -68,7 +78,7 @@ pub struct K8sArgs {
     /// Append results as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
-    /// Write an HTML chart here.
+    /// Draw every phase's latency histogram and throughput into this SVG file.
     #[arg(long)]
     pub chart: Option<PathBuf>,
     /// The workload: rbench flags without a path (`-w -r -t 4 -s 1g -b 1m`).
