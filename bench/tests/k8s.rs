@@ -575,9 +575,13 @@ async fn an_unknown_storageclass_is_refused_before_anything_is_made() {
     assert!(matches!(e, rbench::error::BenchError::Usage(_)), "{e}");
     let e = e.to_string();
     assert!(e.contains("\"nope\"") && e.contains("fast, slow"), "{e}");
-    // A workload naming a path, or nothing to do, is refused without a request.
+    // A workload naming a path, nothing to do or a local file, is refused without a request.
     let (client, script) = api(vec![]);
-    for w in [&["-w", "-s", "1m", "/mnt"][..], &["-s", "1m"][..]] {
+    for w in [
+        &["-w", "-s", "1m", "/mnt"][..],
+        &["-s", "1m"][..],
+        &["-w", "-s", "1m", "--resfile", "r.txt"][..],
+    ] {
         let mut a = vec!["--storageclass", "fast", "--"];
         a.extend_from_slice(w);
         let e = run(

@@ -73,10 +73,10 @@ pub struct K8sArgs {
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
     /// Write results (and provisioning times) as JSON here.
-    #[arg(long)]
+    #[arg(long, visible_alias = "jsonfile")]
     pub json: Option<PathBuf>,
     /// Append results as CSV here.
-    #[arg(long)]
+    #[arg(long, visible_alias = "csvfile")]
     pub csv: Option<PathBuf>,
     /// Draw every phase's latency histogram and throughput into this SVG file.
     #[arg(long)]
@@ -158,10 +158,15 @@ fn workload_plan(workload: &[String], target: &str) -> Result<(Vec<String>, Opti
             a.paths[..a.paths.len() - 1].join(" ")
         )));
     }
-    if a.service || !a.hosts.is_empty() || a.json.is_some() || a.csv.is_some() || a.chart.is_some()
+    if a.service
+        || !a.hosts.is_empty()
+        || a.json.is_some()
+        || a.csv.is_some()
+        || a.chart.is_some()
+        || a.resfile.is_some()
     {
         return Err(BenchError::Usage(
-            "the workload after -- takes no --service, --hosts, --json, --csv or --chart (give --json, --csv, --chart before --)".into(),
+            "the workload after -- takes no --service, --hosts, --json, --csv, --chart or --resfile (give --json, --csv, --chart before --)".into(),
         ));
     }
     let phases = crate::dist::phase_names(&a);
