@@ -502,17 +502,28 @@ struct CephfsArgs {
     /// The cluster map: ceph-csi's config.json, a JSON list of clusterID and monitors.
     #[arg(long, default_value = "/etc/ceph-csi-config/config.json")]
     ceph_config: PathBuf,
-    /// Seconds a monitor, mgr or OSD operation may take (every call is abandoned shortly after).
+    /// Seconds a monitor or OSD operation may take (every call is abandoned shortly after).
     #[arg(long, default_value_t = 10)]
     call_timeout: u64,
+    /// Seconds a mgr command (subvolume create, rm, snapshot, clone) may
+    /// take; the mgr's volumes module queues them while it is busy.
+    #[arg(long, default_value_t = 60)]
+    mgr_timeout: u64,
+}
+
+impl CephfsArgs {
+    fn config(&self) -> rcsi_ceph::cephfs::Config {
+        rcsi_ceph::cephfs::Config {
+            call_timeout: Duration::from_secs(self.call_timeout.max(1)),
+            mgr_timeout: Duration::from_secs(self.mgr_timeout.max(1)),
+        }
+    }
 }
 
 fn cephfs_controller(m: &ArgMatches) -> anyhow::Result<Services> {
     let a = CephfsArgs::from_arg_matches(m)?;
     let map = rcsi_ceph::config::ClusterMap::load(&a.ceph_config)?;
-    let cfg = rcsi_ceph::cephfs::Config {
-        call_timeout: Duration::from_secs(a.call_timeout.max(1)),
-    };
+    let cfg = a.config();
     let driver = Arc::new(rcsi_ceph::cephfs::Cephfs::new(map, cfg));
     Ok(Services {
         plugin: driver.clone(),
@@ -565,9 +576,7 @@ struct CephfsNodeArgs {
 fn cephfs_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
     let a = CephfsNodeArgs::from_arg_matches(m)?;
     let map = rcsi_ceph::config::ClusterMap::load(&a.common.ceph_config)?;
-    let cfg = rcsi_ceph::cephfs::Config {
-        call_timeout: Duration::from_secs(a.common.call_timeout.max(1)),
-    };
+    let cfg = a.common.config();
     let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
     let mount_timeout = Duration::from_secs(a.mount_timeout.max(1));
     let escape = a

@@ -31,7 +31,8 @@ const NEED_DATA: &[&str] = &[
     "expand_volume",
 ];
 
-fn controller(b: &Backend) -> Arc<CommandDriver> {
+/// The controller, a mgr command abandoned after `mgr_timeout` seconds.
+fn controller_with(b: &Backend, mgr_timeout: u64) -> Arc<CommandDriver> {
     Arc::new(CommandDriver {
         program: env!("CARGO_BIN_EXE_rcsi").into(),
         args: [
@@ -44,12 +45,20 @@ fn controller(b: &Backend) -> Arc<CommandDriver> {
             &b.var("CEPH_CONFIG_FILE"),
             "--call-timeout",
             "5",
+            "--mgr-timeout",
+            &mgr_timeout.to_string(),
         ]
         .map(String::from)
         .to_vec(),
         break_volume: None,
         state_root: None,
     })
+}
+
+/// The controller as the suites run it: a mgr command may take 30 s (the
+/// volumes module queues commands while it purges or copies).
+fn controller(b: &Backend) -> Arc<CommandDriver> {
+    controller_with(b, 30)
 }
 
 /// The admin `ceph` CLI of the test cluster, its JSON output parsed.
@@ -616,10 +625,10 @@ async fn crash_states(b: &Backend, profile: &Profile) -> Result<()> {
     Ok(())
 }
 
-/// The MDS stopped (SIGSTOP): CreateVolume fails within the call timeout
+/// The MDS stopped (SIGSTOP): CreateVolume fails within the mgr timeout
 /// while Probe answers, and works once the MDS runs again.
 async fn stopped_mds(b: &Backend, profile: &Profile) -> Result<()> {
-    let mut inst = controller(b).start().await?;
+    let mut inst = controller_with(b, 8).start().await?;
     let ch = csi_core::client::connect(&inst.endpoint()).await?;
     let mut ctl = ControllerClient::new(ch.clone());
     let mut ident = csi::identity_client::IdentityClient::new(ch);
@@ -735,6 +744,8 @@ fn node_plugin(config: &str, fuse: bool, extra: &[&str]) -> Arc<CommandDriver> {
         config,
         "--call-timeout",
         "5",
+        "--mgr-timeout",
+        "30",
         "--state-dir",
         "{state}",
         "--stats-cache",

@@ -84,8 +84,19 @@ impl Pool {
         what: &str,
         f: impl FnOnce(&Arc<Connection>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.run_within(conn, what, self.deadline(), f).await
+    }
+
+    /// Runs `f` on `conn` off the runtime, abandoned after `deadline`.
+    pub async fn run_within<T: Send + 'static>(
+        &self,
+        conn: &Arc<Connection>,
+        what: &str,
+        deadline: Duration,
+        f: impl FnOnce(&Arc<Connection>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let c = conn.clone();
-        csi_core::fsutil::blocking(what.to_owned(), self.deadline(), move || f(&c)).await
+        csi_core::fsutil::blocking(what.to_owned(), deadline, move || f(&c)).await
     }
 
     /// Drops the connection to `cluster` as `creds` (after a failure that

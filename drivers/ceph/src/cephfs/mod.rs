@@ -38,11 +38,15 @@ pub struct Config {
     /// librados's monitor and OSD op timeout; every call is abandoned
     /// shortly after it.
     pub call_timeout: Duration,
+    /// How long a mgr command (subvolume create, rm, snapshot, clone) may
+    /// take: the mgr's volumes module queues them behind its own work.
+    pub mgr_timeout: Duration,
 }
 
 /// The CephFS driver.
 pub struct Cephfs {
     pool: Pool,
+    mgr_timeout: Duration,
     node: Option<node::Node>,
     /// Provisioner users (cluster, user) the monitors refused `auth rm`:
     /// not asked again to remove volume users.
@@ -89,6 +93,7 @@ impl Cephfs {
     pub fn new(map: ClusterMap, cfg: Config) -> Self {
         Self {
             pool: Pool::new(map, cfg.call_timeout),
+            mgr_timeout: cfg.mgr_timeout,
             node: None,
             no_auth_caps: Default::default(),
         }
@@ -203,7 +208,9 @@ impl Cephfs {
         let what = format!("ceph {prefix}");
         let (out, _) = self
             .pool
-            .run(&fs.mgr_conn, &what, move |c| c.mgr_command(&cmd))
+            .run_within(&fs.mgr_conn, &what, self.mgr_timeout, move |c| {
+                c.mgr_command(&cmd)
+            })
             .await?;
         if out.trim().is_empty() {
             return Ok(Value::Null);
