@@ -52,6 +52,9 @@ pub struct Profile {
     /// a removed volume (JuiceFS clients load quotas, flush usage and
     /// expire cached entries periodically).
     pub stats_settle: std::time::Duration,
+    /// Only these cases, where another profile of the run covers the rest
+    /// (code that does not differ between the two).
+    pub only: Option<&'static [&'static str]>,
 }
 
 impl Profile {
@@ -832,6 +835,13 @@ pub fn run_suite_with(
                             && ctl_caps.contains(&ControllerRpc::CreateDeleteVolume)
                     }
                 };
+            if profile.only.is_some_and(|only| !only.contains(&case.name)) {
+                eprintln!(
+                    "{}::{} not run: another profile of this run covers it",
+                    profile.name, case.name
+                );
+                continue;
+            }
             if !supported {
                 eprintln!(
                     "{}::{} not run: needs {:?}, which this driver and profile do not offer",
@@ -841,8 +851,9 @@ pub fn run_suite_with(
             }
             let (driver, profile, cases) = (driver.clone(), profile.clone(), cases.clone());
             let name = format!("{}::{}", profile.name, case.name);
-            trials.push(libtest_mimic::Trial::test(name, move || {
-                runtime()
+            trials.push(libtest_mimic::Trial::test(name.clone(), move || {
+                let t0 = std::time::Instant::now();
+                let r = runtime()
                     .block_on(async {
                         let inst = driver.start().await?;
                         let mut ctx = Ctx::new(inst, profile).await?;
@@ -852,7 +863,11 @@ pub fn run_suite_with(
                         result?;
                         stopped
                     })
-                    .map_err(|e| format!("{e:#}").into())
+                    .map_err(|e| format!("{e:#}").into());
+                if std::env::var_os("RCSI_CASE_TIMES").is_some() {
+                    eprintln!("figure: {name} took {:.1} s", t0.elapsed().as_secs_f64());
+                }
+                r
             }));
         }
     }
