@@ -116,8 +116,9 @@ figure "rbd: restore bound and mounted in $(since "$t") s"
 [ "$(kubectl exec reader -- cat /data/marker)" = snapshot-marker ] || fail "the restored volume does not hold the snapshot's data"
 
 # Online growth: the image, then xfs while the writer writes.
-# NodeExpandVolume comes with the kubelet's next sync of the pod (up to a minute).
-figure "rbd: expansion to 2Gi (image, then the mounted xfs at the kubelet's next pod sync) in $(resize data 2Gi 120) s"
+# NodeExpandVolume comes with the kubelet's next sync of the pod, which an
+# update of the pod brings forward.
+figure "rbd: expansion to 2Gi (image, then the mounted xfs once the kubelet syncs the annotated pod) in $(resize data 2Gi 120 writer) s"
 size=$(kubectl exec writer -- df -k /data | awk 'NR == 2 {print $2}')
 [ "$size" -gt $((1900 * 1024)) ] || fail "the mounted filesystem has $size KiB after growing to 2Gi"
 rbd info "rbd/$image" | grep -q 'size 2 GiB' || fail "image rbd/$image did not grow"
