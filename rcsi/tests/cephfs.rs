@@ -23,14 +23,6 @@ use std::time::{Duration, Instant};
 const FS: &str = "cephfs";
 const GROUP: &str = "csi";
 
-/// Cases that read or write volume data through a node plugin (the data
-/// of restores and clones is checked by an admin mount instead).
-const NEED_DATA: &[&str] = &[
-    "restore_snapshot_keeps_data",
-    "clone_volume_keeps_data",
-    "expand_volume",
-];
-
 /// The controller, a mgr command abandoned after `mgr_timeout` seconds.
 fn controller_with(b: &Backend, mgr_timeout: u64) -> Arc<CommandDriver> {
     Arc::new(CommandDriver {
@@ -1146,7 +1138,7 @@ fn in_node_vm() -> std::process::ExitCode {
     profile.secrets = serde_json::from_str(&var("RCSI_CEPH_SECRETS")).expect("secrets");
     let cases = rcsi_tests::cases::all()
         .into_iter()
-        .filter(|c| !c.node_free || NEED_DATA.contains(&c.name))
+        .filter(|c| !c.node_free || rcsi_tests::cases::NEED_DATA.contains(&c.name))
         .collect();
     let mut args = libtest_mimic::Arguments::from_args();
     args.test_threads = Some(1);
@@ -1172,9 +1164,11 @@ fn main() -> std::process::ExitCode {
         volume_size: 64 << 20,
         ..Default::default()
     };
+    // Restored and cloned data is checked by an admin mount instead
+    // (restore_and_clone_keep_data).
     let cases = rcsi_tests::cases::all()
         .into_iter()
-        .filter(|c| !NEED_DATA.contains(&c.name))
+        .filter(|c| !rcsi_tests::cases::NEED_DATA.contains(&c.name))
         .collect();
     let b = Arc::new(b);
     let trial = |name: &str, f: TrialFn| {

@@ -138,15 +138,7 @@ fn in_node_vm() -> std::process::ExitCode {
         // the copies and growth are checked again through kernel mounts.
         rcsi_tests::cases::all()
             .into_iter()
-            .filter(|c| {
-                !c.node_free
-                    || [
-                        "restore_snapshot_keeps_data",
-                        "clone_volume_keeps_data",
-                        "expand_volume",
-                    ]
-                    .contains(&c.name)
-            })
+            .filter(|c| !c.node_free || rcsi_tests::cases::NEED_DATA.contains(&c.name))
             .collect(),
         vec![fixed, hung],
     )

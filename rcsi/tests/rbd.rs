@@ -19,13 +19,6 @@ use tonic::Code;
 /// Pools of the node profiles (the last for the kernel client in the VM).
 const NODE_POOLS: [&str; 4] = ["rbd-ext4", "rbd-xfs", "rbd-krbd", "rbd-nbd"];
 
-/// Cases that read or write volume data, which needs a node plugin.
-const NEED_DATA: &[&str] = &[
-    "restore_snapshot_keeps_data",
-    "clone_volume_keeps_data",
-    "expand_volume",
-];
-
 fn controller(b: &Backend, extra: &[&str]) -> Arc<CommandDriver> {
     let mut args: Vec<String> = [
         "controller",
@@ -1026,7 +1019,7 @@ fn in_node_vm() -> std::process::ExitCode {
         // The controller's own cases ran on the host already.
         rcsi_tests::cases::all()
             .into_iter()
-            .filter(|c| !c.node_free || NEED_DATA.contains(&c.name))
+            .filter(|c| !c.node_free || rcsi_tests::cases::NEED_DATA.contains(&c.name))
             .collect(),
         vec![heal],
     )
@@ -1053,7 +1046,7 @@ fn main() -> std::process::ExitCode {
     };
     let controller_cases = rcsi_tests::cases::all()
         .into_iter()
-        .filter(|c| !NEED_DATA.contains(&c.name))
+        .filter(|c| !rcsi_tests::cases::NEED_DATA.contains(&c.name))
         .collect();
     for pool in NODE_POOLS {
         let made = admin(&b, "ceph", &["osd", "pool", "create", pool, "8"])

@@ -43,6 +43,14 @@ const NODE_FREE: &[&str] = &[
     "controller_lookups_of_unknown_ids",
 ];
 
+/// Node-free cases that read or write volume data: a driver whose
+/// controller has no `host_data` runs them with a node plugin.
+pub const NEED_DATA: &[&str] = &[
+    "restore_snapshot_keeps_data",
+    "clone_volume_keeps_data",
+    "expand_volume",
+];
+
 /// Every case, in a stable order.
 pub fn all() -> Vec<Case> {
     use Needs::*;
