@@ -8,8 +8,11 @@
 //! - A failed append (ENOSPC, EIO) is cut back off the file before the next
 //!   batch; if that fails too, or an fsync fails (its pages cannot be trusted
 //!   to be retried), the journal refuses every later write with a clear error.
-//! - Space for appends is preallocated, so metadata can still be written
-//!   (a DeleteVolume that frees space) when volumes have filled the disk.
+//! - Space ahead of the last record is written with filler bytes, so an
+//!   append overwrites allocated blocks: its `fdatasync` flushes the data
+//!   without a filesystem journal commit (no size or extent change), and
+//!   metadata can still be written (a DeleteVolume that frees space) when
+//!   volumes have filled the disk. More is preallocated beyond that.
 //! - A change is applied to the in-memory state by the committer, after it is
 //!   durable and before the caller hears of it: a caller that goes away
 //!   midway cannot leave a durable change invisible.
@@ -24,6 +27,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, mpsc};
 use tokio::sync::oneshot;
@@ -44,8 +48,13 @@ const JOURNAL: &str = "journal.log";
 const MAGIC: &[u8; 8] = b"RCSIJNL1";
 /// Records after which the committer writes a fresh snapshot.
 const COMPACT_EVERY: usize = 4096;
-/// Bytes preallocated for appends beyond the end of the journal.
+/// Bytes preallocated for appends beyond the end of the journal file.
 const RESERVE: i64 = 4 << 20;
+/// Bytes written with [`FILL`] ahead of the last record, at a time.
+const AHEAD: u64 = 1 << 20;
+/// The filler byte: never the start of an intact record (its length would
+/// exceed [`MAX_RECORD`]), so replay, of any version, skips it.
+const FILL: u8 = 0xFF;
 /// Largest record accepted on replay.
 const MAX_RECORD: usize = 16 << 20;
 
@@ -86,7 +95,7 @@ impl<S: LogState> Log<S> {
         } else {
             Err(Error::Internal("nothing to compact".into()))
         };
-        let (journal, len) = match compacted {
+        let ((journal, filled), len) = match compacted {
             Ok(j) => (j, MAGIC.len() as u64),
             Err(e) if replayed.framed => {
                 if fold {
@@ -102,6 +111,7 @@ impl<S: LogState> Log<S> {
             dir: dir.to_path_buf(),
             journal,
             len,
+            filled,
             since_compact: 0,
             broken: None,
             state: state.clone(),
@@ -133,6 +143,8 @@ struct Committer<S: LogState> {
     journal: std::fs::File,
     /// Length of the journal up to its last durable record.
     len: u64,
+    /// End of the filler written ahead of `len` (the file's length).
+    filled: u64,
     since_compact: usize,
     /// Why the journal refuses writes, once it must.
     broken: Option<String>,
@@ -179,31 +191,36 @@ impl<S: LogState> Committer<S> {
             n += 1;
         }
         let path = self.dir.join(JOURNAL);
-        if let Err(e) = self.journal.write_all(&buf) {
+        let end = self.len + buf.len() as u64;
+        if end > self.filled {
+            // Past the filler: write more (one size change, committed
+            // here), or on failure append past the end as it is.
+            self.filled = fill_ahead(&self.journal, self.filled, end).unwrap_or(self.filled);
+        }
+        if let Err(e) = self.journal.write_all_at(&buf, self.len) {
             // Cut the torn bytes off so the next record starts clean.
-            let len = self.len;
             let cut = self
                 .journal
-                .set_len(len)
-                .and_then(|_| self.journal.sync_data())
-                .and_then(|_| {
-                    std::io::Seek::seek(&mut self.journal, std::io::SeekFrom::Start(len))
-                });
+                .set_len(self.len)
+                .and_then(|_| self.journal.sync_data());
             if let Err(c) = cut {
                 self.broken = Some(format!(
                     "an append to {} failed ({e}) and cutting it back failed too ({c})",
                     path.display()
                 ));
             }
+            self.filled = self.len;
             reserve(&self.journal, self.len);
             return Err(Error::io(format!("appending to {}", path.display()), e));
         }
         if let Err(e) = self.journal.sync_data() {
             let _ = self.journal.set_len(self.len);
+            self.filled = self.len;
             self.broken = Some(format!("fdatasync of {} failed ({e})", path.display()));
             return Err(Error::io(format!("fdatasync {}", path.display()), e));
         }
-        self.len += buf.len() as u64;
+        self.len = end;
+        self.filled = self.filled.max(end);
         self.since_compact += n;
         Ok(())
     }
@@ -213,8 +230,9 @@ impl<S: LogState> Committer<S> {
         let done = write_snapshot(&self.dir, &snapshot)
             .and_then(|()| fresh_journal(&self.dir.join(JOURNAL)));
         match done {
-            Ok(j) => {
+            Ok((j, filled)) => {
                 self.journal = j;
+                self.filled = filled;
                 self.len = MAGIC.len() as u64;
                 self.since_compact = 0;
             }
@@ -236,7 +254,10 @@ fn frame<C: Serialize>(buf: &mut Vec<u8>, change: &C) -> Result<()> {
 fn record_at(b: &[u8]) -> Option<(&[u8], usize)> {
     let len = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?);
-    let payload = b.get(8..8 + len).filter(|_| len <= MAX_RECORD)?;
+    // A payload is JSON, never empty: zeros are not a record.
+    let payload = b
+        .get(8..8 + len)
+        .filter(|_| (1..=MAX_RECORD).contains(&len))?;
     (crc32fast::hash(payload) == crc).then_some((payload, 8 + len))
 }
 
@@ -268,10 +289,13 @@ fn replay<C: DeserializeOwned>(path: &Path) -> Result<Replayed<C>> {
             good_end: 0,
         });
     }
+    // The filler ahead of the last record ends the journal; a record never
+    // ends with it (JSON ends with `}`).
+    let data_end = bytes.len() - bytes.iter().rev().take_while(|&&b| b == FILL).count();
     let mut out = Vec::new();
     let mut pos = MAGIC.len();
     let mut good_end = pos;
-    while pos < bytes.len() {
+    while pos < data_end {
         match record_at(&bytes[pos..]) {
             Some((payload, n)) => {
                 let c = serde_json::from_slice(payload).map_err(|e| {
@@ -285,8 +309,8 @@ fn replay<C: DeserializeOwned>(path: &Path) -> Result<Replayed<C>> {
                 good_end = pos;
             }
             None => {
-                let next = (pos + 1..bytes.len()).find(|&p| record_at(&bytes[p..]).is_some());
-                let end = next.unwrap_or(bytes.len());
+                let next = (pos + 1..data_end).find(|&p| record_at(&bytes[p..]).is_some());
+                let end = next.unwrap_or(data_end);
                 warn!(
                     path = %path.display(),
                     offset = pos,
@@ -335,8 +359,9 @@ fn write_snapshot<S: Serialize>(dir: &Path, state: &S) -> Result<()> {
     atomic_write(&dir.join(SNAPSHOT), &bytes)
 }
 
-/// Replaces the journal with an empty framed one, durably, with space reserved.
-fn fresh_journal(path: &Path) -> Result<std::fs::File> {
+/// Replaces the journal with an empty framed one, durably, with filler
+/// written ahead and space reserved; returns it and the filler's end.
+fn fresh_journal(path: &Path) -> Result<(std::fs::File, u64)> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -349,12 +374,14 @@ fn fresh_journal(path: &Path) -> Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         crate::fsutil::fsync_dir(dir).ctx(|| format!("fsync {}", dir.display()))?;
     }
-    reserve(&f, MAGIC.len() as u64);
-    Ok(f)
+    let len = MAGIC.len() as u64;
+    let filled = fill_ahead(&f, len, len).unwrap_or(len);
+    Ok((f, filled))
 }
 
-/// Opens a framed journal for appending after its last intact record.
-fn append_at(path: &Path, good_end: u64) -> Result<std::fs::File> {
+/// Opens a framed journal for appending after its last intact record;
+/// returns it and the filler's end.
+fn append_at(path: &Path, good_end: u64) -> Result<(std::fs::File, u64)> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -362,11 +389,29 @@ fn append_at(path: &Path, good_end: u64) -> Result<std::fs::File> {
     f.set_len(good_end)
         .and_then(|_| f.sync_all())
         .ctx(|| format!("cutting the torn tail off {}", path.display()))?;
-    let mut f = f;
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(good_end))
-        .ctx(|| format!("seeking in {}", path.display()))?;
-    reserve(&f, good_end);
-    Ok(f)
+    let filled = fill_ahead(&f, good_end, good_end).unwrap_or(good_end);
+    Ok((f, filled))
+}
+
+/// Writes [`FILL`] from `from` (the file's end) to [`AHEAD`] bytes past
+/// `need`, durably, and reserves space beyond; returns the new end. Best
+/// effort: on failure (a full disk) appends extend the file instead.
+fn fill_ahead(f: &std::fs::File, from: u64, need: u64) -> std::io::Result<u64> {
+    let to = (need + AHEAD).next_multiple_of(4096);
+    let chunk = vec![FILL; 64 << 10];
+    let mut at = from;
+    let written = (|| {
+        while at < to {
+            let n = chunk.len().min((to - at) as usize);
+            f.write_all_at(&chunk[..n], at)?;
+            at += n as u64;
+        }
+        f.sync_data()
+    })();
+    reserve(f, to);
+    written.map(|()| to).inspect_err(|e| {
+        tracing::debug!(error = %e, "cannot write filler ahead of the journal");
+    })
 }
 
 /// Preallocates space past `len` for appends (best effort: not every
@@ -581,8 +626,56 @@ mod tests {
             .collect();
         assert_eq!(names, ["b", "c"]);
         assert_eq!(j.lookup_id("4").await.unwrap().unwrap().name, "c");
-        // Compacted on open: the journal holds only the header now.
-        assert_eq!(std::fs::read(&p).unwrap(), MAGIC);
+        // Compacted on open: the journal holds only the header and filler.
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(bytes.starts_with(MAGIC));
+        assert!(bytes[MAGIC.len()..].iter().all(|&b| b == FILL));
+    }
+
+    #[tokio::test]
+    async fn appends_overwrite_filler_and_replay_stops_at_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(JOURNAL);
+        let j = FileJournal::open(d.path()).unwrap();
+        let filled = std::fs::metadata(&p).unwrap().len();
+        assert!(filled >= AHEAD, "filler written ahead: {filled} bytes");
+        for i in 0..100 {
+            j.reserve(res(&format!("n{i}"), &i.to_string()))
+                .await
+                .unwrap();
+        }
+        // The records went into the filler: no size change to flush.
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), filled);
+        drop(j);
+        let replayed = replay::<ReservationChange>(&p).unwrap();
+        assert_eq!(replayed.changes.len(), 100);
+        // A torn record inside the filler (a crash mid-write) is skipped.
+        let mut torn = Vec::new();
+        frame(&mut torn, &ReservationChange::Put(res("torn", "x"))).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&torn[..torn.len() - 2], replayed.good_end)
+            .unwrap();
+        drop(f);
+        let j = FileJournal::open(d.path()).unwrap();
+        assert_eq!(j.list().await.unwrap().len(), 100);
+        assert!(j.lookup("torn").await.unwrap().is_none());
+        j.reserve(res("after", "y")).await.unwrap();
+        drop(j);
+        let j = FileJournal::open(d.path()).unwrap();
+        assert_eq!(j.list().await.unwrap().len(), 101);
+    }
+
+    #[test]
+    fn zeros_after_the_last_record_are_not_a_record() {
+        // What a filesystem shows past the last write after some crashes.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(JOURNAL);
+        let mut bytes = MAGIC.to_vec();
+        frame(&mut bytes, &ReservationChange::Put(res("a", "1"))).unwrap();
+        bytes.extend_from_slice(&[0; 4096]);
+        std::fs::write(&p, &bytes).unwrap();
+        let replayed = replay::<ReservationChange>(&p).unwrap();
+        assert_eq!(replayed.changes.len(), 1);
     }
 
     #[test]

@@ -14,7 +14,6 @@ use csi_core::types::{
 };
 use csi_core::{Error, IoContext, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,6 +32,11 @@ fn min_size(backing: &Backing) -> u64 {
 struct Params {
     file: bool,
     mode: u32,
+}
+
+/// The directory mode a volume was created with (from its parameters).
+pub(crate) fn mode_of(parameters: &BTreeMap<String, String>) -> u32 {
+    parse_params(parameters).map_or(0o777, |p| p.mode)
 }
 
 /// Parses StorageClass parameters, skipping Kubernetes' own `csi.storage.k8s.io/*` keys.
@@ -282,33 +286,23 @@ impl LocalPath {
                 backing.describe()
             )));
         }
-        let (t, quotas) = (tmp.to_path_buf(), self.quotas.clone());
-        if backing.is_image() {
-            if let Some((from, _)) = source {
+        let (t, quotas, b) = (tmp.to_path_buf(), self.quotas.clone(), backing.clone());
+        match source {
+            Some((from, _)) if backing.is_image() => {
                 self.copy_data(&from, tmp, true).await?;
-                return self
-                    .fs("growing a copied image", move || grow_file(&t, size))
-                    .await;
+                self.fs("growing a copied image", move || grow_file(&t, size))
+                    .await
             }
-            self.fs("creating an image file", move || {
-                let f = std::fs::File::create(&t).ctx(|| format!("creating {}", t.display()))?;
-                f.set_len(size).ctx(|| format!("sizing {}", t.display()))
-            })
-            .await
-        } else {
-            self.fs("creating a volume directory", move || {
-                std::fs::create_dir(&t).ctx(|| format!("creating {}", t.display()))?;
-                std::fs::set_permissions(&t, std::fs::Permissions::from_mode(mode))
-                    .ctx(|| format!("chmod {}", t.display()))?;
-                match (quotas, project) {
-                    (Some(q), Some(p)) => q.assign(&t, p, size),
-                    _ => Ok(()),
+            source => {
+                // An empty image, or the directory a copy goes into.
+                self.fs("creating a volume", move || {
+                    super::make_empty(&t, &b, size, mode, quotas.as_ref().zip(project))
+                })
+                .await?;
+                match source {
+                    Some((from, _)) => self.copy_data(&from, tmp, false).await,
+                    None => Ok(()),
                 }
-            })
-            .await?;
-            match source {
-                Some((from, _)) => self.copy_data(&from, tmp, false).await,
-                None => Ok(()),
             }
         }
     }
@@ -324,7 +318,7 @@ fn used_bytes(path: &Path, v: &VolumeMeta, quotas: Option<&Quotas>) -> Option<u6
     quotas?.usage(v.project_id?).ok().map(|(bytes, _)| bytes)
 }
 
-fn grow_file(p: &std::path::Path, size: u64) -> Result<()> {
+pub(crate) fn grow_file(p: &std::path::Path, size: u64) -> Result<()> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(p)
@@ -518,6 +512,7 @@ impl ControllerBackend for LocalPath {
             .await?;
         self.remove(&trash).await?;
         self.release_project(v.project_id).await;
+        self.settle_deletions().await;
         Ok(())
     }
 
@@ -662,7 +657,9 @@ impl ControllerBackend for LocalPath {
         let path = self.snapshot_path(&s);
         self.commit(Change::DeleteSnapshot { id: s.id.clone() })
             .await?;
-        self.remove(&path).await
+        self.remove(&path).await?;
+        self.settle_deletions().await;
+        Ok(())
     }
 
     async fn list_snapshots(&self, filter: &SnapshotFilter) -> Result<Vec<csi::Snapshot>> {

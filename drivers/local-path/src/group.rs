@@ -197,6 +197,7 @@ impl GroupControllerBackend for LocalPath {
         for p in paths {
             self.remove(&p).await?;
         }
+        self.settle_deletions().await;
         Ok(())
     }
 

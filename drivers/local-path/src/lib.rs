@@ -85,6 +85,9 @@ pub struct LocalPath {
     /// Project quotas, when the base filesystem enforces them.
     quotas: Option<quota::Quotas>,
     next_project: std::sync::atomic::AtomicU32,
+    /// Held while tombstones are being settled; holds the count that
+    /// starts the next settling (past those whose data is still there).
+    settling: tokio::sync::Mutex<usize>,
 }
 
 /// Bound of copies and removals of a volume's data.
@@ -93,6 +96,9 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the sum of promised space may be reused.
 pub(crate) const PROMISED_TTL: Duration = Duration::from_secs(5);
+
+/// Tombstones after which a deletion settles them.
+const SETTLE_EVERY: usize = 256;
 
 /// First project id handed to a volume; lower ids are left to the operator.
 const FIRST_PROJECT: u32 = 1 << 20;
@@ -129,6 +135,7 @@ impl LocalPath {
             base_fs,
             quotas,
             next_project: std::sync::atomic::AtomicU32::new(next_project),
+            settling: tokio::sync::Mutex::new(SETTLE_EVERY),
         };
         driver.recover()?;
         let volumes = driver.index().state.volumes.len();
@@ -223,6 +230,50 @@ impl LocalPath {
         .await
     }
 
+    /// Drops the tombstones (every [`SETTLE_EVERY`] deletions) of deletions
+    /// whose data is gone, after making that removal durable. A failure is
+    /// logged: the tombstones stay and a later deletion tries again.
+    async fn settle_deletions(&self) {
+        let Ok(mut settle_at) = self.settling.try_lock() else {
+            return;
+        };
+        let ids: Vec<String> = {
+            let idx = self.index();
+            if idx.state.deleted.len() < *settle_at {
+                return;
+            }
+            idx.state.deleted.iter().cloned().collect()
+        };
+        let total = ids.len();
+        let dirs = [self.volumes_dir(), self.snapshots_dir()];
+        let settled = self
+            .fs("settling deletions", move || {
+                let gone = |id: &String| {
+                    dirs.iter().all(|d| {
+                        [d.join(id), d.join(format!("{id}.img"))]
+                            .iter()
+                            .all(|p| p.symlink_metadata().is_err())
+                    })
+                };
+                let ids: Vec<String> = ids.into_iter().filter(gone).collect();
+                for d in &dirs {
+                    csi_core::fsutil::fsync_dir(d).ctx(|| format!("fsync {}", d.display()))?;
+                }
+                Ok(ids)
+            })
+            .await;
+        let done = match settled {
+            Ok(ids) => {
+                *settle_at = total - ids.len() + SETTLE_EVERY;
+                self.commit(Change::Settled { ids }).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            warn!(error = %e, "could not settle deletions; will retry");
+        }
+    }
+
     /// Cleans up after a crash: creations and deletions that committed are
     /// finished, those that did not are undone.
     fn recover(&self) -> Result<()> {
@@ -264,16 +315,42 @@ impl LocalPath {
                     }
                 } else {
                     let id = name.trim_end_matches(".img");
-                    if !known.iter().any(|k| k == id) {
+                    if known.iter().any(|k| k == id) {
+                        continue;
+                    }
+                    if idx.state.deleted.contains(id) {
+                        info!(path = %path.display(), "finishing a committed deletion");
+                        remove_any(&path)?;
+                    } else {
                         warn!(path = %path.display(), "data without metadata; leaving it for the operator");
                     }
                 }
             }
         }
+        // The journal's flush does not flush other metadata, so a crash can
+        // keep a record whose directory entry, size or quota limit was not
+        // yet on disk: redo those (copied data was flushed before its record).
         for v in idx.state.volumes.values() {
             let p = self.volume_path(&v.id, &v.backing);
-            if !p.exists() {
-                warn!(volume = %v.id, path = %p.display(), "volume data is missing");
+            let quota = self.quotas.as_ref().zip(v.project_id);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if v.backing.is_image() && m.len() < v.capacity => {
+                    info!(volume = %v.id, "finishing a committed expansion");
+                    controller::grow_file(&p, v.capacity)?;
+                }
+                Ok(_) => {
+                    if let Some((q, project)) = quota
+                        && let Err(e) = q.set_limit(project, v.capacity)
+                    {
+                        warn!(volume = %v.id, error = %e, "could not restore a quota limit");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && v.source.is_none() => {
+                    warn!(volume = %v.id, path = %p.display(), "recreating an empty volume whose creation had not reached the disk");
+                    let mode = controller::mode_of(&v.parameters);
+                    make_empty(&p, &v.backing, v.capacity, mode, quota)?;
+                }
+                Err(_) => warn!(volume = %v.id, path = %p.display(), "volume data is missing"),
             }
         }
         Ok(())
@@ -336,11 +413,36 @@ impl LocalPath {
                 ],
             )
         };
-        self.host
-            .exec
-            .run(&cmd.timeout(COPY_TIMEOUT))
-            .await
-            .map(drop)
+        self.host.exec.run(&cmd.timeout(COPY_TIMEOUT)).await?;
+        // The copy must be on disk before the record that points at it.
+        let to = to.to_path_buf();
+        csi_core::fsutil::blocking("flushing copied data", COPY_TIMEOUT, move || {
+            csi_core::fsutil::syncfs(&to)
+        })
+        .await
+    }
+}
+
+/// Creates an empty volume's data at `path`: a directory with `mode` (under
+/// `quota`'s project and limit when given) or a sparse image of `size` bytes.
+fn make_empty(
+    path: &Path,
+    backing: &Backing,
+    size: u64,
+    mode: u32,
+    quota: Option<(&quota::Quotas, u32)>,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if backing.is_image() {
+        let f = std::fs::File::create(path).ctx(|| format!("creating {}", path.display()))?;
+        return f.set_len(size).ctx(|| format!("sizing {}", path.display()));
+    }
+    std::fs::create_dir(path).ctx(|| format!("creating {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .ctx(|| format!("chmod {}", path.display()))?;
+    match quota {
+        Some((q, project)) => q.assign(path, project, size),
+        None => Ok(()),
     }
 }
 

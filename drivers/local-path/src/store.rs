@@ -4,7 +4,7 @@
 use crate::meta::{GroupMeta, SnapshotMeta, VolumeMeta};
 use csi_core::journal::LogState;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// One metadata change.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,6 +36,11 @@ pub enum Change {
         /// Group snapshot id.
         id: String,
     },
+    /// Drop the tombstones of deletions whose removal is on disk.
+    Settled {
+        /// Volume and snapshot ids.
+        ids: Vec<String>,
+    },
 }
 
 /// Everything the driver persists (the snapshot file's format).
@@ -48,6 +53,10 @@ pub struct State {
     /// Group snapshots by id.
     #[serde(default)]
     pub groups: BTreeMap<String, GroupMeta>,
+    /// Ids of deleted volumes and snapshots whose removal may not be on disk
+    /// yet: start-up recovery removes data left under them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub deleted: BTreeSet<String>,
 }
 
 /// [`State`] plus lookups by name, kept in step by [`LogState::apply`].
@@ -108,6 +117,7 @@ impl LogState for Index {
             Change::DeleteVolume { id } => {
                 if let Some(v) = self.state.volumes.remove(&id) {
                     self.volume_by_name.remove(&v.name);
+                    self.state.deleted.insert(id);
                 }
             }
             Change::PutSnapshot(s) => {
@@ -117,6 +127,7 @@ impl LogState for Index {
             Change::DeleteSnapshot { id } => {
                 if let Some(s) = self.state.snapshots.remove(&id) {
                     self.snapshot_by_name.remove(&s.name);
+                    self.state.deleted.insert(id);
                 }
             }
             Change::PutGroup { group, snapshots } => {
@@ -133,6 +144,11 @@ impl LogState for Index {
                     for s in g.snapshot_ids {
                         self.apply(Change::DeleteSnapshot { id: s });
                     }
+                }
+            }
+            Change::Settled { ids } => {
+                for id in ids {
+                    self.state.deleted.remove(&id);
                 }
             }
         }
@@ -166,6 +182,7 @@ mod tests {
             volumes: [("a".to_owned(), vol("a"))].into(),
             snapshots: BTreeMap::new(),
             groups: BTreeMap::new(),
+            deleted: BTreeSet::new(),
         };
         std::fs::write(
             d.path().join("state.json"),

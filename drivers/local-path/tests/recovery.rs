@@ -4,6 +4,7 @@ use csi_core::backend::ControllerBackend;
 use csi_core::csi::{self, volume_capability as vc};
 use csi_core::exec::SystemExec;
 use csi_core::types::CreateVolume;
+use rcsi_local_path::store::Index;
 use rcsi_local_path::{Config, Host, LocalPath};
 use std::path::Path;
 use std::sync::Arc;
@@ -33,14 +34,33 @@ fn open(base: &Path) -> LocalPath {
 }
 
 async fn create(d: &LocalPath, name: &str) -> String {
+    create_with(
+        d,
+        name,
+        &[],
+        vc::AccessType::Mount(vc::MountVolume::default()),
+    )
+    .await
+}
+
+async fn create_with(
+    d: &LocalPath,
+    name: &str,
+    params: &[(&str, &str)],
+    access: vc::AccessType,
+) -> String {
     let req = csi::CreateVolumeRequest {
         name: name.into(),
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         capacity_range: Some(csi::CapacityRange {
             required_bytes: 1 << 20,
             limit_bytes: 0,
         }),
         volume_capabilities: vec![csi::VolumeCapability {
-            access_type: Some(vc::AccessType::Mount(vc::MountVolume::default())),
+            access_type: Some(access),
             access_mode: Some(vc::AccessMode {
                 mode: vc::access_mode::Mode::SingleNodeWriter as i32,
             }),
@@ -121,4 +141,83 @@ async fn a_committed_snapshot_whose_rename_failed_is_settled_by_the_retry() {
         .unwrap();
     assert_eq!(again.snapshot_id, s.snapshot_id);
     assert_eq!(std::fs::read(data.join("data")).unwrap(), b"snap me");
+}
+
+/// Tombstones in the persisted metadata.
+fn tombstones(base: &Path) -> usize {
+    let log = csi_core::journal::Log::<Index>::open(&base.join(".rcsi")).unwrap();
+    log.read().state.deleted.len()
+}
+
+// The journal's flush makes only its own record durable, so a crash can keep
+// a record whose directory entry, image size or trash rename was not yet on
+// disk: recovery redoes each.
+#[tokio::test]
+async fn committed_changes_whose_metadata_was_lost_are_redone() {
+    use csi_core::types::Secrets;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let vols = base.join("volumes");
+    let (a, img, gone) = {
+        let d = open(&base);
+        let a = create_with(
+            &d,
+            "a",
+            &[("mode", "0750")],
+            vc::AccessType::Mount(vc::MountVolume::default()),
+        )
+        .await;
+        let img = create_with(
+            &d,
+            "img",
+            &[("backing", "file")],
+            vc::AccessType::Block(vc::BlockVolume::default()),
+        )
+        .await;
+        let gone = create(&d, "gone").await;
+        d.delete_volume(&gone, &Secrets::default()).await.unwrap();
+        (a, img, gone)
+    };
+    // a's mkdir, img's size and gone's move to trash were lost.
+    std::fs::remove_dir(vols.join(&a)).unwrap();
+    let image = vols.join(format!("{img}.img"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    std::fs::create_dir(vols.join(&gone)).unwrap();
+    std::fs::write(vols.join(&gone).join("old"), b"deleted data").unwrap();
+    assert_eq!(tombstones(&base), 1);
+
+    let d = open(&base);
+    let m = std::fs::metadata(vols.join(&a)).unwrap();
+    assert!(m.is_dir());
+    assert_eq!(m.permissions().mode() & 0o7777, 0o750);
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 1 << 20);
+    assert!(
+        !vols.join(&gone).exists(),
+        "a committed deletion is finished"
+    );
+    assert_eq!(d.list_volumes().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn tombstones_are_dropped_once_removals_are_durable() {
+    use csi_core::types::Secrets;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    async fn churn(base: &Path, names: std::ops::Range<usize>) {
+        let d = open(base);
+        for i in names {
+            let id = create(&d, &format!("v{i}")).await;
+            d.delete_volume(&id, &Secrets::default()).await.unwrap();
+        }
+    }
+    churn(&base, 0..255).await;
+    assert_eq!(tombstones(&base), 255);
+    churn(&base, 255..256).await;
+    assert_eq!(tombstones(&base), 0, "the 256th deletion settles them");
 }
