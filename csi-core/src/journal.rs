@@ -131,11 +131,33 @@ impl<S: LogState> Log<S> {
     /// Makes `change` durable and applies it; returns once both are done.
     /// Dropping the future after sending does not undo or hide the change.
     pub async fn commit(&self, change: S::Change) -> Result<()> {
-        let (done, wait) = oneshot::channel();
-        let stopped = || Error::Internal("the metadata journal has stopped".into());
-        self.tx.send((change, done)).map_err(|_| stopped())?;
-        wait.await.map_err(|_| stopped())?
+        self.send(change)?.await.map_err(|_| stopped())?
     }
+
+    /// [`Log::commit`] for a thread that may block (not an async task), so
+    /// filesystem work and its record can share one trip off the runtime.
+    pub fn commit_blocking(&self, change: S::Change) -> Result<()> {
+        self.send(change)?.blocking_recv().map_err(|_| stopped())?
+    }
+
+    fn send(&self, change: S::Change) -> Result<oneshot::Receiver<Result<()>>> {
+        let (done, wait) = oneshot::channel();
+        self.tx.send((change, done)).map_err(|_| stopped())?;
+        Ok(wait)
+    }
+}
+
+impl<S: LogState> Clone for Log<S> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::Internal("the metadata journal has stopped".into())
 }
 
 struct Committer<S: LogState> {

@@ -233,39 +233,76 @@ impl SystemMounter {
     }
 }
 
-/// The mount table, parsed again only when it changed: poll() on an open
-/// mountinfo reports POLLPRI once after any mount or unmount in the namespace
-/// (propagated ones included), so an unchanged table costs one syscall.
+/// The parsed mount table, its open mountinfo, and whether a poll has seen a
+/// change not yet read.
+struct MountCache {
+    file: std::fs::File,
+    mounts: Vec<MountInfo>,
+    stale: bool,
+}
+
+static MOUNTS: std::sync::Mutex<Option<MountCache>> = std::sync::Mutex::new(None);
+
+/// Whether the table changed since it was read: poll() on an open
+/// mountinfo reports POLLPRI once after any mount or unmount in the
+/// namespace (propagated ones included). It never blocks or touches a
+/// mounted filesystem.
+fn table_changed(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        file.as_fd(),
+        nix::poll::PollFlags::POLLPRI,
+    )];
+    Ok(nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO)? > 0)
+}
+
+/// The cached table if it is known unchanged, found without blocking (so
+/// on the async runtime, with no trip to the blocking pool).
+fn unchanged_mounts() -> Option<Vec<MountInfo>> {
+    let mut cache = MOUNTS.try_lock().ok()?;
+    let c = cache.as_mut().filter(|c| !c.stale)?;
+    match table_changed(&c.file) {
+        Ok(false) => Some(c.mounts.clone()),
+        _ => {
+            c.stale = true;
+            None
+        }
+    }
+}
+
+/// The mount table, parsed again only when it changed, so an unchanged
+/// table costs one syscall.
 fn read_mounts() -> Result<Vec<MountInfo>> {
     use std::io::{Read, Seek};
-    use std::os::fd::AsFd;
-    static CACHE: std::sync::Mutex<Option<(std::fs::File, Vec<MountInfo>)>> =
-        std::sync::Mutex::new(None);
     let io = |e| Error::io("reading /proc/self/mountinfo", e);
-    let mut cache = CACHE
+    let mut cache = MOUNTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some((file, mounts)) = cache.as_mut() {
-        let mut fds = [nix::poll::PollFd::new(
-            file.as_fd(),
-            nix::poll::PollFlags::POLLPRI,
-        )];
-        let changed =
-            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_err(|e| io(e.into()))? > 0;
-        if !changed {
+    if let Some(MountCache {
+        file,
+        mounts,
+        stale,
+    }) = cache.as_mut()
+    {
+        if !*stale && !table_changed(file).map_err(io)? {
             return Ok(mounts.clone());
         }
         let mut text = String::new();
         file.rewind().map_err(io)?;
         file.read_to_string(&mut text).map_err(io)?;
         *mounts = parse_mountinfo(&text);
+        *stale = false;
         return Ok(mounts.clone());
     }
     let mut file = std::fs::File::open("/proc/self/mountinfo").map_err(io)?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(io)?;
     let mounts = parse_mountinfo(&text);
-    *cache = Some((file, mounts.clone()));
+    *cache = Some(MountCache {
+        file,
+        mounts: mounts.clone(),
+        stale: false,
+    });
     Ok(mounts)
 }
 
@@ -391,6 +428,9 @@ impl Mounter for SystemMounter {
     }
 
     async fn mounts(&self) -> Result<Vec<MountInfo>> {
+        if let Some(m) = unchanged_mounts() {
+            return Ok(m);
+        }
         self.blocking("reading mountinfo".into(), read_mounts).await
     }
 }

@@ -4,8 +4,8 @@ use crate::meta::{Backing, SnapshotMeta, SourceMeta, VolumeMeta};
 use crate::quota::Quotas;
 use crate::store::Change;
 use crate::{
-    DEFAULT_SIZE, LocalPath, LocalPathError, PROMISED_TTL, TOPOLOGY_KEY, is_our_id, new_id, now,
-    tmp_name,
+    COPY_TIMEOUT, DEFAULT_SIZE, LocalPath, LocalPathError, PROMISED_TTL, TOPOLOGY_KEY, is_our_id,
+    new_id, now, remove_any, tmp_name,
 };
 use csi_core::backend::{Capacity, ControllerBackend, ControllerRpc, SnapshotFilter, VolumeStatus};
 use csi_core::csi;
@@ -16,6 +16,7 @@ use csi_core::{Error, IoContext, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use tracing::warn;
 
 /// Smallest image that mkfs accepts, per filesystem.
 fn min_size(backing: &Backing) -> u64 {
@@ -178,11 +179,13 @@ impl LocalPath {
         }
     }
 
-    /// Bytes still free for new volumes: statvfs minus the reserve minus the
-    /// unwritten part of every size-enforced volume (those are promised in
-    /// full). That sum costs a stat or quotactl per volume, so it is cached
-    /// until a change or for [`PROMISED_TTL`]; one trip off the runtime does both.
-    pub(crate) async fn available(&self) -> Result<u64> {
+    /// Work that measures the bytes still free for new volumes: statvfs
+    /// minus the reserve minus the unwritten part of every size-enforced
+    /// volume (those are promised in full). It returns them and, when it
+    /// summed the promised bytes afresh, that sum: it costs a stat or
+    /// quotactl per volume, so it is cached until a change or for
+    /// [`PROMISED_TTL`] (see [`LocalPath::remember_promised`]).
+    pub(crate) fn room(&self) -> impl FnOnce() -> Result<(u64, Option<u64>)> + Send + 'static {
         let cached = *self.promised.lock().unwrap_or_else(|e| e.into_inner());
         let enforced: Option<Vec<(PathBuf, VolumeMeta)>> = match cached {
             Some((at, _)) if at.elapsed() < PROMISED_TTL => None,
@@ -196,34 +199,110 @@ impl LocalPath {
                     .collect(),
             ),
         };
-        let (base, quotas) = (self.cfg.base_path.clone(), self.quotas.clone());
-        let (st, fresh) = self
-            .fs("measuring free space", move || {
-                let st = csi_core::fsutil::statvfs(&base)?;
-                let fresh = enforced.map(|vols| {
-                    vols.iter()
-                        .map(|(p, v)| {
-                            let used = used_bytes(p, v, quotas.as_ref()).unwrap_or(0);
-                            v.capacity.saturating_sub(used)
-                        })
-                        .sum::<u64>()
-                });
-                Ok((st, fresh))
-            })
-            .await?;
-        let promised = match (fresh, cached) {
-            (Some(sum), _) => {
-                *self.promised.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Instant::now(), sum));
-                sum
-            }
-            (None, Some((_, sum))) => sum,
-            (None, None) => 0,
+        let (base, quotas, reserved) = (
+            self.cfg.base_path.clone(),
+            self.quotas.clone(),
+            self.cfg.reserved_bytes,
+        );
+        move || {
+            let st = csi_core::fsutil::statvfs(&base)?;
+            let fresh = enforced.map(|vols| {
+                vols.iter()
+                    .map(|(p, v)| {
+                        let used = used_bytes(p, v, quotas.as_ref()).unwrap_or(0);
+                        v.capacity.saturating_sub(used)
+                    })
+                    .sum::<u64>()
+            });
+            let promised = fresh.or(cached.map(|(_, sum)| sum)).unwrap_or(0);
+            let free = st
+                .available_bytes
+                .saturating_sub(reserved)
+                .saturating_sub(promised);
+            Ok((free, fresh))
+        }
+    }
+
+    /// Caches a sum of promised bytes that [`LocalPath::room`] made.
+    fn remember_promised(&self, fresh: Option<u64>) {
+        if let Some(sum) = fresh {
+            *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), sum));
+        }
+    }
+
+    /// Bytes still free for new volumes (see [`LocalPath::room`]).
+    pub(crate) async fn available(&self) -> Result<u64> {
+        let (free, fresh) = self.fs("measuring free space", self.room()).await?;
+        self.remember_promised(fresh);
+        Ok(free)
+    }
+
+    /// Creates a volume without a source in one trip off the runtime: the
+    /// room check, its data under a temporary name, its record, and the
+    /// rename into place.
+    async fn create_empty(
+        &self,
+        req: &CreateVolume,
+        backing: &Backing,
+        size: u64,
+        mode: u32,
+    ) -> Result<csi::Volume> {
+        let id = new_id("lv-");
+        let final_path = self.volume_path(&id, backing);
+        let tmp = tmp_name(&final_path);
+        let project = (*backing == Backing::Directory && self.quotas.is_some()).then(|| {
+            self.next_project
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        });
+        let meta = VolumeMeta {
+            id,
+            name: req.name.clone(),
+            capacity: size,
+            backing: backing.clone(),
+            parameters: req.parameters.clone(),
+            source: None,
+            created_unix: now().0,
+            project_id: project,
         };
-        Ok(st
-            .available_bytes
-            .saturating_sub(self.cfg.reserved_bytes)
-            .saturating_sub(promised))
+        let (room, log, quotas, node) = (
+            self.room(),
+            self.log.clone(),
+            self.quotas.clone(),
+            self.cfg.node_id.clone(),
+        );
+        let record = meta.clone();
+        let done = self
+            .fs("creating a volume", move || {
+                let (free, fresh) = room()?;
+                if size > free {
+                    return Err(Error::ResourceExhausted(format!(
+                        "{size} bytes requested but only {free} bytes are available on node {node}"
+                    )));
+                }
+                let quota = quotas.as_ref().zip(project);
+                let made = super::make_empty(&tmp, &record.backing, size, mode, quota)
+                    .and_then(|()| log.commit_blocking(Change::PutVolume(record)));
+                if let Err(e) = made {
+                    if let Err(c) = remove_any(&tmp) {
+                        warn!(path = %tmp.display(), error = %c, "cleanup failed; start-up recovery will retry");
+                    }
+                    if let Some((q, p)) = quota
+                        && let Err(c) = q.set_limit(p, 0)
+                    {
+                        warn!(project = p, error = %c, "could not clear a project quota");
+                    }
+                    return Err(e);
+                }
+                // The commit is the point of no return: a failed rename is
+                // finished by a retry or by start-up recovery.
+                std::fs::rename(&tmp, &final_path)
+                    .ctx(|| format!("renaming {}", tmp.display()))?;
+                Ok(fresh)
+            })
+            .await;
+        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        done?;
+        Ok(self.to_proto(&meta))
     }
 
     /// Drops the quota limit of a project that no longer has a volume.
@@ -265,9 +344,8 @@ impl LocalPath {
         }
     }
 
-    /// Fills `tmp` with a new volume's data: an empty directory (under its own
-    /// project quota when enforced) or a sparse image, copied from `source`
-    /// when given.
+    /// Fills `tmp` with a copy of `source` (a directory under its own project
+    /// quota when enforced, or an image grown to `size`).
     async fn populate(
         &self,
         tmp: &std::path::Path,
@@ -275,11 +353,9 @@ impl LocalPath {
         size: u64,
         mode: u32,
         project: Option<u32>,
-        source: Option<(std::path::PathBuf, Backing)>,
+        (from, src_backing): (std::path::PathBuf, Backing),
     ) -> Result<()> {
-        if let Some((_, src_backing)) = &source
-            && src_backing != backing
-        {
+        if src_backing != *backing {
             return Err(Error::InvalidArgument(format!(
                 "the source is {} but the new volume would be {}",
                 src_backing.describe(),
@@ -287,24 +363,17 @@ impl LocalPath {
             )));
         }
         let (t, quotas, b) = (tmp.to_path_buf(), self.quotas.clone(), backing.clone());
-        match source {
-            Some((from, _)) if backing.is_image() => {
-                self.copy_data(&from, tmp, true).await?;
-                self.fs("growing a copied image", move || grow_file(&t, size))
-                    .await
-            }
-            source => {
-                // An empty image, or the directory a copy goes into.
-                self.fs("creating a volume", move || {
-                    super::make_empty(&t, &b, size, mode, quotas.as_ref().zip(project))
-                })
-                .await?;
-                match source {
-                    Some((from, _)) => self.copy_data(&from, tmp, false).await,
-                    None => Ok(()),
-                }
-            }
+        if backing.is_image() {
+            self.copy_data(&from, tmp, true).await?;
+            return self
+                .fs("growing a copied image", move || grow_file(&t, size))
+                .await;
         }
+        self.fs("creating a volume directory", move || {
+            super::make_empty(&t, &b, size, mode, quotas.as_ref().zip(project))
+        })
+        .await?;
+        self.copy_data(&from, tmp, false).await
     }
 }
 
@@ -414,6 +483,9 @@ impl ControllerBackend for LocalPath {
                 self.cfg.node_id, self.cfg.max_volumes
             )));
         }
+        let Some(source) = source else {
+            return self.create_empty(&req, &backing, size, params.mode).await;
+        };
         let available = self.available().await?;
         if size > available {
             return Err(Error::ResourceExhausted(format!(
@@ -436,7 +508,7 @@ impl ControllerBackend for LocalPath {
                 size,
                 params.mode,
                 project,
-                source.map(|s| (s.0, s.1)),
+                (source.0, source.1),
             )
             .await?;
             let (secs, _) = now();
@@ -499,19 +571,30 @@ impl ControllerBackend for LocalPath {
             ".trash-{}",
             path.file_name().unwrap_or_default().to_string_lossy()
         ));
-        let (p, t) = (path.clone(), trash.clone());
-        self.fs("moving a volume to trash", move || {
-            match std::fs::rename(&p, &t) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::io(format!("moving {} to trash", p.display()), e)),
+        // One trip off the runtime: to trash, the record, the removal.
+        let (log, id, quota) = (
+            self.log.clone(),
+            v.id.clone(),
+            self.quotas.clone().zip(v.project_id),
+        );
+        let done = csi_core::fsutil::blocking("deleting a volume", COPY_TIMEOUT, move || {
+            match std::fs::rename(&path, &trash) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("moving {} to trash", path.display()), e)),
             }
+            log.commit_blocking(Change::DeleteVolume { id })?;
+            remove_any(&trash)?;
+            if let Some((q, p)) = quota
+                && let Err(e) = q.set_limit(p, 0)
+            {
+                warn!(project = p, error = %e, "could not clear a project quota");
+            }
+            Ok(())
         })
-        .await?;
-        self.commit(Change::DeleteVolume { id: v.id.clone() })
-            .await?;
-        self.remove(&trash).await?;
-        self.release_project(v.project_id).await;
+        .await;
+        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        done?;
         self.settle_deletions().await;
         Ok(())
     }

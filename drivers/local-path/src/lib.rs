@@ -91,7 +91,7 @@ pub struct LocalPath {
 }
 
 /// Bound of copies and removals of a volume's data.
-const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Bound of Probe's look at the base path: a hung disk makes it fail, not hang.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the sum of promised space may be reused.
@@ -501,7 +501,7 @@ fn data_path(dir: &Path, id: &str, backing: &Backing) -> PathBuf {
     }
 }
 
-fn remove_any(p: &Path) -> Result<()> {
+pub(crate) fn remove_any(p: &Path) -> Result<()> {
     let r = if p.is_dir() && !p.is_symlink() {
         std::fs::remove_dir_all(p)
     } else {
