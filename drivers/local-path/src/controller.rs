@@ -184,7 +184,7 @@ impl LocalPath {
     /// volume (those are promised in full). It returns them and, when it
     /// summed the promised bytes afresh, that sum: it costs a stat or
     /// quotactl per volume, so it is cached until a change or for
-    /// [`PROMISED_TTL`] (see [`LocalPath::remember_promised`]).
+    /// [`PROMISED_TTL`] (see [`LocalPath::available`]).
     pub(crate) fn room(&self) -> impl FnOnce() -> Result<(u64, Option<u64>)> + Send + 'static {
         let cached = *self.promised.lock().unwrap_or_else(|e| e.into_inner());
         let enforced: Option<Vec<(PathBuf, VolumeMeta)>> = match cached {
@@ -223,17 +223,12 @@ impl LocalPath {
         }
     }
 
-    /// Caches a sum of promised bytes that [`LocalPath::room`] made.
-    fn remember_promised(&self, fresh: Option<u64>) {
-        if let Some(sum) = fresh {
-            *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), sum));
-        }
-    }
-
     /// Bytes still free for new volumes (see [`LocalPath::room`]).
     pub(crate) async fn available(&self) -> Result<u64> {
         let (free, fresh) = self.fs("measuring free space", self.room()).await?;
-        self.remember_promised(fresh);
+        if let Some(sum) = fresh {
+            *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), sum));
+        }
         Ok(free)
     }
 
@@ -273,7 +268,7 @@ impl LocalPath {
         let record = meta.clone();
         let done = self
             .fs("creating a volume", move || {
-                let (free, fresh) = room()?;
+                let (free, _) = room()?;
                 if size > free {
                     return Err(Error::ResourceExhausted(format!(
                         "{size} bytes requested but only {free} bytes are available on node {node}"
@@ -286,36 +281,30 @@ impl LocalPath {
                     if let Err(c) = remove_any(&tmp) {
                         warn!(path = %tmp.display(), error = %c, "cleanup failed; start-up recovery will retry");
                     }
-                    if let Some((q, p)) = quota
-                        && let Err(c) = q.set_limit(p, 0)
-                    {
-                        warn!(project = p, error = %c, "could not clear a project quota");
-                    }
+                    clear_quota(quota);
                     return Err(e);
                 }
                 // The commit is the point of no return: a failed rename is
                 // finished by a retry or by start-up recovery.
                 std::fs::rename(&tmp, &final_path)
-                    .ctx(|| format!("renaming {}", tmp.display()))?;
-                Ok(fresh)
+                    .ctx(|| format!("renaming {}", tmp.display()))
             })
             .await;
-        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.forget_promised();
         done?;
         Ok(self.to_proto(&meta))
     }
 
     /// Drops the quota limit of a project that no longer has a volume.
     async fn release_project(&self, project: Option<u32>) {
-        let (Some(q), Some(p)) = (self.quotas.clone(), project) else {
+        let Some(quota) = self.quotas.clone().zip(project) else {
             return;
         };
-        if let Err(e) = self
-            .fs("clearing a project quota", move || q.set_limit(p, 0))
-            .await
-        {
-            tracing::warn!(project = p, error = %e, "could not clear a project quota");
-        }
+        let cleared = self.fs("clearing a project quota", move || {
+            clear_quota(Some((&quota.0, quota.1)));
+            Ok(())
+        });
+        let _ = cleared.await;
     }
 
     fn compatible(existing: &VolumeMeta, req: &CreateVolume, backing: &Backing) -> Result<()> {
@@ -385,6 +374,16 @@ fn used_bytes(path: &Path, v: &VolumeMeta, quotas: Option<&Quotas>) -> Option<u6
         return std::fs::metadata(path).ok().map(|m| m.blocks() * 512);
     }
     quotas?.usage(v.project_id?).ok().map(|(bytes, _)| bytes)
+}
+
+/// Drops the quota limit of a project that no longer has a volume, logging
+/// (not returning) a failure.
+fn clear_quota(quota: Option<(&Quotas, u32)>) {
+    if let Some((q, p)) = quota
+        && let Err(e) = q.set_limit(p, 0)
+    {
+        warn!(project = p, error = %e, "could not clear a project quota");
+    }
 }
 
 pub(crate) fn grow_file(p: &std::path::Path, size: u64) -> Result<()> {
@@ -585,15 +584,11 @@ impl ControllerBackend for LocalPath {
             }
             log.commit_blocking(Change::DeleteVolume { id })?;
             remove_any(&trash)?;
-            if let Some((q, p)) = quota
-                && let Err(e) = q.set_limit(p, 0)
-            {
-                warn!(project = p, error = %e, "could not clear a project quota");
-            }
+            clear_quota(quota.as_ref().map(|(q, p)| (q, *p)));
             Ok(())
         })
         .await;
-        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.forget_promised();
         done?;
         self.settle_deletions().await;
         Ok(())

@@ -189,8 +189,13 @@ impl LocalPath {
     /// Makes a change durable; the index reflects it once this returns.
     async fn commit(&self, change: Change) -> Result<()> {
         let done = self.log.commit(change).await;
-        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.forget_promised();
         done
+    }
+
+    /// Drops the cached sum of promised bytes after a change of volumes.
+    fn forget_promised(&self) {
+        *self.promised.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Runs filesystem work off the async runtime with [`FS_TIMEOUT`].
