@@ -13,9 +13,9 @@
 //!   without a filesystem journal commit (no size or extent change), and
 //!   metadata can still be written (a DeleteVolume that frees space) when
 //!   volumes have filled the disk. More is preallocated beyond that.
-//! - A change is applied to the in-memory state by the committer, after it is
-//!   durable and before the caller hears of it: a caller that goes away
-//!   midway cannot leave a durable change invisible.
+//! - A change is applied to the in-memory state by whoever commits its
+//!   batch, after it is durable and before the caller hears of it: a caller
+//!   that goes away midway cannot leave a durable change invisible.
 //!
 //! [`Log`] is generic over the state it keeps; [`FileJournal`] is the
 //! name→id reservation journal that drivers share through [`NameJournal`].
@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, RwLockReadGuard, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -58,17 +58,92 @@ const FILL: u8 = 0xFF;
 /// Largest record accepted on replay.
 const MAX_RECORD: usize = 16 << 20;
 
-type Pending<C> = (C, oneshot::Sender<Result<()>>);
+/// A change waiting for its batch, and whom to tell when it is done.
+struct Pending<C> {
+    change: C,
+    done: Done,
+}
+
+/// How a waiting caller hears of its change.
+enum Done {
+    /// A blocking thread parked on its slot.
+    Thread(Arc<Slot>),
+    /// An async task awaiting a channel.
+    Task(oneshot::Sender<Result<()>>),
+}
+
+/// Where a blocking caller waits for its result or its turn to lead.
+#[derive(Default)]
+struct Slot {
+    turn: Mutex<Turn>,
+    cv: Condvar,
+}
+
+/// What a blocking caller is told.
+#[derive(Default)]
+enum Turn {
+    #[default]
+    Wait,
+    /// Commit the queued batch for everyone.
+    Lead,
+    Done(Result<()>),
+}
+
+impl Slot {
+    fn set(&self, turn: Turn) {
+        *lock(&self.turn) = turn;
+        self.cv.notify_one();
+    }
+}
+
+/// Changes queued for the next batch.
+struct Queue<C> {
+    pending: Vec<Pending<C>>,
+    /// Whether a leader is committing (or has been chosen to).
+    leading: bool,
+    /// The journal thread is asked to lead (for async callers).
+    thread_turn: bool,
+    /// Every [`Log`] is gone: the journal thread ends.
+    stopped: bool,
+}
+
+/// What a [`Log`]'s handles, its leaders and its journal thread share.
+struct Shared<S: LogState> {
+    queue: Mutex<Queue<S::Change>>,
+    /// Wakes the journal thread.
+    wake: Condvar,
+    /// Only the leader takes it, so it is never contended.
+    committer: Mutex<Committer>,
+    state: RwLock<S>,
+}
+
+/// Stops the journal thread when the last [`Log`] handle is dropped.
+struct Handle<S: LogState>(Arc<Shared<S>>);
+
+impl<S: LogState> Drop for Handle<S> {
+    fn drop(&mut self) {
+        lock(&self.0.queue).stopped = true;
+        self.0.wake.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A group-committed journal over state `S`; see the module documentation.
-pub struct Log<S: LogState> {
-    tx: mpsc::Sender<Pending<S::Change>>,
-    state: Arc<RwLock<S>>,
-}
+///
+/// A blocking caller that finds no commit running commits its change
+/// itself; callers that arrive meanwhile queue, and the first of them then
+/// commits the whole queue in one write and one `fdatasync`. Async callers
+/// are led by the journal thread. So an uncontended commit costs no thread
+/// switch, and a contended one still shares its flush.
+#[derive(Clone)]
+pub struct Log<S: LogState>(Arc<Handle<S>>);
 
 impl<S: LogState> Log<S> {
     /// Loads the state under `dir` (snapshot plus journal), compacts it and
-    /// starts the committer thread.
+    /// starts the journal thread.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         let snap = dir.join(SNAPSHOT);
@@ -105,53 +180,85 @@ impl<S: LogState> Log<S> {
             }
             Err(e) => return Err(e),
         };
-        let state = Arc::new(RwLock::new(state));
-        let (tx, rx) = mpsc::channel();
-        let committer = Committer {
-            dir: dir.to_path_buf(),
-            journal,
-            len,
-            filled,
-            since_compact: 0,
-            broken: None,
-            state: state.clone(),
-        };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                pending: Vec::new(),
+                leading: false,
+                thread_turn: false,
+                stopped: false,
+            }),
+            wake: Condvar::new(),
+            committer: Mutex::new(Committer {
+                dir: dir.to_path_buf(),
+                journal,
+                len,
+                filled,
+                since_compact: 0,
+                broken: None,
+            }),
+            state: RwLock::new(state),
+        });
+        let thread = shared.clone();
         std::thread::Builder::new()
             .name("rcsi-journal".into())
-            .spawn(move || committer.run(rx))
+            .spawn(move || journal_thread(&thread))
             .map_err(|e| Error::io("starting the journal thread", e))?;
-        Ok(Self { tx, state })
+        Ok(Self(Arc::new(Handle(shared))))
     }
 
     /// Reads the current state (every acknowledged change included).
     pub fn read(&self) -> RwLockReadGuard<'_, S> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+        self.0.0.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes `change` durable and applies it; returns once both are done.
-    /// Dropping the future after sending does not undo or hide the change.
+    /// Dropping the future after queueing does not undo or hide the change.
     pub async fn commit(&self, change: S::Change) -> Result<()> {
-        self.send(change)?.await.map_err(|_| stopped())?
+        let (done, wait) = oneshot::channel();
+        {
+            let shared = &self.0.0;
+            let mut q = lock(&shared.queue);
+            q.pending.push(Pending {
+                change,
+                done: Done::Task(done),
+            });
+            if !q.leading {
+                q.leading = true;
+                q.thread_turn = true;
+                shared.wake.notify_one();
+            }
+        }
+        wait.await.map_err(|_| stopped())?
     }
 
     /// [`Log::commit`] for a thread that may block (not an async task), so
     /// filesystem work and its record can share one trip off the runtime.
+    /// The calling thread commits the batch itself when it can.
     pub fn commit_blocking(&self, change: S::Change) -> Result<()> {
-        self.send(change)?.blocking_recv().map_err(|_| stopped())?
-    }
-
-    fn send(&self, change: S::Change) -> Result<oneshot::Receiver<Result<()>>> {
-        let (done, wait) = oneshot::channel();
-        self.tx.send((change, done)).map_err(|_| stopped())?;
-        Ok(wait)
-    }
-}
-
-impl<S: LogState> Clone for Log<S> {
-    fn clone(&self) -> Self {
-        Self {
-            tx: self.tx.clone(),
-            state: self.state.clone(),
+        let shared = &self.0.0;
+        let slot = Arc::new(Slot::default());
+        let mut q = lock(&shared.queue);
+        q.pending.push(Pending {
+            change,
+            done: Done::Thread(slot.clone()),
+        });
+        if !q.leading {
+            q.leading = true;
+            lead(shared, q, false);
+        } else {
+            drop(q);
+        }
+        let mut turn = lock(&slot.turn);
+        loop {
+            match std::mem::take(&mut *turn) {
+                Turn::Wait => turn = slot.cv.wait(turn).unwrap_or_else(|e| e.into_inner()),
+                Turn::Lead => {
+                    drop(turn);
+                    lead(shared, lock(&shared.queue), false);
+                    turn = lock(&slot.turn);
+                }
+                Turn::Done(r) => return r,
+            }
         }
     }
 }
@@ -160,7 +267,80 @@ fn stopped() -> Error {
     Error::Internal("the metadata journal has stopped".into())
 }
 
-struct Committer<S: LogState> {
+/// Leads for async callers until every [`Log`] handle is gone.
+fn journal_thread<S: LogState>(shared: &Shared<S>) {
+    let mut q = lock(&shared.queue);
+    loop {
+        while !q.thread_turn && !q.stopped {
+            q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        if !q.thread_turn {
+            return;
+        }
+        q.thread_turn = false;
+        lead(shared, q, true);
+        q = lock(&shared.queue);
+    }
+}
+
+/// Commits the queue in batches, as its leader. A caller's thread commits
+/// one batch (its own change is in it) and hands the lead to the oldest
+/// blocking waiter, or else to the journal thread; the journal thread
+/// leads until the queue is empty.
+fn lead<'a, S: LogState>(
+    shared: &'a Shared<S>,
+    mut q: MutexGuard<'a, Queue<S::Change>>,
+    thread: bool,
+) {
+    loop {
+        let batch = std::mem::take(&mut q.pending);
+        drop(q);
+        let (changes, waiting): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.change, p.done)).unzip();
+        let result = {
+            let mut c = lock(&shared.committer);
+            let result = c.append(changes.iter());
+            if result.is_ok() {
+                let mut state = shared.state.write().unwrap_or_else(|e| e.into_inner());
+                for ch in changes {
+                    state.apply(ch);
+                }
+            }
+            if c.broken.is_none() && c.since_compact >= COMPACT_EVERY {
+                c.compact(&shared.state);
+            }
+            result
+        };
+        for done in waiting {
+            let r = result.as_ref().map(drop).map_err(Error::duplicate);
+            match done {
+                Done::Thread(slot) => slot.set(Turn::Done(r)),
+                Done::Task(tx) => drop(tx.send(r)),
+            }
+        }
+        q = lock(&shared.queue);
+        if q.pending.is_empty() {
+            q.leading = false;
+            return;
+        }
+        if thread {
+            continue;
+        }
+        match q.pending.iter().find_map(|p| match &p.done {
+            Done::Thread(slot) => Some(slot.clone()),
+            Done::Task(_) => None,
+        }) {
+            Some(next) => next.set(Turn::Lead),
+            None => {
+                q.thread_turn = true;
+                shared.wake.notify_one();
+            }
+        }
+        return;
+    }
+}
+
+struct Committer {
     dir: PathBuf,
     journal: std::fs::File,
     /// Length of the journal up to its last durable record.
@@ -170,37 +350,13 @@ struct Committer<S: LogState> {
     since_compact: usize,
     /// Why the journal refuses writes, once it must.
     broken: Option<String>,
-    state: Arc<RwLock<S>>,
 }
 
-impl<S: LogState> Committer<S> {
-    fn run(mut self, rx: mpsc::Receiver<Pending<S::Change>>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                batch.push(more);
-            }
-            let (changes, waiting): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let result = self.append(changes.iter());
-            if result.is_ok() {
-                let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-                for c in changes {
-                    state.apply(c);
-                }
-            }
-            for done in waiting {
-                let _ = done.send(result.as_ref().map(drop).map_err(Error::duplicate));
-            }
-            if self.broken.is_none() && self.since_compact >= COMPACT_EVERY {
-                self.compact();
-            }
-        }
-    }
-
-    fn append<'c>(&mut self, changes: impl Iterator<Item = &'c S::Change>) -> Result<()>
-    where
-        S::Change: 'c,
-    {
+impl Committer {
+    fn append<'c, C: Serialize + 'c>(
+        &mut self,
+        changes: impl Iterator<Item = &'c C>,
+    ) -> Result<()> {
         if let Some(why) = &self.broken {
             return Err(Error::Unavailable(format!(
                 "the metadata journal refuses writes since {why}; restart the plugin after fixing the disk"
@@ -247,8 +403,8 @@ impl<S: LogState> Committer<S> {
         Ok(())
     }
 
-    fn compact(&mut self) {
-        let snapshot = self.state.read().unwrap_or_else(|e| e.into_inner()).clone();
+    fn compact<S: Serialize + Clone>(&mut self, state: &RwLock<S>) {
+        let snapshot = state.read().unwrap_or_else(|e| e.into_inner()).clone();
         let done = write_snapshot(&self.dir, &snapshot)
             .and_then(|()| fresh_journal(&self.dir.join(JOURNAL)));
         match done {
@@ -724,6 +880,45 @@ mod tests {
             s.apply(c);
         }
         assert_eq!(s.0.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_and_async_commits_mixed_are_all_durable() {
+        let d = tempfile::tempdir().unwrap();
+        let log = Log::<Reservations>::open(d.path()).unwrap();
+        let put = |i: usize| ReservationChange::Put(res(&format!("n{i}"), &i.to_string()));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        log.commit_blocking(put(t * 1000 + i)).unwrap();
+                        // Acknowledged means visible.
+                        assert!(log.read().0.contains_key(&format!("n{}", t * 1000 + i)));
+                    }
+                })
+            })
+            .collect();
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        log.commit(put(100_000 + t * 1000 + i)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(log.read().0.len(), 800);
+        drop(log);
+        let replayed = replay::<ReservationChange>(&d.path().join(JOURNAL)).unwrap();
+        assert_eq!(replayed.changes.len(), 800);
     }
 
     #[tokio::test]

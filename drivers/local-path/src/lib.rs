@@ -507,11 +507,16 @@ fn data_path(dir: &Path, id: &str, backing: &Backing) -> PathBuf {
 }
 
 pub(crate) fn remove_any(p: &Path) -> Result<()> {
-    let r = if p.is_dir() && !p.is_symlink() {
-        std::fs::remove_dir_all(p)
-    } else {
-        std::fs::remove_file(p)
-    };
+    let r = std::fs::symlink_metadata(p).and_then(|m| {
+        if !m.is_dir() {
+            return std::fs::remove_file(p);
+        }
+        // Most volumes are removed empty: one rmdir, no directory walk.
+        std::fs::remove_dir(p).or_else(|e| match e.raw_os_error() {
+            Some(libc::ENOTEMPTY | libc::EEXIST) => std::fs::remove_dir_all(p),
+            _ => Err(e),
+        })
+    });
     match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(Error::io(format!("removing {}", p.display()), e))
