@@ -306,9 +306,6 @@ fn lead<'a, S: LogState>(
                     state.apply(ch);
                 }
             }
-            if c.broken.is_none() && c.since_compact >= COMPACT_EVERY {
-                c.compact(&shared.state);
-            }
             result
         };
         for done in waiting {
@@ -316,6 +313,13 @@ fn lead<'a, S: LogState>(
             match done {
                 Done::Thread(slot) => slot.set(Turn::Done(r)),
                 Done::Task(tx) => drop(tx.send(r)),
+            }
+        }
+        // After the batch has its answers; the next batch waits for it.
+        {
+            let mut c = lock(&shared.committer);
+            if c.broken.is_none() && c.since_compact >= COMPACT_EVERY {
+                c.compact(&shared.state);
             }
         }
         q = lock(&shared.queue);
@@ -919,6 +923,28 @@ mod tests {
         drop(log);
         let replayed = replay::<ReservationChange>(&d.path().join(JOURNAL)).unwrap();
         assert_eq!(replayed.changes.len(), 800);
+    }
+
+    #[test]
+    fn a_long_run_is_compacted_into_the_snapshot_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let log = Log::<Reservations>::open(d.path()).unwrap();
+        let n = COMPACT_EVERY + 10;
+        for i in 0..n {
+            let name = format!("n{}", i % 100);
+            log.commit_blocking(ReservationChange::Put(res(&name, &i.to_string())))
+                .unwrap();
+        }
+        drop(log);
+        // Compacted once: the journal holds only what came after.
+        let replayed = replay::<ReservationChange>(&d.path().join(JOURNAL)).unwrap();
+        assert!(replayed.changes.len() < n - COMPACT_EVERY + 1);
+        assert!(d.path().join(SNAPSHOT).exists());
+        let log = Log::<Reservations>::open(d.path()).unwrap();
+        let state = log.read();
+        assert_eq!(state.0.len(), 100);
+        let last = format!("n{}", (n - 1) % 100);
+        assert_eq!(state.0[&last].id, (n - 1).to_string());
     }
 
     #[tokio::test]
