@@ -300,11 +300,15 @@ impl LocalPath {
         let Some(quota) = self.quotas.clone().zip(project) else {
             return;
         };
+        let project = quota.1;
         let cleared = self.fs("clearing a project quota", move || {
             clear_quota(Some((&quota.0, quota.1)));
             Ok(())
         });
-        let _ = cleared.await;
+        // clear_quota logs its own failure; this is the timeout's.
+        if let Err(e) = cleared.await {
+            warn!(project, error = %e, "could not clear a project quota");
+        }
     }
 
     fn compatible(existing: &VolumeMeta, req: &CreateVolume, backing: &Backing) -> Result<()> {

@@ -39,10 +39,11 @@ fn cycle(dir: &std::path::Path, t: usize, i: usize) -> std::io::Result<()> {
 fn main() -> Result<()> {
     let a = Args::parse();
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
-    let per = a.ops.div_ceil(a.threads.max(1));
+    let threads = a.threads.max(1);
+    let per = a.ops.div_ceil(threads);
     let start = Instant::now();
     std::thread::scope(|s| {
-        let workers: Vec<_> = (0..a.threads.max(1))
+        let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let dir = &a.dir;
                 s.spawn(move || (0..per).try_for_each(|i| cycle(dir, t, i)))
@@ -54,11 +55,8 @@ fn main() -> Result<()> {
     })
     .with_context(|| format!("working in {}", a.dir.display()))?;
     let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{} cycles from {} threads in {secs:.2} s",
-        per * a.threads.max(1),
-        a.threads.max(1)
-    );
-    println!("pairs_per_s={:.0}", (per * a.threads.max(1)) as f64 / secs);
+    let cycles = per * threads;
+    println!("{cycles} cycles from {threads} threads in {secs:.2} s");
+    println!("pairs_per_s={:.0}", cycles as f64 / secs);
     Ok(())
 }
