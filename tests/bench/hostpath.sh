@@ -5,7 +5,7 @@
 # and tmpfs), the two drivers alternating, ROUNDS runs each; per run the
 # pairs/s, p50, and the driver's CPU seconds and voluntary context switches
 # per pair; then the medians and their ratio. Each round also runs
-# dir-floor: the same directory work (mkdir, chmod, rename, rename, rmdir)
+# dir-floor: the same directory work (mkdir, chmod, rmdir)
 # from as many threads with no driver and no journal, the limit both
 # drivers are read against (this disk's rate drifts by minutes).
 #

@@ -233,8 +233,9 @@ impl LocalPath {
     }
 
     /// Creates a volume without a source in one trip off the runtime: the
-    /// room check, its data under a temporary name, its record, and the
-    /// rename into place.
+    /// room check, its data, its record, and for an image the rename into
+    /// place. A directory is made in place: until its record commits it is
+    /// an empty directory without a record, which start-up recovery removes.
     async fn create_empty(
         &self,
         req: &CreateVolume,
@@ -244,7 +245,11 @@ impl LocalPath {
     ) -> Result<csi::Volume> {
         let id = new_id("lv-");
         let final_path = self.volume_path(&id, backing);
-        let tmp = tmp_name(&final_path);
+        let staging = if backing.is_image() {
+            tmp_name(&final_path)
+        } else {
+            final_path.clone()
+        };
         let project = (*backing == Backing::Directory && self.quotas.is_some()).then(|| {
             self.next_project
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -275,19 +280,22 @@ impl LocalPath {
                     )));
                 }
                 let quota = quotas.as_ref().zip(project);
-                let made = super::make_empty(&tmp, &record.backing, size, mode, quota)
+                let made = super::make_empty(&staging, &record.backing, size, mode, quota)
                     .and_then(|()| log.commit_blocking(Change::PutVolume(record)));
                 if let Err(e) = made {
-                    if let Err(c) = remove_any(&tmp) {
-                        warn!(path = %tmp.display(), error = %c, "cleanup failed; start-up recovery will retry");
+                    if let Err(c) = remove_any(&staging) {
+                        warn!(path = %staging.display(), error = %c, "cleanup failed; start-up recovery will retry");
                     }
                     clear_quota(quota);
                     return Err(e);
                 }
+                if staging == final_path {
+                    return Ok(());
+                }
                 // The commit is the point of no return: a failed rename is
                 // finished by a retry or by start-up recovery.
-                std::fs::rename(&tmp, &final_path)
-                    .ctx(|| format!("renaming {}", tmp.display()))
+                std::fs::rename(&staging, &final_path)
+                    .ctx(|| format!("renaming {}", staging.display()))
             })
             .await;
         self.forget_promised();
@@ -570,24 +578,17 @@ impl ControllerBackend for LocalPath {
                 self.cfg.node_id
             )));
         }
-        let trash = path.with_file_name(format!(
-            ".trash-{}",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        // One trip off the runtime: to trash, the record, the removal.
+        // One trip off the runtime: the record, then the removal. The record
+        // leaves a tombstone, so start-up recovery finishes a removal that a
+        // crash or an error cut short.
         let (log, id, quota) = (
             self.log.clone(),
             v.id.clone(),
             self.quotas.clone().zip(v.project_id),
         );
         let done = csi_core::fsutil::blocking("deleting a volume", COPY_TIMEOUT, move || {
-            match std::fs::rename(&path, &trash) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("moving {} to trash", path.display()), e)),
-            }
             log.commit_blocking(Change::DeleteVolume { id })?;
-            remove_any(&trash)?;
+            remove_any(&path)?;
             clear_quota(quota.as_ref().map(|(q, p)| (q, *p)));
             Ok(())
         })

@@ -253,11 +253,12 @@ impl LocalPath {
         let dirs = [self.volumes_dir(), self.snapshots_dir()];
         let settled = self
             .fs("settling deletions", move || {
+                // Data a failed removal left behind is removed again here.
                 let gone = |id: &String| {
                     dirs.iter().all(|d| {
                         [d.join(id), d.join(format!("{id}.img"))]
                             .iter()
-                            .all(|p| p.symlink_metadata().is_err())
+                            .all(|p| p.symlink_metadata().is_err() || remove_any(p).is_ok())
                     })
                 };
                 let ids: Vec<String> = ids.into_iter().filter(gone).collect();
@@ -326,6 +327,10 @@ impl LocalPath {
                     if idx.state.deleted.contains(id) {
                         info!(path = %path.display(), "finishing a committed deletion");
                         remove_any(&path)?;
+                    } else if std::fs::remove_dir(&path).is_ok() {
+                        // Empty: a directory volume made in place whose
+                        // record never committed. Nothing is lost.
+                        info!(path = %path.display(), "removed an unfinished creation");
                     } else {
                         warn!(path = %path.display(), "data without metadata; leaving it for the operator");
                     }

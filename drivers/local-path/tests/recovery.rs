@@ -93,15 +93,23 @@ async fn crash_windows_are_finished_or_undone() {
     let unknown = "lv-0123456789abcdef0123456789abcdef";
     std::fs::create_dir(vols.join(format!(".tmp-{unknown}"))).unwrap();
     std::fs::create_dir(vols.join(format!(".trash-{unknown}"))).unwrap();
+    // A directory made in place whose record never committed: empty, removed.
+    let unfinished = vols.join("lv-eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee");
+    std::fs::create_dir(&unfinished).unwrap();
     // Data without metadata is the operator's to judge: left alone.
     std::fs::create_dir(vols.join("lv-ffffffffffffffffffffffffffffffff")).unwrap();
+    std::fs::write(vols.join("lv-ffffffffffffffffffffffffffffffff/f"), b"x").unwrap();
 
     let d = open(&base);
     assert_eq!(std::fs::read(vols.join(&a).join("data")).unwrap(), b"kept");
     assert!(vols.join(&b).is_dir(), "uncommitted deletion rolled back");
     assert!(!vols.join(format!(".tmp-{unknown}")).exists());
     assert!(!vols.join(format!(".trash-{unknown}")).exists());
-    assert!(vols.join("lv-ffffffffffffffffffffffffffffffff").exists());
+    assert!(
+        !unfinished.exists(),
+        "an empty unrecorded directory is removed"
+    );
+    assert!(vols.join("lv-ffffffffffffffffffffffffffffffff/f").exists());
     let mut listed: Vec<String> = d
         .list_volumes()
         .await
@@ -150,7 +158,7 @@ fn tombstones(base: &Path) -> usize {
 }
 
 // The journal's flush makes only its own record durable, so a crash can keep
-// a record whose directory entry, image size or trash rename was not yet on
+// a record whose directory entry, image size or removal was not yet on
 // disk: recovery redoes each.
 #[tokio::test]
 async fn committed_changes_whose_metadata_was_lost_are_redone() {
@@ -179,7 +187,7 @@ async fn committed_changes_whose_metadata_was_lost_are_redone() {
         d.delete_volume(&gone, &Secrets::default()).await.unwrap();
         (a, img, gone)
     };
-    // a's mkdir, img's size and gone's move to trash were lost.
+    // a's mkdir, img's size and gone's removal were lost.
     std::fs::remove_dir(vols.join(&a)).unwrap();
     let image = vols.join(format!("{img}.img"));
     std::fs::OpenOptions::new()
@@ -220,4 +228,44 @@ async fn tombstones_are_dropped_once_removals_are_durable() {
     assert_eq!(tombstones(&base), 255);
     churn(&base, 255..256).await;
     assert_eq!(tombstones(&base), 0, "the 256th deletion settles them");
+}
+
+// The record goes before the removal, so a removal that fails leaves data
+// under a tombstone: the next settling removes it without a restart.
+#[tokio::test]
+async fn data_a_failed_removal_left_is_removed_when_deletions_settle() {
+    use csi_core::types::Secrets;
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let d = open(&base);
+    let id = create(&d, "busy").await;
+    let data = base.join("volumes").join(&id);
+    let busy = data.join("mnt");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(data.join("f"), b"x").unwrap();
+    // A mount point inside the volume makes its removal fail with EBUSY.
+    mount(
+        Some("tmpfs"),
+        &busy,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let err = d.delete_volume(&id, &Secrets::default()).await;
+    umount2(&busy, MntFlags::MNT_DETACH).unwrap();
+    assert!(err.is_err(), "the removal failed: {err:?}");
+    assert!(
+        d.list_volumes().await.unwrap().is_empty(),
+        "the volume is gone"
+    );
+    for i in 0..255 {
+        let v = create(&d, &format!("v{i}")).await;
+        d.delete_volume(&v, &Secrets::default()).await.unwrap();
+    }
+    let left: Vec<_> = std::fs::read_dir(base.join("volumes")).unwrap().collect();
+    assert!(left.is_empty(), "settling removed the leftover: {left:?}");
+    drop(d);
+    assert_eq!(tombstones(&base), 0);
 }

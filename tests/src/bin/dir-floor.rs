@@ -1,8 +1,7 @@
 //! dir-floor: the filesystem work of local-path's create+delete pairs with
 //! no driver around it, as the limit csi-bench figures are read against.
-//! Each of `--threads` threads makes a directory under a temporary name,
-//! chmods it, renames it into place, renames it to trash and removes it,
-//! all in one directory as local-path does; no journal.
+//! Each of `--threads` threads makes a directory in place, chmods it and
+//! removes it, all in one directory as local-path does; no journal.
 //!
 //! The last line printed is machine-readable: `pairs_per_s=...`
 
@@ -13,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(about = "Rate of bare mkdir, chmod, rename, rename, rmdir cycles in one directory")]
+#[command(about = "Rate of bare mkdir, chmod, rmdir cycles in one directory")]
 struct Args {
     /// Directory to work in (made if missing; left empty).
     dir: PathBuf,
@@ -26,14 +25,10 @@ struct Args {
 }
 
 fn cycle(dir: &std::path::Path, t: usize, i: usize) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".tmp-{t}-{i}"));
     let vol = dir.join(format!("v-{t}-{i}"));
-    let trash = dir.join(format!(".trash-{t}-{i}"));
-    std::fs::create_dir(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o777))?;
-    std::fs::rename(&tmp, &vol)?;
-    std::fs::rename(&vol, &trash)?;
-    std::fs::remove_dir(&trash)
+    std::fs::create_dir(&vol)?;
+    std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o777))?;
+    std::fs::remove_dir(&vol)
 }
 
 fn main() -> Result<()> {
