@@ -9,19 +9,19 @@ use std::path::Path;
 /// with DeadlineExceeded (a hung NFS or FUSE mount, a dying disk).
 pub const FS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Runs blocking filesystem or mount work on tokio's blocking pool with a
-/// deadline, so a slow disk or a hung mount never stalls the async runtime
-/// (and with it Probe and the liveness check). `what` names the work in the
-/// error. On timeout the work is abandoned on its thread, never awaited.
+/// Runs blocking filesystem or mount work on the core's worker pool
+/// with a deadline, so a slow disk or a hung mount never stalls the async
+/// runtime (and with it Probe and the liveness check). `what` names the work
+/// in the error. On timeout the work is abandoned on its thread, never awaited.
 pub async fn blocking<T: Send + 'static>(
     what: impl Into<String>,
     timeout: std::time::Duration,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(f)).await {
+    match tokio::time::timeout(timeout, crate::pool::spawn(f)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => Err(Error::Internal(format!(
-            "{}: worker failed: {e}",
+        Ok(Err(_)) => Err(Error::Internal(format!(
+            "{}: the worker panicked",
             what.into()
         ))),
         Err(_) => Err(Error::DeadlineExceeded(format!(

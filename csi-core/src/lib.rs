@@ -35,6 +35,7 @@ pub mod mount;
 pub mod node;
 pub mod observe;
 pub mod paging;
+mod pool;
 pub mod redact;
 pub mod registration;
 pub mod server;
