@@ -254,11 +254,18 @@ impl LocalPath {
         let settled = self
             .fs("settling deletions", move || {
                 // Data a failed removal left behind is removed again here.
+                let removed = |p: &PathBuf| match remove_any(p) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(path = %p.display(), error = %e, "could not remove deleted data; will retry");
+                        false
+                    }
+                };
                 let gone = |id: &String| {
                     dirs.iter().all(|d| {
                         [d.join(id), d.join(format!("{id}.img"))]
                             .iter()
-                            .all(|p| p.symlink_metadata().is_err() || remove_any(p).is_ok())
+                            .all(|p| p.symlink_metadata().is_err() || removed(p))
                     })
                 };
                 let ids: Vec<String> = ids.into_iter().filter(gone).collect();
