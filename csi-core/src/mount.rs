@@ -182,8 +182,9 @@ pub trait Mounter: Send + Sync {
     async fn unmount_network(&self, target: &Path, grace: Duration) -> Result<()>;
     /// The mount state of `target`.
     async fn state(&self, target: &Path) -> Result<MountState>;
-    /// Every mount of this mount namespace.
-    async fn mounts(&self) -> Result<Vec<MountInfo>>;
+    /// Every mount of this mount namespace, shared: an unchanged table is
+    /// not copied per call (a node may hold hundreds of mounts).
+    async fn mounts(&self) -> Result<Arc<[MountInfo]>>;
 }
 
 /// Parses bind-mount options into mount flags; unknown ones are InvalidArgument.
@@ -237,7 +238,7 @@ impl SystemMounter {
 /// change not yet read.
 struct MountCache {
     file: std::fs::File,
-    mounts: Vec<MountInfo>,
+    mounts: Arc<[MountInfo]>,
     stale: bool,
 }
 
@@ -258,7 +259,7 @@ fn table_changed(file: &std::fs::File) -> std::io::Result<bool> {
 
 /// The cached table if it is known unchanged, found without blocking (so
 /// on the async runtime, with no trip to the blocking pool).
-fn unchanged_mounts() -> Option<Vec<MountInfo>> {
+fn unchanged_mounts() -> Option<Arc<[MountInfo]>> {
     let mut cache = MOUNTS.try_lock().ok()?;
     let c = cache.as_mut().filter(|c| !c.stale)?;
     match table_changed(&c.file) {
@@ -272,7 +273,7 @@ fn unchanged_mounts() -> Option<Vec<MountInfo>> {
 
 /// The mount table, parsed again only when it changed, so an unchanged
 /// table costs one syscall.
-fn read_mounts() -> Result<Vec<MountInfo>> {
+fn read_mounts() -> Result<Arc<[MountInfo]>> {
     use std::io::{Read, Seek};
     let io = |e| Error::io("reading /proc/self/mountinfo", e);
     let mut cache = MOUNTS
@@ -290,14 +291,14 @@ fn read_mounts() -> Result<Vec<MountInfo>> {
         let mut text = String::new();
         file.rewind().map_err(io)?;
         file.read_to_string(&mut text).map_err(io)?;
-        *mounts = parse_mountinfo(&text);
+        *mounts = parse_mountinfo(&text).into();
         *stale = false;
         return Ok(mounts.clone());
     }
     let mut file = std::fs::File::open("/proc/self/mountinfo").map_err(io)?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(io)?;
-    let mounts = parse_mountinfo(&text);
+    let mounts: Arc<[MountInfo]> = parse_mountinfo(&text).into();
     *cache = Some(MountCache {
         file,
         mounts: mounts.clone(),
@@ -308,9 +309,10 @@ fn read_mounts() -> Result<Vec<MountInfo>> {
 
 fn state_of(target: &Path) -> Result<MountState> {
     let top = read_mounts()?
-        .into_iter()
+        .iter()
         .rev()
-        .find(|m| m.mount_point == target);
+        .find(|m| m.mount_point == target)
+        .cloned();
     let Some(info) = top else {
         return Ok(MountState::NotMounted);
     };
@@ -427,7 +429,7 @@ impl Mounter for SystemMounter {
         .await
     }
 
-    async fn mounts(&self) -> Result<Vec<MountInfo>> {
+    async fn mounts(&self) -> Result<Arc<[MountInfo]>> {
         if let Some(m) = unchanged_mounts() {
             return Ok(m);
         }

@@ -155,8 +155,9 @@ async fn hung_fuse_mount_without_a_daemon_is_aborted() {
         .mounts()
         .await
         .unwrap()
-        .into_iter()
+        .iter()
         .find(|i| i.mount_point == target)
+        .cloned()
         .unwrap();
 
     let mut daemon = std::process::Command::new("sh")

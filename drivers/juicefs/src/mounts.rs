@@ -107,7 +107,7 @@ impl FsMounts {
     }
 
     /// The mount table.
-    pub async fn table(&self) -> Result<Vec<MountInfo>> {
+    pub async fn table(&self) -> Result<Arc<[MountInfo]>> {
         self.mounter.mounts().await
     }
 
@@ -117,9 +117,10 @@ impl FsMounts {
         Ok(self
             .table()
             .await?
-            .into_iter()
+            .iter()
             .rev()
-            .find(|m| m.mount_point == mp && m.fs_type == FS_TYPE))
+            .find(|m| m.mount_point == mp && m.fs_type == FS_TYPE)
+            .cloned())
     }
 
     /// Keys of the JuiceFS mounts under the root (mounted by this or an earlier process).
@@ -127,7 +128,7 @@ impl FsMounts {
         Ok(self
             .table()
             .await?
-            .into_iter()
+            .iter()
             .filter(|m| m.fs_type == FS_TYPE && m.mount_point.parent() == Some(&self.root))
             .filter_map(|m| Some(m.mount_point.file_name()?.to_str()?.to_owned()))
             .collect())

@@ -138,9 +138,10 @@ impl Node {
             .mounter
             .mounts()
             .await?
-            .into_iter()
+            .iter()
             .rev()
-            .find(|m| m.mount_point == path))
+            .find(|m| m.mount_point == path)
+            .cloned())
     }
 
     /// Runs blocking filesystem work under the mount deadline.

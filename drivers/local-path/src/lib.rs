@@ -395,13 +395,13 @@ impl LocalPath {
             return Ok(None);
         };
         let mounts = self.host.mounter.mounts().await?;
-        let Some(m) = mounts.into_iter().find(|m| Path::new(&m.source) == dev) else {
+        let Some(m) = mounts.iter().find(|m| Path::new(&m.source) == dev) else {
             return Ok(None);
         };
         let cmd = Command::new("fsfreeze", ["-f".as_ref(), m.mount_point.as_os_str()]);
         self.host.exec.run(&cmd).await?;
         Ok(Some(Frozen {
-            mount: Some(m.mount_point),
+            mount: Some(m.mount_point.clone()),
             exec: self.host.exec.clone(),
         }))
     }

@@ -120,8 +120,9 @@ impl LocalPath {
         let mounts = self.host.mounter.mounts().await?;
         let exposed = match (&v.backing, &dev) {
             (Backing::Filesystem { .. }, Some(dev)) => mounts
-                .into_iter()
+                .iter()
                 .filter(|m| Path::new(&m.source) == dev)
+                .cloned()
                 .collect(),
             (_, Some(dev)) => exposures(&mounts, dev),
             (_, None) => exposures(&mounts, &data),

@@ -85,9 +85,10 @@ impl Nfs {
         let (_, m) = self.host()?;
         Ok(m.mounts()
             .await?
-            .into_iter()
+            .iter()
             .rev()
-            .find(|i| i.mount_point == path))
+            .find(|i| i.mount_point == path)
+            .cloned())
     }
 
     /// Creates a directory on the node's own filesystem, under a deadline.
@@ -251,7 +252,7 @@ impl NodeBackend for Nfs {
             let users: Vec<String> = m
                 .mounts()
                 .await?
-                .into_iter()
+                .iter()
                 .filter(|e| {
                     e.dev == staged.dev
                         && e.source == staged.source

@@ -358,9 +358,10 @@ impl Node {
             .mounter
             .mounts()
             .await?
-            .into_iter()
+            .iter()
             .rev()
-            .find(|m| m.mount_point == path))
+            .find(|m| m.mount_point == path)
+            .cloned())
     }
 
     /// The CephFS mount (of the staged volume's kind) topmost at its staging path.
@@ -381,8 +382,9 @@ impl Node {
             .mounter
             .mounts()
             .await?
-            .into_iter()
+            .iter()
             .filter(|m| devs.contains(&&m.dev))
+            .cloned()
             .collect())
     }
 

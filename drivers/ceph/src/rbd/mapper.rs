@@ -371,7 +371,7 @@ impl RbdFuse {
         let dir = self.dir.join(&m.key);
         // The mount table, not a stat: a stat of a hung mount would hang.
         let mounts = self.mounter.mounts().await?;
-        match mounts.into_iter().rev().find(|x| x.mount_point == dir) {
+        match mounts.iter().rev().find(|x| x.mount_point == dir) {
             Some(x) if x.fs_type == FUSE_TYPE => {
                 let dead = csi_core::fuse::probe(&dir, &x.dev, self.timeout).await?;
                 if dead.is_none() && self.answers(file).await {

@@ -399,8 +399,9 @@ impl Node {
             exposures(&mounts, dev)
         } else {
             mounts
-                .into_iter()
+                .iter()
                 .filter(|m| Path::new(&m.source) == dev)
+                .cloned()
                 .collect()
         })
     }
