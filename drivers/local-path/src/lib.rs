@@ -20,6 +20,8 @@ use csi_core::fsutil::FS_TIMEOUT;
 use csi_core::journal::Log;
 use csi_core::mount::Mounter;
 use csi_core::{Error, IoContext, Result};
+use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -261,11 +263,22 @@ impl LocalPath {
                         false
                     }
                 };
+                // One listing per directory, not a stat per id and name.
+                let listed = dirs
+                    .iter()
+                    .map(|d| {
+                        let names = std::fs::read_dir(d).ctx(|| format!("listing {}", d.display()))?;
+                        names
+                            .map(|e| e.map(|e| e.file_name()))
+                            .collect::<std::io::Result<HashSet<_>>>()
+                            .ctx(|| format!("listing {}", d.display()))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 let gone = |id: &String| {
-                    dirs.iter().all(|d| {
-                        [d.join(id), d.join(format!("{id}.img"))]
-                            .iter()
-                            .all(|p| p.symlink_metadata().is_err() || removed(p))
+                    dirs.iter().zip(&listed).all(|(d, names)| {
+                        [id.clone(), format!("{id}.img")]
+                            .into_iter()
+                            .all(|n| !names.contains(OsStr::new(&n)) || removed(&d.join(n)))
                     })
                 };
                 let ids: Vec<String> = ids.into_iter().filter(gone).collect();
@@ -519,15 +532,12 @@ fn data_path(dir: &Path, id: &str, backing: &Backing) -> PathBuf {
 }
 
 pub(crate) fn remove_any(p: &Path) -> Result<()> {
-    let r = std::fs::symlink_metadata(p).and_then(|m| {
-        if !m.is_dir() {
-            return std::fs::remove_file(p);
-        }
-        // Most volumes are removed empty: one rmdir, no directory walk.
-        std::fs::remove_dir(p).or_else(|e| match e.raw_os_error() {
-            Some(libc::ENOTEMPTY | libc::EEXIST) => std::fs::remove_dir_all(p),
-            _ => Err(e),
-        })
+    // Most volumes are removed empty: one rmdir, no stat, no directory walk.
+    // rmdir never follows a symlink (ENOTDIR), nor does remove_dir_all.
+    let r = std::fs::remove_dir(p).or_else(|e| match e.raw_os_error() {
+        Some(libc::ENOTDIR) => std::fs::remove_file(p),
+        Some(libc::ENOTEMPTY | libc::EEXIST) => std::fs::remove_dir_all(p),
+        _ => Err(e),
     });
     match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -589,5 +599,28 @@ impl Plugin for LocalPath {
         })
         .await?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remove_any;
+
+    #[test]
+    fn remove_any_removes_every_kind_and_never_follows_a_link() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        std::fs::create_dir(p("empty")).unwrap();
+        std::fs::create_dir_all(p("full/sub")).unwrap();
+        std::fs::write(p("full/sub/f"), b"x").unwrap();
+        std::fs::write(p("file.img"), b"x").unwrap();
+        std::fs::create_dir(p("kept")).unwrap();
+        std::fs::write(p("kept/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(p("kept"), p("link")).unwrap();
+        for n in ["empty", "full", "file.img", "link", "missing"] {
+            remove_any(&p(n)).unwrap();
+            assert!(p(n).symlink_metadata().is_err(), "{n} is gone");
+        }
+        assert!(p("kept/f").exists(), "a link's target is left alone");
     }
 }
