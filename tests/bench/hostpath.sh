@@ -3,8 +3,9 @@
 # create+delete pairs at CLIENTS clients on three base filesystems (the root
 # disk under /var/tmp, a journaled ext4 on a loop device without discard,
 # and tmpfs), the two drivers alternating, ROUNDS runs each; per run the
-# pairs/s, p50, and the driver's CPU seconds and voluntary context switches
-# per pair; then the medians and their ratio. Each round also runs
+# pairs/s, p50, the driver's CPU seconds and voluntary context switches
+# per pair, and the client's own CPU per pair (it shares the cores); then the
+# medians and their ratio. Each round also runs
 # dir-floor: the same directory work (mkdir, chmod, rmdir)
 # from as many threads with no driver and no journal, the limit both
 # drivers are read against (this disk's rate drifts by minutes).
@@ -53,7 +54,8 @@ mkdir -p "$work/ext4" "$work/root"
 loopdev=$(losetup --direct-io=on --show -f "$work/ext4.img")
 mount -o nodiscard "$loopdev" "$work/ext4"
 
-# run DRIVER DIR: one csi-bench run; prints "pairs p50 cpu_us_per_pair csw_per_pair".
+# run DRIVER DIR: one csi-bench run; prints "pairs p50 cpu_us_per_pair csw_per_pair
+# client_cpu_us_per_pair" (the client shares the cores with the driver).
 run() {
   local sock=$work/csi.sock
   rm -rf "$2" "$sock"
@@ -80,7 +82,7 @@ run() {
   tck=$(getconf CLK_TCK)
   echo "$out" | awk -v cpu="$cpu" -v csw="$csw" -v ops="$ops" -v tck="$tck" '{
     for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-    printf "%d %.1f %.0f %.1f\n", v["pairs_per_s"], v["p50_ms"], cpu / tck / ops * 1e6, csw / ops
+    printf "%d %.1f %.0f %.1f %s\n", v["pairs_per_s"], v["p50_ms"], cpu / tck / ops * 1e6, csw / ops, v["client_cpu_us"]
   }'
 }
 
@@ -99,7 +101,7 @@ for target in root="$work/root" ext4="$work/ext4" tmpfs="$shm"; do
     for d in host-path local-path; do
       line=$(run "$d" "$dir/base")
       echo "$line" >> "$work/$d.txt"
-      echo "$name $d: $line" | awk '{printf "%s %s %s pairs/s, p50 %s ms, %s us CPU and %s context switches a pair\n", $1, $2, $3, $4, $5, $6}'
+      echo "$name $d: $line" | awk '{printf "%s %s %s pairs/s, p50 %s ms, %s us CPU and %s context switches a pair, client %s us CPU a pair\n", $1, $2, $3, $4, $5, $6, $7}'
     done
   done
   python3 - "$name" "$work/host-path.txt" "$work/local-path.txt" "$work/floor.txt" <<'PY'
@@ -108,6 +110,7 @@ name, hp, lp, fl = sys.argv[1], *(open(p).read().split("\n")[:-1] for p in sys.a
 med = lambda rows, i: statistics.median(float(r.split()[i]) for r in rows)
 h, l, f = med(hp, 0), med(lp, 0), med(fl, 0)
 print(f"{name}: median host-path {h:.0f} pairs/s, local-path {l:.0f} pairs/s, local-path/host-path {l / h:.2f}; "
-      f"CPU a pair {med(hp, 2):.0f} vs {med(lp, 2):.0f} us; dir-floor {f:.0f} pairs/s")
+      f"CPU a pair {med(hp, 2):.0f} vs {med(lp, 2):.0f} us (client {med(hp, 4):.0f} vs {med(lp, 4):.0f} us); "
+      f"dir-floor {f:.0f} pairs/s")
 PY
 done
