@@ -170,14 +170,10 @@ async fn one(c: &mut Client, args: &Args, inputs: &Inputs, n: u64) -> Result<()>
     Ok(())
 }
 
-/// User plus system CPU time this process has used.
-fn own_cpu() -> Duration {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer cannot fail.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
+/// User plus system CPU seconds this process has used.
+fn own_cpu() -> f64 {
+    let (user, sys) = rbench::stats::cpu_times();
+    user + sys
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -237,7 +233,7 @@ async fn main() -> Result<()> {
         lat.extend(t.await??);
     }
     let elapsed = start.elapsed().max(Duration::from_micros(1));
-    let cpu = own_cpu().saturating_sub(cpu_start);
+    let cpu = own_cpu() - cpu_start;
     lat.sort_by(f64::total_cmp);
     let rate = lat.len() as f64 / elapsed.as_secs_f64();
     let rss = args.pid.and_then(rss_kb);
@@ -260,7 +256,7 @@ async fn main() -> Result<()> {
         percentile(&lat, 0.50),
         percentile(&lat, 0.99),
         rss.map_or("unknown".to_owned(), |r| r.to_string()),
-        cpu.as_secs_f64() * 1e6 / lat.len().max(1) as f64
+        cpu * 1e6 / lat.len().max(1) as f64
     );
     Ok(())
 }
