@@ -1,5 +1,5 @@
 //! core-floor: the shared CSI core serving a backend that does nothing, as
-//! the limit of what any rcsi driver can reach on this stack (gRPC, runtime,
+//! the limit of what any rcsi driver can reach on this stack (gRPC, runtime, logs,
 //! locks, metrics). Run csi-bench against its socket; `dir-floor` gives the
 //! filesystem's share of a local-path pair, this the core's.
 
