@@ -62,10 +62,11 @@ fn writable(dir: &Path) -> bool {
 }
 
 fn leftovers(base: &Path) -> Vec<PathBuf> {
-    ["volumes", "snapshots"]
-        .iter()
-        .flat_map(|d| std::fs::read_dir(base.join(d)).unwrap())
-        .map(|e| e.unwrap().path())
+    let list = |d: &Path| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path());
+    let shards = list(&base.join("volumes")).filter(|p| p.file_name().unwrap().len() == 1);
+    shards
+        .chain(["volumes", "snapshots"].map(|d| base.join(d)))
+        .flat_map(|d| list(&d).collect::<Vec<_>>())
         .filter(|p| {
             let n = p.file_name().unwrap().to_string_lossy();
             n.starts_with(".tmp-") || n.starts_with(".trash-")

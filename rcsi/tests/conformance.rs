@@ -29,7 +29,7 @@ fn local_path(state_root: Option<PathBuf>) -> Arc<CommandDriver> {
 
 /// Removes a local-path volume's data behind the driver's back.
 fn break_local_volume(state: &Path, volume_id: &str) -> anyhow::Result<()> {
-    let dir = state.join("volumes").join(volume_id);
+    let dir = rcsi_local_path::volume_dir(state, volume_id);
     if dir.is_dir() {
         std::fs::rename(&dir, state.join(format!("broken-{volume_id}")))?;
     } else {

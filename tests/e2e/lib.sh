@@ -139,15 +139,21 @@ denials() {
   grep '"code":403' "$WORKDIR/logs/audit.log" 2>/dev/null | grep -c 'system:serviceaccount:rcsi-system:' || true
 }
 
-# local-path's loop devices: backing files under the base path, or under
-# /volumes when attached from a plugin container that is gone.
-LOOP_PATTERN='/var/lib/rcsi/local/volumes/lv-|\(/volumes/lv-'
+# local-path's loop devices: backing files under the base path (in a shard
+# directory, or directly in volumes/ for volumes made before shards), or
+# under /volumes when attached from a plugin container that is gone.
+LOOP_PATTERN='/var/lib/rcsi/local/volumes/([0-9a-f]/)?lv-|\(/volumes/([0-9a-f]/)?lv-'
+
+# Prints what local-path keeps under volumes/ besides its empty shard directories.
+volume_data() {
+  find /var/lib/rcsi/local/volumes -mindepth 1 ! -regex '.*/volumes/[0-9a-f]' 2>/dev/null || true
+}
 
 # Fails when any volume, image, loop device or mount of local-path is left.
 no_leaks() {
   local base=/var/lib/rcsi/local
   [ -z "$(kubectl get pv --no-headers 2>/dev/null)" ] || fail "PVs left: $(kubectl get pv --no-headers)"
-  [ -z "$(ls -A $base/volumes 2>/dev/null)" ] || fail "volume data left: $(ls -A $base/volumes)"
+  [ -z "$(volume_data)" ] || fail "volume data left: $(volume_data)"
   [ -z "$(ls -A $base/snapshots 2>/dev/null)" ] || fail "snapshot data left: $(ls -A $base/snapshots)"
   ! losetup -a | grep -Eq "$LOOP_PATTERN" || fail "loop devices left: $(losetup -a | grep -E "$LOOP_PATTERN")"
   ! grep -q "local.rcsi.io" /proc/self/mountinfo || fail "mounts left: $(grep local.rcsi.io /proc/self/mountinfo)"

@@ -129,7 +129,7 @@ figure "block volume expanded after the plugin restart: $s s"
 kubectl delete pod e2e-blk-pod e2e-blk-pod2 --wait=true >/dev/null
 handle=$(kubectl get pv "$(kubectl get pvc e2e-blk -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}')
 [ -n "$handle" ] || fail "no volume handle for e2e-blk"
-! losetup -a | grep -q "/volumes/$handle" ||
+! losetup -a | grep -q "/$handle" ||
   fail "the block volume's loop device survived its unstage"
 ok "node plugin replaced: data kept; publish, expand and unstage work"
 
@@ -165,7 +165,8 @@ kubectl delete pv "$pv" --wait=false >/dev/null
 sleep 5
 kubectl exec e2e-keep-pod -- sh -c 'cat /data/f && echo more >> /data/f' | grep -q kept ||
   fail "the data of a Bound PV went when the PV was deleted"
-[ -d "/var/lib/rcsi/local/volumes/$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')" ] ||
+handle=$(kubectl get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}')
+[ -d "/var/lib/rcsi/local/volumes/${handle: -1}/$handle" ] ||
   fail "the volume directory of a Bound PV went"
 kubectl delete pod e2e-keep-pod --wait=true >/dev/null
 kubectl delete pvc e2e-keep --wait=false >/dev/null

@@ -88,7 +88,7 @@ grep -q "^provisioning (rcsi-local-file)" "$out/stdout" || fail "no provisioning
 left=$(kubectl -n rbench-bench get pvc,pod,secret -l rbench.rcsi.io/run --no-headers 2>/dev/null)
 [ -z "$left" ] || fail "left in rbench-bench: $left"
 wait_for 60 "PVs left" sh -c '[ -z "$(kubectl get pv --no-headers 2>/dev/null)" ]'
-[ -z "$(ls -A /var/lib/rcsi/local/volumes 2>/dev/null)" ] || fail "volume data left: $(ls -A /var/lib/rcsi/local/volumes)"
+[ -z "$(volume_data)" ] || fail "volume data left: $(volume_data)"
 [ "$(sa_denials)" = 0 ] || fail "the minimal Role lacks something: $(sa_denials) requests of the rbench ServiceAccount denied"
 ok "rbench k8s: two StorageClasses side by side with the minimal RBAC, nothing left"
 

@@ -195,7 +195,7 @@ impl LocalPath {
                     .volumes
                     .values()
                     .filter(|v| v.backing.is_image() || v.project_id.is_some())
-                    .map(|v| (self.volume_path(&v.id, &v.backing), v.clone()))
+                    .map(|v| (self.volume_path(v), v.clone()))
                     .collect(),
             ),
         };
@@ -244,7 +244,7 @@ impl LocalPath {
         mode: u32,
     ) -> Result<csi::Volume> {
         let id = new_id("lv-");
-        let final_path = self.volume_path(&id, backing);
+        let final_path = self.new_volume_path(&id, backing);
         let staging = if backing.is_image() {
             tmp_name(&final_path)
         } else {
@@ -263,6 +263,7 @@ impl LocalPath {
             source: None,
             created_unix: now().0,
             project_id: project,
+            sharded: true,
         };
         let (room, log, quotas, node) = (
             self.room(),
@@ -456,8 +457,7 @@ impl ControllerBackend for LocalPath {
         if let Some(id) = existing {
             let existing = self.volume(&id)?;
             Self::compatible(&existing, &req, &backing)?;
-            self.settle(&self.volume_path(&existing.id, &existing.backing))
-                .await?;
+            self.settle(&self.volume_path(&existing)).await?;
             return Ok(self.to_proto(&existing));
         }
 
@@ -475,11 +475,7 @@ impl ControllerBackend for LocalPath {
             }
             Some(ContentSource::Volume(id)) => {
                 let v = self.volume(id)?;
-                Some((
-                    self.volume_path(&v.id, &v.backing),
-                    v.backing.clone(),
-                    v.capacity,
-                ))
+                Some((self.volume_path(&v), v.backing.clone(), v.capacity))
             }
         };
         let min = min_size(&backing).max(source.as_ref().map_or(0, |s| s.2));
@@ -506,7 +502,7 @@ impl ControllerBackend for LocalPath {
         }
 
         let id = new_id("lv-");
-        let final_path = self.volume_path(&id, &backing);
+        let final_path = self.new_volume_path(&id, &backing);
         let tmp = tmp_name(&final_path);
         let project = (backing == Backing::Directory && self.quotas.is_some()).then(|| {
             self.next_project
@@ -532,6 +528,7 @@ impl ControllerBackend for LocalPath {
                 source: req.source.as_ref().map(SourceMeta::from),
                 created_unix: secs,
                 project_id: project,
+                sharded: true,
             };
             self.commit(Change::PutVolume(meta.clone())).await?;
             Ok::<_, Error>(meta)
@@ -559,7 +556,7 @@ impl ControllerBackend for LocalPath {
         let Ok(v) = self.volume(volume_id) else {
             return Ok(());
         };
-        let path = self.volume_path(&v.id, &v.backing);
+        let path = self.volume_path(&v);
         let (dev, exposed) = self.usage(&v).await?;
         let mounted: Vec<String> = exposed
             .into_iter()
@@ -714,7 +711,7 @@ impl ControllerBackend for LocalPath {
                 })
                 .await?;
             }
-            let from = self.volume_path(&v.id, &v.backing);
+            let from = self.volume_path(&v);
             self.copy_data(&from, &tmp, v.backing.is_image()).await?;
             self.commit(Change::PutSnapshot(s.clone())).await
         }
@@ -786,7 +783,7 @@ impl ControllerBackend for LocalPath {
             )));
         }
         let (img, quotas, backing, project) = (
-            self.volume_path(&v.id, &v.backing),
+            self.volume_path(&v),
             self.quotas.clone(),
             v.backing.clone(),
             v.project_id,
@@ -802,7 +799,7 @@ impl ControllerBackend for LocalPath {
         })
         .await?;
         if v.backing == Backing::Block {
-            let img = self.volume_path(&v.id, &v.backing);
+            let img = self.volume_path(&v);
             if let Some(dev) = self.host.loops.find_loop(&img).await? {
                 self.host.loops.refresh_loop(&dev).await?;
             }

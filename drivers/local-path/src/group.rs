@@ -54,7 +54,7 @@ impl LocalPath {
         let mut frozen = Vec::new();
         for v in volumes.iter().filter(|v| v.backing.is_image()) {
             // A failure here drops the guards taken so far, which thaws them.
-            frozen.extend(self.freeze(&self.volume_path(&v.id, &v.backing)).await?);
+            frozen.extend(self.freeze(&self.volume_path(v)).await?);
         }
         let copied = async {
             for (v, s) in volumes.iter().zip(snaps) {
@@ -66,7 +66,7 @@ impl LocalPath {
                     })
                     .await?;
                 }
-                let from = self.volume_path(&v.id, &v.backing);
+                let from = self.volume_path(v);
                 self.copy_raw(&from, &tmp, v.backing.is_image()).await?;
             }
             Ok::<_, Error>(())

@@ -112,6 +112,7 @@ impl LocalPath {
             let p = cfg.base_path.join(d);
             std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
         }
+        make_shards(&cfg.base_path.join("volumes"))?;
         let base_path = std::fs::canonicalize(&cfg.base_path)
             .ctx(|| format!("resolving {}", cfg.base_path.display()))?;
         let cfg = Config { base_path, ..cfg };
@@ -170,9 +171,26 @@ impl LocalPath {
         self.cfg.base_path.join("snapshots")
     }
 
+    /// The volumes directory and its shards: every place volume data lives.
+    fn volume_dirs(&self) -> Vec<PathBuf> {
+        let top = self.volumes_dir();
+        std::iter::once(top.clone())
+            .chain(shards().map(|s| top.join(s)))
+            .collect()
+    }
+
     /// Where a volume's data lives.
-    fn volume_path(&self, id: &str, backing: &Backing) -> PathBuf {
-        data_path(&self.volumes_dir(), id, backing)
+    fn volume_path(&self, v: &VolumeMeta) -> PathBuf {
+        if v.sharded {
+            self.new_volume_path(&v.id, &v.backing)
+        } else {
+            data_path(&self.volumes_dir(), &v.id, &v.backing)
+        }
+    }
+
+    /// Where a new volume's data goes: the shard directory of its id.
+    fn new_volume_path(&self, id: &str, backing: &Backing) -> PathBuf {
+        data_path(&self.volumes_dir().join(shard_of(id)), id, backing)
     }
 
     fn snapshot_path(&self, s: &SnapshotMeta) -> PathBuf {
@@ -252,7 +270,8 @@ impl LocalPath {
             idx.state.deleted.iter().cloned().collect()
         };
         let total = ids.len();
-        let dirs = [self.volumes_dir(), self.snapshots_dir()];
+        let mut dirs = self.volume_dirs();
+        dirs.push(self.snapshots_dir());
         let settled = self
             .fs("settling deletions", move || {
                 // Data a failed removal left behind is removed again here.
@@ -304,20 +323,24 @@ impl LocalPath {
     /// finished, those that did not are undone.
     fn recover(&self) -> Result<()> {
         let idx = self.index();
-        for (dir, known) in [
-            (
-                self.volumes_dir(),
-                &idx.state.volumes.keys().cloned().collect::<Vec<_>>(),
-            ),
-            (
-                self.snapshots_dir(),
-                &idx.state.snapshots.keys().cloned().collect::<Vec<_>>(),
-            ),
-        ] {
+        let volumes = idx.state.volumes.keys().cloned().collect::<Vec<_>>();
+        let snapshots = idx.state.snapshots.keys().cloned().collect::<Vec<_>>();
+        let top = self.volumes_dir();
+        let shard_names: Vec<String> = shards().collect();
+        let mut dirs: Vec<_> = self
+            .volume_dirs()
+            .into_iter()
+            .map(|d| (d, &volumes))
+            .collect();
+        dirs.push((self.snapshots_dir(), &snapshots));
+        for (dir, known) in dirs {
             let entries = std::fs::read_dir(&dir).ctx(|| format!("reading {}", dir.display()))?;
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let path = e.path();
+                if dir == top && shard_names.contains(&name) {
+                    continue;
+                }
                 if let Some(rest) = name.strip_prefix(".tmp-") {
                     let id = rest.trim_end_matches(".img");
                     if known.iter().any(|k| k == id) {
@@ -361,7 +384,7 @@ impl LocalPath {
         // keep a record whose directory entry, size or quota limit was not
         // yet on disk: redo those (copied data was flushed before its record).
         for v in idx.state.volumes.values() {
-            let p = self.volume_path(&v.id, &v.backing);
+            let p = self.volume_path(v);
             let quota = self.quotas.as_ref().zip(v.project_id);
             match std::fs::symlink_metadata(&p) {
                 Ok(m) if v.backing.is_image() && m.len() < v.capacity => {
@@ -520,6 +543,44 @@ fn tmp_name(done: &Path) -> PathBuf {
         ".tmp-{}",
         done.file_name().unwrap_or_default().to_string_lossy()
     ))
+}
+
+/// Names of the shard directories under `volumes/`: creations and removals
+/// in different shards do not queue on one directory's lock, which a
+/// filesystem mounted with `discard` holds while it trims a removed
+/// directory's blocks.
+fn shards() -> impl Iterator<Item = String> {
+    (0..16u32).map(|n| format!("{n:x}"))
+}
+
+/// The shard of an id: its last hex digit (ids end in random hex).
+fn shard_of(id: &str) -> String {
+    let last = id.chars().last().unwrap_or('0');
+    let n = last.to_digit(16).unwrap_or(u32::from(last) % 16);
+    format!("{n:x}")
+}
+
+/// Where a volume made by this version keeps its data under base path
+/// `base` (an image adds `.img`).
+pub fn volume_dir(base: &Path, id: &str) -> PathBuf {
+    base.join("volumes").join(shard_of(id)).join(id)
+}
+
+/// Makes the missing shard directories, durably, before any volume uses them.
+fn make_shards(volumes: &Path) -> Result<()> {
+    let mut made = false;
+    for s in shards() {
+        let p = volumes.join(s);
+        match std::fs::create_dir(&p) {
+            Ok(()) => made = true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(format!("creating {}", p.display()), e)),
+        }
+    }
+    if made {
+        csi_core::fsutil::fsync_dir(volumes).ctx(|| format!("fsync {}", volumes.display()))?;
+    }
+    Ok(())
 }
 
 /// Data location of an id with a given layout.

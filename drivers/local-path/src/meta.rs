@@ -82,6 +82,10 @@ pub struct VolumeMeta {
     pub created_unix: u64,
     /// Project quota id, when the size is enforced by a project quota.
     pub project_id: Option<u32>,
+    /// Its data is in a shard directory, `volumes/<x>/`; volumes made before
+    /// shards keep theirs in `volumes/`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sharded: bool,
 }
 
 /// One snapshot.

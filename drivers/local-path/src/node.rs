@@ -70,7 +70,7 @@ impl LocalPath {
         fs_type: &str,
         req: &StageVolume,
     ) -> Result<()> {
-        let img = self.volume_path(&v.id, &v.backing);
+        let img = self.volume_path(v);
         let dev = self.host.loops.attach_loop(&img).await?;
         let format = Format {
             fs_type,
@@ -109,7 +109,7 @@ impl LocalPath {
     /// directory) and the volume's [`exposures`](Self::exposures), from one
     /// look at the loop devices and the mount table.
     pub(crate) async fn usage(&self, v: &VolumeMeta) -> Result<(Option<PathBuf>, Vec<MountInfo>)> {
-        let data = self.volume_path(&v.id, &v.backing);
+        let data = self.volume_path(v);
         let dev = match v.backing {
             Backing::Directory => None,
             _ => match self.host.loops.find_loop(&data).await? {
@@ -260,17 +260,14 @@ impl NodeBackend for LocalPath {
         let v = self.volume(&req.volume_id)?;
         check_fits(&v, &req.capability)?;
         if v.backing == Backing::Block {
-            self.host
-                .loops
-                .attach_loop(&self.volume_path(&v.id, &v.backing))
-                .await?;
+            self.host.loops.attach_loop(&self.volume_path(&v)).await?;
             return Ok(());
         }
         self.mkdirs(&req.staging_path).await?;
         match &v.backing {
             Backing::Filesystem { fs_type } => self.stage_filesystem(&v, fs_type, &req).await,
             _ => {
-                let data = self.volume_path(&v.id, &v.backing);
+                let data = self.volume_path(&v);
                 let d = data.clone();
                 if !self
                     .fs("looking at volume data", move || Ok(d.is_dir()))
@@ -322,7 +319,7 @@ impl NodeBackend for LocalPath {
         if let Some(v) = volume
             && v.backing.is_image()
         {
-            let img = self.volume_path(&v.id, &v.backing);
+            let img = self.volume_path(&v);
             if let Some(dev) = self.host.loops.find_loop(&img).await? {
                 self.host.loops.detach_loop(&dev).await?;
             }
@@ -347,7 +344,7 @@ impl NodeBackend for LocalPath {
             }
         }
         if v.backing == Backing::Block {
-            let img = self.volume_path(&v.id, &v.backing);
+            let img = self.volume_path(&v);
             let dev = self.host.loops.find_loop(&img).await?.ok_or_else(|| {
                 Error::FailedPrecondition(format!("volume {} is not staged on this node", v.id))
             })?;
@@ -420,7 +417,7 @@ impl NodeBackend for LocalPath {
 
     async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let v = self.volume(volume_id)?;
-        let data = self.volume_path(&v.id, &v.backing);
+        let data = self.volume_path(&v);
         let (p, d) = (path.to_path_buf(), data.clone());
         let look = self
             .fs("looking at the volume path", move || {
@@ -472,7 +469,7 @@ impl NodeBackend for LocalPath {
         if v.backing == Backing::Directory {
             return Ok(v.capacity);
         }
-        let img = self.volume_path(&v.id, &v.backing);
+        let img = self.volume_path(&v);
         let dev = self.host.loops.find_loop(&img).await?.ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {} is not staged on this node", v.id))
         })?;

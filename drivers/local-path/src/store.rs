@@ -171,6 +171,7 @@ mod tests {
             source: None,
             created_unix: 0,
             project_id: None,
+            sharded: true,
         }
     }
 

@@ -5,7 +5,7 @@ use csi_core::csi::{self, volume_capability as vc};
 use csi_core::exec::SystemExec;
 use csi_core::types::CreateVolume;
 use rcsi_local_path::store::Index;
-use rcsi_local_path::{Config, Host, LocalPath};
+use rcsi_local_path::{Config, Host, LocalPath, volume_dir};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,38 +78,46 @@ async fn crash_windows_are_finished_or_undone() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     let vols = base.join("volumes");
+    let vol = |id: &str| volume_dir(&base, id);
+    let beside = |id: &str, prefix: &str| vol(id).with_file_name(format!("{prefix}{id}"));
     let (a, b) = {
         let d = open(&base);
         let a = create(&d, "a").await;
         let b = create(&d, "b").await;
-        std::fs::write(vols.join(&a).join("data"), b"kept").unwrap();
+        std::fs::write(vol(&a).join("data"), b"kept").unwrap();
         (a, b)
     };
     // a: committed, crashed before its rename into place.
-    std::fs::rename(vols.join(&a), vols.join(format!(".tmp-{a}"))).unwrap();
+    std::fs::rename(vol(&a), beside(&a, ".tmp-")).unwrap();
     // b: renamed to trash for deletion, crashed before the commit.
-    std::fs::rename(vols.join(&b), vols.join(format!(".trash-{b}"))).unwrap();
-    // Leftovers of creations and deletions that did commit or never did.
+    std::fs::rename(vol(&b), beside(&b, ".trash-")).unwrap();
+    // Leftovers of creations and deletions that did commit or never did, in
+    // a shard and where volumes lived before shards.
     let unknown = "lv-0123456789abcdef0123456789abcdef";
-    std::fs::create_dir(vols.join(format!(".tmp-{unknown}"))).unwrap();
+    std::fs::create_dir(beside(unknown, ".tmp-")).unwrap();
     std::fs::create_dir(vols.join(format!(".trash-{unknown}"))).unwrap();
     // A directory made in place whose record never committed: empty, removed.
-    let unfinished = vols.join("lv-eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee");
+    let unfinished = vol("lv-eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee");
     std::fs::create_dir(&unfinished).unwrap();
     // Data without metadata is the operator's to judge: left alone.
     std::fs::create_dir(vols.join("lv-ffffffffffffffffffffffffffffffff")).unwrap();
     std::fs::write(vols.join("lv-ffffffffffffffffffffffffffffffff/f"), b"x").unwrap();
 
     let d = open(&base);
-    assert_eq!(std::fs::read(vols.join(&a).join("data")).unwrap(), b"kept");
-    assert!(vols.join(&b).is_dir(), "uncommitted deletion rolled back");
-    assert!(!vols.join(format!(".tmp-{unknown}")).exists());
+    assert_eq!(std::fs::read(vol(&a).join("data")).unwrap(), b"kept");
+    assert!(vol(&b).is_dir(), "uncommitted deletion rolled back");
+    assert!(!beside(unknown, ".tmp-").exists());
     assert!(!vols.join(format!(".trash-{unknown}")).exists());
     assert!(
         !unfinished.exists(),
         "an empty unrecorded directory is removed"
     );
     assert!(vols.join("lv-ffffffffffffffffffffffffffffffff/f").exists());
+    let shards = std::fs::read_dir(&vols)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().len() == 1)
+        .count();
+    assert_eq!(shards, 16, "recovery keeps the empty shard directories");
     let mut listed: Vec<String> = d
         .list_volumes()
         .await
@@ -131,7 +139,7 @@ async fn a_committed_snapshot_whose_rename_failed_is_settled_by_the_retry() {
     let base = dir.path().join("base");
     let d = open(&base);
     let v = create(&d, "src").await;
-    std::fs::write(base.join("volumes").join(&v).join("data"), b"snap me").unwrap();
+    std::fs::write(volume_dir(&base, &v).join("data"), b"snap me").unwrap();
     let params = Default::default();
     let s = d
         .create_snapshot(&v, "snap", &params, &Secrets::default())
@@ -166,7 +174,7 @@ async fn committed_changes_whose_metadata_was_lost_are_redone() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
-    let vols = base.join("volumes");
+    let vol = |id: &str| volume_dir(&base, id);
     let (a, img, gone) = {
         let d = open(&base);
         let a = create_with(
@@ -188,27 +196,24 @@ async fn committed_changes_whose_metadata_was_lost_are_redone() {
         (a, img, gone)
     };
     // a's mkdir, img's size and gone's removal were lost.
-    std::fs::remove_dir(vols.join(&a)).unwrap();
-    let image = vols.join(format!("{img}.img"));
+    std::fs::remove_dir(vol(&a)).unwrap();
+    let image = vol(&img).with_extension("img");
     std::fs::OpenOptions::new()
         .write(true)
         .open(&image)
         .unwrap()
         .set_len(4096)
         .unwrap();
-    std::fs::create_dir(vols.join(&gone)).unwrap();
-    std::fs::write(vols.join(&gone).join("old"), b"deleted data").unwrap();
+    std::fs::create_dir(vol(&gone)).unwrap();
+    std::fs::write(vol(&gone).join("old"), b"deleted data").unwrap();
     assert_eq!(tombstones(&base), 1);
 
     let d = open(&base);
-    let m = std::fs::metadata(vols.join(&a)).unwrap();
+    let m = std::fs::metadata(vol(&a)).unwrap();
     assert!(m.is_dir());
     assert_eq!(m.permissions().mode() & 0o7777, 0o750);
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 1 << 20);
-    assert!(
-        !vols.join(&gone).exists(),
-        "a committed deletion is finished"
-    );
+    assert!(!vol(&gone).exists(), "a committed deletion is finished");
     assert_eq!(d.list_volumes().await.unwrap().len(), 2);
 }
 
@@ -240,7 +245,7 @@ async fn data_a_failed_removal_left_is_removed_when_deletions_settle() {
     let base = dir.path().join("base");
     let d = open(&base);
     let id = create(&d, "busy").await;
-    let data = base.join("volumes").join(&id);
+    let data = volume_dir(&base, &id);
     let busy = data.join("mnt");
     std::fs::create_dir(&busy).unwrap();
     std::fs::write(data.join("f"), b"x").unwrap();
@@ -264,8 +269,54 @@ async fn data_a_failed_removal_left_is_removed_when_deletions_settle() {
         let v = create(&d, &format!("v{i}")).await;
         d.delete_volume(&v, &Secrets::default()).await.unwrap();
     }
-    let left: Vec<_> = std::fs::read_dir(base.join("volumes")).unwrap().collect();
+    let left: Vec<_> = std::fs::read_dir(volume_dir(&base, &id).parent().unwrap())
+        .unwrap()
+        .collect();
     assert!(left.is_empty(), "settling removed the leftover: {left:?}");
     drop(d);
     assert_eq!(tombstones(&base), 0);
+}
+
+// Volumes made before shard directories keep their data in `volumes/`; their
+// records carry no `sharded` flag.
+#[tokio::test]
+async fn volumes_made_before_shards_stay_where_they_are() {
+    use csi_core::types::Secrets;
+    use rcsi_local_path::store::Change;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let old_dir = |id: &str| base.join("volumes").join(id);
+    let id = {
+        let d = open(&base);
+        create(&d, "old").await
+    };
+    // Turn it into a volume of the layout before shards: record and data.
+    {
+        let log = csi_core::journal::Log::<Index>::open(&base.join(".rcsi")).unwrap();
+        let mut v = log.read().state.volumes[&id].clone();
+        assert!(v.sharded, "new volumes are made in a shard");
+        v.sharded = false;
+        let record = serde_json::to_string(&v).unwrap();
+        assert!(!record.contains("sharded"), "{record}");
+        log.commit(Change::PutVolume(v)).await.unwrap();
+    }
+    std::fs::rename(volume_dir(&base, &id), old_dir(&id)).unwrap();
+    std::fs::write(old_dir(&id).join("data"), b"old data").unwrap();
+
+    let d = open(&base);
+    assert_eq!(
+        std::fs::read(old_dir(&id).join("data")).unwrap(),
+        b"old data"
+    );
+    assert_eq!(create(&d, "old").await, id, "its name still maps to it");
+    let new = create(&d, "new").await;
+    assert!(
+        volume_dir(&base, &new).is_dir(),
+        "a new volume goes in its shard"
+    );
+    d.delete_volume(&id, &Secrets::default()).await.unwrap();
+    assert!(!old_dir(&id).exists(), "its deletion removes its data");
+    let ids: Vec<_> = d.list_volumes().await.unwrap();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(ids[0].0.volume_id, new);
 }
