@@ -313,15 +313,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
-            if rb.filled().is_empty() {
+            if matches!(this.mode, Mode::Passthrough) && this.input.is_empty() {
+                // Nothing held back: read straight into the caller's buffer.
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            this.input.reserve(8192);
+            if ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.input
+            ))? == 0
+            {
                 this.eof = true;
                 this.dump_raw();
                 continue;
             }
-            this.input.extend_from_slice(rb.filled());
             this.process();
         }
     }
@@ -497,6 +503,38 @@ mod tests {
             });
         }
         assert_eq!(pass(&input).await, input, "byte for byte, padding included");
+    }
+
+    #[tokio::test]
+    async fn bytes_arriving_in_pieces_pass_untouched_before_and_after_the_handover() {
+        let mut enc = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        frame_vec(&mut input, 0x4, 0, 0, &[]);
+        frame_vec(
+            &mut input,
+            HEADERS,
+            END_HEADERS,
+            1,
+            &headers(&mut enc, "localhost", 0),
+        );
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        for chunk in data.chunks(16_384) {
+            frame_vec(&mut input, 0x0, 0, 1, chunk);
+        }
+        let (mut client, server) = tokio::io::duplex(64);
+        let sent = input.clone();
+        let writer = tokio::spawn(async move {
+            for piece in sent.chunks(7) {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut out = Vec::new();
+        let mut fix = AuthorityFix::new(server);
+        fix.read_to_end(&mut out).await.unwrap();
+        writer.await.unwrap();
+        assert!(matches!(fix.mode, Mode::Passthrough));
+        assert_eq!(out, input);
     }
 
     #[tokio::test]
