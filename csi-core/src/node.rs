@@ -139,6 +139,8 @@ impl csi::node_server::Node for NodeService {
             .call("NodePublishVolume", &r.volume_id, &r, async {
                 let volume_id = self.id(&r.volume_id, "volume_id")?;
                 let target_path = check_path(&r.target_path, "target_path")?;
+                // A missing field is InvalidArgument before the missing stage.
+                let capability = capability(r.volume_capability.as_ref())?;
                 // Kubelet never stages CSI inline (ephemeral) volumes.
                 let ephemeral = r
                     .volume_context
@@ -155,7 +157,6 @@ impl csi::node_server::Node for NodeService {
                 } else {
                     Some(check_path(&r.staging_target_path, "staging_target_path")?)
                 };
-                let capability = capability(r.volume_capability.as_ref())?;
                 let guards = vec![
                     self.ops.lock("volume", &volume_id)?,
                     self.ops.lock("target path", &r.target_path)?,

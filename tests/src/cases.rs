@@ -26,6 +26,7 @@ const NODE_FREE: &[&str] = &[
     "identity_probe_and_capabilities",
     "create_volume_required_fields",
     "create_volume_rejects_names_that_escape",
+    "longest_names_work",
     "create_volume_idempotent",
     "create_volume_capacity_ranges",
     "delete_volume_semantics",
@@ -66,6 +67,7 @@ pub fn all() -> Vec<Case> {
             create_volume_rejects_names_that_escape,
             Controller(C::CreateDeleteVolume)
         ),
+        case!(longest_names_work, Controller(C::CreateDeleteVolume)),
         case!(create_volume_idempotent, Controller(C::CreateDeleteVolume)),
         case!(
             create_volume_capacity_ranges,
@@ -640,6 +642,41 @@ async fn concurrent_create_same_name(c: &mut Ctx) -> Result<()> {
         );
     }
     c.delete(&id).await
+}
+
+/// Names of 128 bytes, the spec's size limit for strings, must work: the
+/// id fits the same limit and a retry returns it (csi-sanity's
+/// maximum-length cases, which a driver embedding names in ids can fail).
+async fn longest_names_work(c: &mut Ctx) -> Result<()> {
+    let name = format!("longest-volume-{}", "n".repeat(113));
+    ensure!(name.len() == csi_core::types::MAX_ID_BYTES);
+    let v = c.create(&name).await?;
+    ensure!(
+        v.volume_id.len() <= csi_core::types::MAX_ID_BYTES,
+        "a 128-byte name gave a {}-byte volume id",
+        v.volume_id.len()
+    );
+    let again = c.create(&name).await?;
+    ensure!(
+        again.volume_id == v.volume_id,
+        "a retry returned another id"
+    );
+    if c.can(C::CreateDeleteSnapshot) {
+        let sname = format!("longest-snapshot-{}", "s".repeat(111));
+        let s = create_snapshot(c, &v.volume_id, &sname).await?;
+        ensure!(
+            s.snapshot_id.len() <= csi_core::types::MAX_ID_BYTES,
+            "a 128-byte name gave a {}-byte snapshot id",
+            s.snapshot_id.len()
+        );
+        let again = create_snapshot(c, &v.volume_id, &sname).await?;
+        ensure!(
+            again.snapshot_id == s.snapshot_id,
+            "a retry returned another snapshot id"
+        );
+        delete_snapshot(c, &s.snapshot_id).await?;
+    }
+    c.delete(&v.volume_id).await
 }
 
 fn snap_req(c: &Ctx, source: &str, name: &str) -> csi::CreateSnapshotRequest {
@@ -1932,7 +1969,8 @@ async fn stats_and_expand_judge_volume_first(c: &mut Ctx) -> Result<()> {
 /// The spec's NodeStageVolume and NodePublishVolume error tables: a
 /// capability the volume cannot serve is FAILED_PRECONDITION ("Exceeds
 /// capabilities"), and so is a publish without the staging path of a
-/// driver that stages ("Staging target path not set").
+/// driver that stages ("Staging target path not set") unless a required
+/// field is missing too (InvalidArgument).
 async fn node_error_table_codes(c: &mut Ctx) -> Result<()> {
     let v = c.create("codes").await?;
     let (st, tg) = c.mount(&v, "codes").await?;
@@ -1942,6 +1980,16 @@ async fn node_error_table_codes(c: &mut Ctx) -> Result<()> {
         c.node.node_publish_volume(r).await,
         Code::FailedPrecondition,
         "NodePublishVolume without staging_target_path on a staging driver",
+    )?;
+    // A missing required field comes first: csi-sanity's "no volume
+    // capability" case sends neither field.
+    let mut r = c.publish_req(&v, c.mount_cap(), &st, &c.path("codes-3/vol"), false);
+    r.staging_target_path.clear();
+    r.volume_capability = None;
+    expect_code(
+        c.node.node_publish_volume(r).await,
+        Code::InvalidArgument,
+        "NodePublishVolume without volume_capability nor staging_target_path",
     )?;
     c.unmount(&v, &st, &tg).await?;
     c.delete(&v.volume_id).await?;

@@ -171,10 +171,18 @@ impl ControllerBackend for Nfs {
         check_caps(&req.capabilities)?;
         let p = Params::parse(&req.parameters)?;
         let sub = p.sub_dir_for(&req.name, &req.metadata)?;
-        let vid = VolumeId::new(&p.server, &p.share, &sub, &req.name);
-        if !vid.fits() {
+        let mut vid = VolumeId::new(&p.server, &p.share, &sub, &req.name);
+        // A directory named after the volume may be shortened; one from the
+        // operator's template is kept as given.
+        let fits = if p.sub_dir.is_none() {
+            vid.shorten_sub_dir()
+        } else {
+            vid.fits()
+        };
+        if !fits {
             return Err(NfsError::IdTooLong(req.name.clone()).into());
         }
+        let sub = vid.sub_dir.clone();
         let id = vid.encode();
         let share = self.share_of(&p.server, &p.share);
         let journal = self.volumes(&share);

@@ -69,6 +69,28 @@ impl VolumeId {
     pub fn fits(&self) -> bool {
         self.encode().len() <= MAX_ID_BYTES
     }
+
+    /// Shortens a sub-directory taken from the volume name until the id
+    /// fits: a prefix of the name, `-` and 16 hex digits of its uuid, the
+    /// same on every retry. False when even that cannot fit.
+    pub fn shorten_sub_dir(&mut self) -> bool {
+        let over = self.encode().len().saturating_sub(MAX_ID_BYTES);
+        if over == 0 {
+            return true;
+        }
+        let tag = format!("-{}", &self.uuid.simple().to_string()[..16]);
+        let Some(mut keep) = self.sub_dir.len().checked_sub(over + tag.len()) else {
+            return false;
+        };
+        while !self.sub_dir.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        if keep == 0 {
+            return false;
+        }
+        self.sub_dir = format!("{}{tag}", &self.sub_dir[..keep]);
+        self.fits()
+    }
 }
 
 /// A snapshot of this driver.
@@ -214,6 +236,33 @@ fn join(share: &str, sub: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_name_gets_a_shorter_directory_and_an_id_that_fits() {
+        let name = format!("pvc-é{}", "a".repeat(122));
+        assert_eq!(name.len(), 128);
+        let mut v = VolumeId::new("nfs.example.com", "/exports/k8s", &name, &name);
+        assert!(!v.fits());
+        assert!(v.shorten_sub_dir());
+        assert_eq!(v.encode().len(), MAX_ID_BYTES);
+        assert!(name.starts_with(&v.sub_dir[..v.sub_dir.len() - 17]));
+        assert!(v.sub_dir.ends_with(&v.uuid.simple().to_string()[..16]));
+        assert_eq!(VolumeId::parse(&v.encode()), Some(v.clone()));
+        // The same on a retry; another long name with the same start differs.
+        let mut again = VolumeId::new("nfs.example.com", "/exports/k8s", &name, &name);
+        assert!(again.shorten_sub_dir());
+        assert_eq!(again, v);
+        let other = format!("pvc-é{}b", "a".repeat(121));
+        let mut o = VolumeId::new("nfs.example.com", "/exports/k8s", &other, &other);
+        assert!(o.shorten_sub_dir());
+        assert_ne!(o.sub_dir, v.sub_dir);
+        // A short id is left alone; a server name too long for any id fails.
+        let mut short = VolumeId::new("s", "/e", "pvc-1", "pvc-1");
+        assert!(short.shorten_sub_dir());
+        assert_eq!(short.sub_dir, "pvc-1");
+        let mut hopeless = VolumeId::new(&"s".repeat(100), "/e", "pvc-1", "pvc-1");
+        assert!(!hopeless.shorten_sub_dir());
+    }
 
     #[test]
     fn ids_round_trip_and_reject_anything_else() {
