@@ -442,6 +442,7 @@ struct RbdNodeArgs {
 }
 
 fn rbd_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
+    rcsi_ceph::ffi::require(true)?;
     let a = RbdNodeArgs::from_arg_matches(m)?;
     let (map, cfg) = a.common.config()?;
     let exec: Arc<dyn csi_core::exec::Exec> = Arc::new(csi_core::exec::SystemExec);
@@ -485,6 +486,7 @@ fn rbd_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
 }
 
 fn rbd_controller(m: &ArgMatches) -> anyhow::Result<Services> {
+    rcsi_ceph::ffi::require(true)?;
     let (map, cfg) = RbdArgs::from_arg_matches(m)?.config()?;
     let driver = Arc::new(rcsi_ceph::rbd::Rbd::new(map, cfg));
     Ok(Services {
@@ -521,6 +523,7 @@ impl CephfsArgs {
 }
 
 fn cephfs_controller(m: &ArgMatches) -> anyhow::Result<Services> {
+    rcsi_ceph::ffi::require(false)?;
     let a = CephfsArgs::from_arg_matches(m)?;
     let map = rcsi_ceph::config::ClusterMap::load(&a.ceph_config)?;
     let cfg = a.config();
@@ -574,6 +577,7 @@ struct CephfsNodeArgs {
 }
 
 fn cephfs_node(m: &ArgMatches, common: NodeCommon) -> anyhow::Result<Services> {
+    rcsi_ceph::ffi::require(false)?;
     let a = CephfsNodeArgs::from_arg_matches(m)?;
     let map = rcsi_ceph::config::ClusterMap::load(&a.common.ceph_config)?;
     let cfg = a.common.config();

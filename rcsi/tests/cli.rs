@@ -1,9 +1,20 @@
 //! The command line: each driver's flags appear only with that driver.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn rcsi(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rcsi"))
+    rcsi_with_libs(args, None)
+}
+
+/// Runs rcsi with `libs` searched first for shared libraries.
+fn rcsi_with_libs(args: &[&str], libs: Option<&Path>) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rcsi"));
+    if let Some(dir) = libs {
+        cmd.env("LD_LIBRARY_PATH", dir);
+    }
+    let out = cmd
         .args(args)
         .env_remove("RUST_BACKTRACE")
         .output()
@@ -65,7 +76,7 @@ fn local_path_has_no_separate_controller() {
         text.contains("its controller runs inside `rcsi node`"),
         "{text}"
     );
-    assert!(!std::path::Path::new("/tmp/rcsi-cli-test-ctl.sock").exists());
+    assert!(!Path::new("/tmp/rcsi-cli-test-ctl.sock").exists());
 }
 
 /// The quick start (root: it mounts): every step of the volume's life,
@@ -89,4 +100,90 @@ fn demo_walks_a_volume_through_its_life_and_benchmarks_it() {
     assert!(text.contains("demo complete"), "{text}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains("rcsi-demo"), "mounts left:\n{mounts}");
+}
+
+/// librados and librbd are loaded at run time: without them the Ceph drivers
+/// refuse to start and name the package to install, and the others serve.
+#[test]
+fn only_the_ceph_drivers_need_the_ceph_libraries() {
+    // An empty file where the loader looks first stands for a broken or
+    // missing library.
+    let none = tempfile::tempdir().unwrap();
+    for lib in ["librados.so.2", "librbd.so.1"] {
+        std::fs::write(none.path().join(lib), b"").unwrap();
+    }
+    let sock = none.path().join("csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    for (args, package) in [
+        (
+            vec!["node", "--driver", "rbd", "--node-id", "n"],
+            "librados2",
+        ),
+        (vec!["controller", "--driver", "rbd"], "librados2"),
+        (
+            vec!["node", "--driver", "cephfs", "--node-id", "n"],
+            "librados2",
+        ),
+        (vec!["controller", "--driver", "cephfs"], "librados2"),
+    ] {
+        let mut args = args;
+        args.extend(["--endpoint", &endpoint]);
+        let (ok, text) = rcsi_with_libs(&args, Some(none.path()));
+        assert!(!ok, "{args:?} started:\n{text}");
+        assert!(
+            text.contains("cannot load librados.so.2")
+                && text.contains(&format!("install {package}")),
+            "{args:?}:\n{text}"
+        );
+        assert!(!sock.exists());
+    }
+
+    // librados present, librbd not: only RBD needs it.
+    let no_rbd = tempfile::tempdir().unwrap();
+    std::fs::write(no_rbd.path().join("librbd.so.1"), b"").unwrap();
+    let (ok, text) = rcsi_with_libs(
+        &[
+            "node",
+            "--driver",
+            "rbd",
+            "--node-id",
+            "n",
+            "--endpoint",
+            &endpoint,
+        ],
+        Some(no_rbd.path()),
+    );
+    assert!(
+        !ok && text.contains("cannot load librbd.so.1") && text.contains("install librbd1"),
+        "{text}"
+    );
+
+    // local-path serves without either.
+    let base = none.path().join("base");
+    let mut plugin = Command::new(env!("CARGO_BIN_EXE_rcsi"))
+        .env("LD_LIBRARY_PATH", none.path())
+        .args([
+            "node",
+            "--driver",
+            "local-path",
+            "--node-id",
+            "n",
+            "--endpoint",
+            &endpoint,
+        ])
+        .arg("--base-path")
+        .arg(&base)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() && Instant::now() < deadline {
+        assert!(plugin.try_wait().unwrap().is_none(), "local-path exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let served = sock.exists();
+    plugin.kill().unwrap();
+    plugin.wait().unwrap();
+    assert!(served, "local-path did not serve within 20 s");
 }

@@ -23,7 +23,7 @@ cluster_id=rcsi-test
 
 install() {
   apt_install ceph-mon ceph-mgr ceph-mgr-modules-core ceph-osd ceph-mds ceph-fuse rbd-fuse \
-    rbd-nbd ceph-common librados-dev librbd-dev uuid-runtime
+    rbd-nbd ceph-common librados2 librbd1 uuid-runtime
 }
 
 # Every port a daemon of DIR listens on.

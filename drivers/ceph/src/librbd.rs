@@ -2,8 +2,8 @@
 //! no libclang) with safe wrappers. Every call is blocking; callers run them
 //! through [`crate::pool::Pool::run`].
 
+use crate::ffi::IoctxT as rados_ioctx_t;
 use crate::rados::{IoCtx, check, cstr};
-use ceph::rados::rados_ioctx_t;
 use csi_core::{Error, Result};
 use std::marker::PhantomData;
 use std::os::raw::{c_char, c_int, c_void};
@@ -15,79 +15,81 @@ type RbdImageOptions = *mut c_void;
 type OpenFn =
     unsafe extern "C" fn(rados_ioctx_t, *const c_char, *mut RbdImage, *const c_char) -> c_int;
 
-#[link(name = "rbd")]
-unsafe extern "C" {
-    fn rbd_image_options_create(opts: *mut RbdImageOptions);
-    fn rbd_image_options_destroy(opts: RbdImageOptions);
-    fn rbd_image_options_set_uint64(opts: RbdImageOptions, optname: c_int, val: u64) -> c_int;
-    fn rbd_image_options_set_string(
-        opts: RbdImageOptions,
-        optname: c_int,
-        val: *const c_char,
-    ) -> c_int;
-    fn rbd_create4(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        size: u64,
-        opts: RbdImageOptions,
-    ) -> c_int;
-    fn rbd_open(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        image: *mut RbdImage,
-        snap: *const c_char,
-    ) -> c_int;
-    fn rbd_open_read_only(
-        io: rados_ioctx_t,
-        name: *const c_char,
-        image: *mut RbdImage,
-        snap: *const c_char,
-    ) -> c_int;
-    fn rbd_close(image: RbdImage) -> c_int;
-    fn rbd_get_size(image: RbdImage, size: *mut u64) -> c_int;
-    fn rbd_get_features(image: RbdImage, features: *mut u64) -> c_int;
-    fn rbd_get_id(image: RbdImage, id: *mut c_char, len: usize) -> c_int;
-    fn rbd_resize(image: RbdImage, size: u64) -> c_int;
-    fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
-    fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
-    fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
-    fn rbd_open_by_id(
-        io: rados_ioctx_t,
-        id: *const c_char,
-        image: *mut RbdImage,
-        snap: *const c_char,
-    ) -> c_int;
-    fn rbd_snap_list(image: RbdImage, snaps: *mut SnapInfo, max: *mut c_int) -> c_int;
-    fn rbd_snap_list_end(snaps: *mut SnapInfo);
-    fn rbd_snap_get_namespace_type(image: RbdImage, snap_id: u64, ns: *mut c_int) -> c_int;
-    fn rbd_open_by_id_read_only(
-        io: rados_ioctx_t,
-        id: *const c_char,
-        image: *mut RbdImage,
-        snap: *const c_char,
-    ) -> c_int;
-    fn rbd_snap_exists(image: RbdImage, name: *const c_char, exists: *mut bool) -> c_int;
-    fn rbd_snap_create(image: RbdImage, name: *const c_char) -> c_int;
-    fn rbd_snap_remove(image: RbdImage, name: *const c_char) -> c_int;
-    fn rbd_clone3(
-        p_io: rados_ioctx_t,
-        p_name: *const c_char,
-        p_snap: *const c_char,
-        c_io: rados_ioctx_t,
-        c_name: *const c_char,
-        opts: RbdImageOptions,
-    ) -> c_int;
-    fn rbd_flatten(image: RbdImage) -> c_int;
-    fn rbd_get_parent(image: RbdImage, parent: *mut LinkedImageSpec, snap: *mut SnapSpec) -> c_int;
-    fn rbd_linked_image_spec_cleanup(spec: *mut LinkedImageSpec);
-    fn rbd_snap_spec_cleanup(spec: *mut SnapSpec);
-    fn rbd_watchers_list(image: RbdImage, watchers: *mut Watcher, max: *mut usize) -> c_int;
-    fn rbd_watchers_list_cleanup(watchers: *mut Watcher, n: usize);
+crate::ffi::dynamic_library! {
+    /// The librbd calls the RBD driver makes.
+    Rbd, c"librbd.so.1", "librbd1" {
+        fn rbd_image_options_create(opts: *mut RbdImageOptions);
+        fn rbd_image_options_destroy(opts: RbdImageOptions);
+        fn rbd_image_options_set_uint64(opts: RbdImageOptions, optname: c_int, val: u64) -> c_int;
+        fn rbd_image_options_set_string(
+            opts: RbdImageOptions,
+            optname: c_int,
+            val: *const c_char,
+        ) -> c_int;
+        fn rbd_create4(
+            io: rados_ioctx_t,
+            name: *const c_char,
+            size: u64,
+            opts: RbdImageOptions,
+        ) -> c_int;
+        fn rbd_open(
+            io: rados_ioctx_t,
+            name: *const c_char,
+            image: *mut RbdImage,
+            snap: *const c_char,
+        ) -> c_int;
+        fn rbd_open_read_only(
+            io: rados_ioctx_t,
+            name: *const c_char,
+            image: *mut RbdImage,
+            snap: *const c_char,
+        ) -> c_int;
+        fn rbd_close(image: RbdImage) -> c_int;
+        fn rbd_get_size(image: RbdImage, size: *mut u64) -> c_int;
+        fn rbd_get_features(image: RbdImage, features: *mut u64) -> c_int;
+        fn rbd_get_id(image: RbdImage, id: *mut c_char, len: usize) -> c_int;
+        fn rbd_resize(image: RbdImage, size: u64) -> c_int;
+        fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+        fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
+        fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
+        fn rbd_open_by_id(
+            io: rados_ioctx_t,
+            id: *const c_char,
+            image: *mut RbdImage,
+            snap: *const c_char,
+        ) -> c_int;
+        fn rbd_snap_list(image: RbdImage, snaps: *mut SnapInfo, max: *mut c_int) -> c_int;
+        fn rbd_snap_list_end(snaps: *mut SnapInfo);
+        fn rbd_snap_get_namespace_type(image: RbdImage, snap_id: u64, ns: *mut c_int) -> c_int;
+        fn rbd_open_by_id_read_only(
+            io: rados_ioctx_t,
+            id: *const c_char,
+            image: *mut RbdImage,
+            snap: *const c_char,
+        ) -> c_int;
+        fn rbd_snap_exists(image: RbdImage, name: *const c_char, exists: *mut bool) -> c_int;
+        fn rbd_snap_create(image: RbdImage, name: *const c_char) -> c_int;
+        fn rbd_snap_remove(image: RbdImage, name: *const c_char) -> c_int;
+        fn rbd_clone3(
+            p_io: rados_ioctx_t,
+            p_name: *const c_char,
+            p_snap: *const c_char,
+            c_io: rados_ioctx_t,
+            c_name: *const c_char,
+            opts: RbdImageOptions,
+        ) -> c_int;
+        fn rbd_flatten(image: RbdImage) -> c_int;
+        fn rbd_get_parent(image: RbdImage, parent: *mut LinkedImageSpec, snap: *mut SnapSpec) -> c_int;
+        fn rbd_linked_image_spec_cleanup(spec: *mut LinkedImageSpec);
+        fn rbd_snap_spec_cleanup(spec: *mut SnapSpec);
+        fn rbd_watchers_list(image: RbdImage, watchers: *mut Watcher, max: *mut usize) -> c_int;
+        fn rbd_watchers_list_cleanup(watchers: *mut Watcher, n: usize);
+    }
 }
 
 /// `rbd_linked_image_spec_t`.
 #[repr(C)]
-struct LinkedImageSpec {
+pub(crate) struct LinkedImageSpec {
     pool_id: i64,
     pool_name: *mut c_char,
     pool_namespace: *mut c_char,
@@ -98,7 +100,7 @@ struct LinkedImageSpec {
 
 /// `rbd_snap_spec_t`.
 #[repr(C)]
-struct SnapSpec {
+pub(crate) struct SnapSpec {
     id: u64,
     namespace_type: c_int,
     name: *mut c_char,
@@ -106,7 +108,7 @@ struct SnapSpec {
 
 /// `rbd_snap_info_t`.
 #[repr(C)]
-struct SnapInfo {
+pub(crate) struct SnapInfo {
     id: u64,
     size: u64,
     name: *const c_char,
@@ -114,7 +116,7 @@ struct SnapInfo {
 
 /// `rbd_image_watcher_t`.
 #[repr(C)]
-struct Watcher {
+pub(crate) struct Watcher {
     addr: *mut c_char,
     id: i64,
     cookie: u64,
@@ -180,6 +182,7 @@ impl Options {
     /// Options for `spec`; clones use clone format 2 (no protected parent
     /// snapshot, and the parent snapshot may be removed while clones live).
     fn new(spec: &ImageSpec, clone: bool) -> Result<Self> {
+        Rbd::get()?;
         let dp = spec.data_pool.as_deref().map(cstr).transpose()?;
         let mut opts: RbdImageOptions = ptr::null_mut();
         // SAFETY: an out pointer; the handle is owned by the returned value.
@@ -302,6 +305,7 @@ impl<'a> Image<'a> {
 
     /// Opens the image `key` names (a name or an id, as `open` takes it).
     fn opened(io: &'a IoCtx, key: &str, name: String, open: OpenFn) -> Result<Self> {
+        Rbd::get()?;
         let k = cstr(key)?;
         let mut handle: RbdImage = ptr::null_mut();
         // SAFETY: handle is an out pointer; the key outlives the call.
@@ -481,6 +485,7 @@ impl<'a> Image<'a> {
 /// Removes image `name` at once, also one a crash left half made;
 /// success when it does not exist.
 pub fn remove(io: &IoCtx, name: &str) -> Result<()> {
+    Rbd::get()?;
     let n = cstr(name)?;
     // SAFETY: the name outlives the call.
     let r = unsafe { rbd_remove(io.raw(), n.as_ptr()) };
@@ -492,6 +497,7 @@ pub fn remove(io: &IoCtx, name: &str) -> Result<()> {
 
 /// Moves image `name` to the trash (a cheap rename; it keeps its data).
 pub fn trash_move(io: &IoCtx, name: &str) -> Result<()> {
+    Rbd::get()?;
     let n = cstr(name)?;
     // SAFETY: the name outlives the call.
     let r = unsafe { rbd_trash_move(io.raw(), n.as_ptr(), 0) };
@@ -500,6 +506,7 @@ pub fn trash_move(io: &IoCtx, name: &str) -> Result<()> {
 
 /// Purges the trashed image with internal id `id`; success when it is gone.
 pub fn trash_remove(io: &IoCtx, id: &str) -> Result<()> {
+    Rbd::get()?;
     let i = cstr(id)?;
     // SAFETY: the id outlives the call.
     let r = unsafe { rbd_trash_remove(io.raw(), i.as_ptr(), true) };

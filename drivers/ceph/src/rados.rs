@@ -1,10 +1,10 @@
-//! A cluster connection over librados (the `ceph` crate's bindings) with
+//! A cluster connection over librados ([`crate::ffi`]) with
 //! the few calls the drivers use: pools, omap key/values and mon commands.
 //! Every call is blocking and bounded by librados's own op timeouts; the
 //! async layer adds its own deadline on top.
 
+use crate::ffi::{self, IoctxT as rados_ioctx_t, RadosT as rados_t};
 use crate::secret::Credentials;
-use ceph::rados::{self as ffi, rados_ioctx_t, rados_t};
 use csi_core::{Error, Result};
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
@@ -63,6 +63,7 @@ impl Connection {
         timeout: Duration,
         op_timeouts: bool,
     ) -> Result<Self> {
+        ffi::Rados::get()?;
         let user = cstr(&creds.user)?;
         let mut handle: rados_t = ptr::null_mut();
         // SAFETY: handle is an out pointer; user outlives the call.
@@ -156,7 +157,7 @@ impl Connection {
     /// freed call frame (a segfault, seen with a stopped MDS). Callers bound
     /// the wait themselves and abandon the blocked thread instead.
     pub fn mgr_command(&self, cmd: &str) -> Result<(String, String)> {
-        self.command(cmd, "mgr", mgr::rados_mgr_command)
+        self.command(cmd, "mgr", ffi::rados_mgr_command)
     }
 
     fn command(&self, cmd: &str, to: &str, call: CommandFn) -> Result<(String, String)> {
@@ -209,25 +210,6 @@ type CommandFn = unsafe extern "C" fn(
     *mut usize,
 ) -> i32;
 
-/// librados's mgr command, which the `ceph` crate does not declare.
-mod mgr {
-    use super::*;
-    unsafe extern "C" {
-        /// `rados_mgr_command` of librados.h.
-        pub fn rados_mgr_command(
-            cluster: rados_t,
-            cmd: *mut *const c_char,
-            cmdlen: usize,
-            inbuf: *const c_char,
-            inbuflen: usize,
-            outbuf: *mut *mut c_char,
-            outbuflen: *mut usize,
-            outs: *mut *mut c_char,
-            outslen: *mut usize,
-        ) -> i32;
-    }
-}
-
 /// One omap key and its value.
 type Entry = (String, Vec<u8>);
 
@@ -263,7 +245,7 @@ impl IoCtx {
     fn read_omap(
         &self,
         oid: &str,
-        step: impl FnOnce(ffi::rados_read_op_t, *mut ffi::rados_omap_iter_t, *mut i32),
+        step: impl FnOnce(ffi::ReadOpT, *mut ffi::OmapIterT, *mut i32),
     ) -> Result<Option<Vec<Entry>>> {
         let o = cstr(oid)?;
         let mut out = Vec::new();
@@ -271,7 +253,7 @@ impl IoCtx {
         // pointer `step` captured outlives the operate call.
         unsafe {
             let op = ffi::rados_create_read_op();
-            let mut iter: ffi::rados_omap_iter_t = ptr::null_mut();
+            let mut iter: ffi::OmapIterT = ptr::null_mut();
             let mut rval: i32 = 0;
             step(op, &mut iter, &mut rval);
             let r = ffi::rados_read_op_operate(op, self.ctx, o.as_ptr(), 0);
