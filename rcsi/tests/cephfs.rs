@@ -86,7 +86,14 @@ fn names(v: &serde_json::Value) -> Vec<String> {
 /// snapshots) in the group, and journal keys in the metadata pool.
 fn leftovers(b: &Backend) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for sub in names(&ceph(b, &["fs", "subvolume", "ls", FS, GROUP])?) {
+    // A run that made no volume (a filtered one) never made the group.
+    let grouped = names(&ceph(b, &["fs", "subvolumegroup", "ls", FS])?).contains(&GROUP.to_owned());
+    let subs = if grouped {
+        names(&ceph(b, &["fs", "subvolume", "ls", FS, GROUP])?)
+    } else {
+        Vec::new()
+    };
+    for sub in subs {
         out.push(format!("subvolume {sub}"));
         let snaps = ceph(b, &["fs", "subvolume", "snapshot", "ls", FS, &sub, GROUP])?;
         out.extend(

@@ -132,7 +132,7 @@ CONF
     local kind
     for kind in CreateVolumeSecret DeleteVolumeSecret ControllerExpandVolumeSecret \
       ControllerValidateVolumeCapabilitiesSecret CreateSnapshotSecret DeleteSnapshotSecret \
-      ListSnapshotsSecret NodeStageVolumeSecret NodePublishVolumeSecret NodeExpandVolumeSecret; do
+      ListSnapshotsSecret GetSnapshotSecret NodeStageVolumeSecret NodePublishVolumeSecret NodeExpandVolumeSecret; do
       printf '%s:\n  userID: csi\n  userKey: "%s"\n' "$kind" "$key"
     done
   } > "$dir/secrets.yaml"

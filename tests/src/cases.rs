@@ -772,6 +772,19 @@ async fn list_snaps(c: &mut Ctx, snapshot_id: &str, source: &str) -> Result<Vec<
         .collect())
 }
 
+/// GetSnapshot of `id`, with the profile's secrets.
+async fn get_snapshot(
+    c: &mut Ctx,
+    id: &str,
+) -> std::result::Result<tonic::Response<csi::GetSnapshotResponse>, tonic::Status> {
+    c.ctl
+        .get_snapshot(csi::GetSnapshotRequest {
+            snapshot_id: id.to_owned(),
+            secrets: c.profile.secrets("GetSnapshotSecret"),
+        })
+        .await
+}
+
 async fn snapshot_idempotent_and_listed(c: &mut Ctx) -> Result<()> {
     let a = c.create("snap-a").await?;
     let b = c.create("snap-b").await?;
@@ -805,8 +818,36 @@ async fn snapshot_idempotent_and_listed(c: &mut Ctx) -> Result<()> {
             .is_empty(),
         "unknown id must list nothing"
     );
+    if c.can(C::GetSnapshot) {
+        let got = get_snapshot(c, &first.snapshot_id)
+            .await
+            .context("GetSnapshot of an existing snapshot")?
+            .into_inner()
+            .snapshot;
+        ensure!(
+            got.as_ref()
+                .is_some_and(|s| s.snapshot_id == first.snapshot_id
+                    && s.source_volume_id == a.volume_id
+                    && s.size_bytes == first.size_bytes
+                    && s.ready_to_use),
+            "GetSnapshot of {:?}: {got:?}",
+            first.snapshot_id
+        );
+        expect_code(
+            get_snapshot(c, "").await,
+            Code::InvalidArgument,
+            "GetSnapshot without an id",
+        )?;
+    }
     for _ in 0..REPEAT {
         delete_snapshot(c, &first.snapshot_id).await?;
+    }
+    if c.can(C::GetSnapshot) {
+        expect_code(
+            get_snapshot(c, &first.snapshot_id).await,
+            Code::NotFound,
+            "GetSnapshot of a deleted snapshot",
+        )?;
     }
     ensure!(
         list_snaps(c, &first.snapshot_id, "").await?.is_empty(),

@@ -131,6 +131,7 @@ impl ControllerBackend for Cephfs {
             ControllerRpc::CreateDeleteVolume,
             ControllerRpc::CreateDeleteSnapshot,
             ControllerRpc::ListSnapshots,
+            ControllerRpc::GetSnapshot,
             ControllerRpc::CloneVolume,
             ControllerRpc::ExpandVolume,
             ControllerRpc::SingleNodeMultiWriter,

@@ -124,6 +124,7 @@ impl ControllerBackend for Rbd {
             ControllerRpc::CreateDeleteVolume,
             ControllerRpc::CreateDeleteSnapshot,
             ControllerRpc::ListSnapshots,
+            ControllerRpc::GetSnapshot,
             ControllerRpc::CloneVolume,
             ControllerRpc::ExpandVolume,
             ControllerRpc::SingleNodeMultiWriter,
