@@ -67,6 +67,8 @@ fn profile(name: &str, b: &Backend, secrets: &str) -> Profile {
 }
 
 fn main() -> std::process::ExitCode {
+    // Bad arguments exit here, before a backend is started and left running.
+    let _ = libtest_mimic::Arguments::from_args();
     let b = match Backend::start("juicefs") {
         Ok(b) => b,
         Err(e) => {

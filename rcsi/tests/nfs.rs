@@ -354,6 +354,8 @@ fn main() -> std::process::ExitCode {
     if std::env::var_os("RCSI_VM_PROFILES").is_some() {
         return in_node_vm();
     }
+    // Bad arguments exit here, before a backend is started and left running.
+    let _ = libtest_mimic::Arguments::from_args();
     let g = Backend::start("nfs").expect("a real NFS server (nfs-ganesha)");
     let profile = Profile {
         name: "nfs/controller".into(),

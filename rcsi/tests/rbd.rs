@@ -1030,6 +1030,8 @@ fn main() -> std::process::ExitCode {
     if std::env::var_os("RCSI_VM_PROFILES").is_some() {
         return in_node_vm();
     }
+    // Bad arguments exit here, before a backend is started and left running.
+    let _ = libtest_mimic::Arguments::from_args();
     let b = match Backend::start("ceph") {
         Ok(b) => b,
         Err(e) => {
