@@ -114,25 +114,18 @@ fn only_the_ceph_drivers_need_the_ceph_libraries() {
     }
     let sock = none.path().join("csi.sock");
     let endpoint = format!("unix://{}", sock.display());
-    for (args, package) in [
-        (
-            vec!["node", "--driver", "rbd", "--node-id", "n"],
-            "librados2",
-        ),
-        (vec!["controller", "--driver", "rbd"], "librados2"),
-        (
-            vec!["node", "--driver", "cephfs", "--node-id", "n"],
-            "librados2",
-        ),
-        (vec!["controller", "--driver", "cephfs"], "librados2"),
+    for args in [
+        vec!["node", "--driver", "rbd", "--node-id", "n"],
+        vec!["controller", "--driver", "rbd"],
+        vec!["node", "--driver", "cephfs", "--node-id", "n"],
+        vec!["controller", "--driver", "cephfs"],
     ] {
         let mut args = args;
         args.extend(["--endpoint", &endpoint]);
         let (ok, text) = rcsi_with_libs(&args, Some(none.path()));
         assert!(!ok, "{args:?} started:\n{text}");
         assert!(
-            text.contains("cannot load librados.so.2")
-                && text.contains(&format!("install {package}")),
+            text.contains("cannot load librados.so.2") && text.contains("install librados2"),
             "{args:?}:\n{text}"
         );
         assert!(!sock.exists());

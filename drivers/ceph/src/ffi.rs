@@ -1,6 +1,6 @@
 //! librados and librbd, opened with `dlopen` on first use instead of linked:
 //! a plugin serving local-path, NFS or JuiceFS neither loads the Ceph
-//! libraries (about 15 MB of resident pages and their C++ start-up) nor
+//! libraries (about 17 MB of resident pages and their C++ start-up) nor
 //! needs them installed. Declared by hand (no bindgen: CI has no libclang).
 
 use csi_core::Result;
