@@ -67,7 +67,7 @@ run() {
   if [ "$1" = core-floor ]; then
     RUST_LOG=$rust_log target/release/core-floor --endpoint "unix://$sock" > "$work/driver.log" 2>&1 &
   elif [ "$1" = h2-floor ]; then
-    target/release/h2-floor "$sock" > "$work/driver.log" 2>&1 &
+    target/release/h2-floor --endpoint "unix://$sock" > "$work/driver.log" 2>&1 &
   elif [ "$1" = host-path ]; then
     "$work/hostpathplugin" --endpoint "unix://$sock" --nodeid bench --v="$hp_v" \
       --drivername hostpath.csi.k8s.io --statedir "$2" > "$work/driver.log" 2>&1 &

@@ -5,18 +5,19 @@
 //! to a call, and this binary's own CPU is about the least any HTTP/2 gRPC
 //! server on this runtime can spend.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::Parser;
 use csi_core::csi;
+use csi_core::server::{Endpoint, bind_unix};
 use prost::Message;
-use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(about = "Answer CreateVolume and DeleteVolume straight from the h2 crate")]
 struct Args {
-    /// Unix socket to serve, as a path (not a URL).
-    socket: PathBuf,
+    /// Endpoint to serve: unix:///path/csi.sock.
+    #[arg(long)]
+    endpoint: Endpoint,
 }
 
 /// Largest request message accepted, as tonic's default.
@@ -46,9 +47,10 @@ fn unframe(body: &[u8]) -> Result<&[u8]> {
 
 /// `msg` as one gRPC frame.
 fn frame(msg: &impl Message) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + msg.encoded_len());
+    let len = msg.encoded_len();
+    let mut b = BytesMut::with_capacity(5 + len);
     b.put_u8(0);
-    b.put_u32(msg.encoded_len() as u32);
+    b.put_u32(len as u32);
     msg.encode(&mut b).expect("a BytesMut grows");
     b.freeze()
 }
@@ -129,15 +131,10 @@ async fn connection(sock: tokio::net::UnixStream) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
-    match std::fs::remove_file(&args.socket) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", args.socket.display()));
-        }
-        _ => {}
-    }
-    let listener = tokio::net::UnixListener::bind(&args.socket)
-        .with_context(|| format!("binding {}", args.socket.display()))?;
+    let Endpoint::Unix(path) = Args::parse().endpoint else {
+        bail!("h2-floor serves a unix socket only");
+    };
+    let listener = bind_unix(&path)?;
     loop {
         let (sock, _) = listener.accept().await?;
         tokio::spawn(async move {
