@@ -9,6 +9,9 @@ use csi_core::{Error, Result};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a failed format waits for a concurrent one to finish.
+const FORMAT_RACE_WAIT: Duration = Duration::from_secs(5);
+
 /// The `juicefs` command-line client.
 pub struct Cli {
     exec: Arc<dyn Exec>,
@@ -83,10 +86,9 @@ impl Cli {
         Ok(())
     }
 
-    /// Formats the filesystem unless its metadata engine already holds it
-    /// (idempotent: an existing filesystem is never reformatted; one with
-    /// another name is refused). Returns true when it was formatted now.
-    pub async fn ensure_formatted(&self, fs: &FsSecret) -> Result<bool> {
+    /// Whether the metadata engine holds the filesystem (false: it holds
+    /// none); a filesystem of another name is refused.
+    async fn formatted(&self, fs: &FsSecret) -> Result<bool> {
         let status = self
             .output(fs, &self.command(fs, &["status", &fs.metaurl]))
             .await?;
@@ -102,14 +104,24 @@ impl Cli {
                 }
                 .into());
             }
+            return Ok(true);
+        }
+        if status.stderr.contains("database is not formatted") {
             return Ok(false);
         }
-        if !status.stderr.contains("database is not formatted") {
-            return Err(JuicefsError::Metadata {
-                url: fs.metaurl.clone(),
-                why: reason(&status),
-            }
-            .into());
+        Err(JuicefsError::Metadata {
+            url: fs.metaurl.clone(),
+            why: reason(&status),
+        }
+        .into())
+    }
+
+    /// Formats the filesystem unless its metadata engine already holds it
+    /// (idempotent: an existing filesystem is never reformatted; one with
+    /// another name is refused). Returns true when it was formatted now.
+    pub async fn ensure_formatted(&self, fs: &FsSecret) -> Result<bool> {
+        if self.formatted(fs).await? {
+            return Ok(false);
         }
         let mut args = vec!["format", "--storage", &fs.storage, "--bucket", &fs.bucket];
         args.extend(fs.format_options.iter().map(String::as_str));
@@ -122,14 +134,26 @@ impl Cli {
             cmd = cmd.env("SECRET_KEY", k);
         }
         let out = self.output(fs, &cmd).await?;
-        if out.code != 0 {
-            return Err(JuicefsError::Format {
-                name: fs.name.clone(),
-                why: reason(&out),
-            }
-            .into());
+        if out.code == 0 {
+            return Ok(true);
         }
-        Ok(true)
+        // Another node may be formatting it now: juicefs puts its uuid object
+        // in the bucket before it writes the metadata, so this format found
+        // the bucket "not empty". Wait for that one to finish.
+        let deadline = tokio::time::Instant::now() + FORMAT_RACE_WAIT.min(self.timeout);
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match self.formatted(fs).await {
+                Ok(true) => return Ok(false),
+                Err(e @ Error::FailedPrecondition(_)) => return Err(e),
+                _ => {}
+            }
+        }
+        Err(JuicefsError::Format {
+            name: fs.name.clone(),
+            why: reason(&out),
+        }
+        .into())
     }
 
     /// Creates directory `path` of the filesystem when missing and sets its

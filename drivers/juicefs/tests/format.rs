@@ -136,6 +136,48 @@ async fn formats_once_and_names_the_failing_key() {
     }
 }
 
+/// Nodes and the controller meeting a new filesystem at once all succeed:
+/// juicefs writes its uuid object before the metadata, so a second
+/// formatter finds the bucket "not empty" while the first is mid-format.
+#[tokio::test]
+async fn concurrent_first_uses_all_succeed() {
+    for round in 0..4 {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = HashMap::from([
+            ("name".to_owned(), format!("race-{round}")),
+            (
+                "metaurl".to_owned(),
+                format!("sqlite3://{}/meta.db", dir.path().display()),
+            ),
+            ("storage".to_owned(), "file".to_owned()),
+            (
+                "bucket".to_owned(),
+                format!("{}/bucket/", dir.path().display()),
+            ),
+        ]);
+        let fs = Arc::new(FsSecret::parse(&Secrets(secret)).unwrap());
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let fs = fs.clone();
+                tokio::spawn(async move {
+                    let cli = Cli::new(Arc::new(SystemExec), "juicefs", Duration::from_secs(30));
+                    cli.ensure_formatted(&fs).await
+                })
+            })
+            .collect();
+        let mut formatted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(now) => formatted += usize::from(now),
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert!(formatted >= 1, "round {round}: nobody formatted");
+        let cli = Cli::new(Arc::new(SystemExec), "juicefs", Duration::from_secs(30));
+        assert!(!cli.ensure_formatted(&fs).await.unwrap(), "round {round}");
+    }
+}
+
 fn cli_for(watch: &Arc<Watch>) -> Arc<Cli> {
     Arc::new(Cli::new(watch.clone(), "juicefs", Duration::from_secs(30)))
 }
