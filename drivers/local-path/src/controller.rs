@@ -271,7 +271,7 @@ impl LocalPath {
             self.quotas.clone(),
             self.cfg.node_id.clone(),
         );
-        let record = meta.clone();
+        let mut record = meta.clone();
         let done = self
             .fs("creating a volume", move || {
                 let (free, _) = room()?;
@@ -281,27 +281,43 @@ impl LocalPath {
                     )));
                 }
                 let quota = quotas.as_ref().zip(project);
+                let mut claimed = None;
                 let made = super::make_empty(&staging, &record.backing, size, mode, quota)
-                    .and_then(|()| log.commit_blocking(Change::PutVolume(record)));
+                    .and_then(|p| {
+                        (claimed, record.project_id) = (p, p);
+                        log.commit_blocking(Change::PutVolume(record))
+                    });
                 if let Err(e) = made {
                     if let Err(c) = remove_any(&staging) {
                         warn!(path = %staging.display(), error = %c, "cleanup failed; start-up recovery will retry");
                     }
-                    clear_quota(quota);
+                    clear_quota(quotas.as_ref().zip(claimed));
                     return Err(e);
                 }
-                if staging == final_path {
-                    return Ok(());
+                if staging != final_path {
+                    // The commit is the point of no return: a failed rename is
+                    // finished by a retry or by start-up recovery.
+                    std::fs::rename(&staging, &final_path)
+                        .ctx(|| format!("renaming {}", staging.display()))?;
                 }
-                // The commit is the point of no return: a failed rename is
-                // finished by a retry or by start-up recovery.
-                std::fs::rename(&staging, &final_path)
-                    .ctx(|| format!("renaming {}", staging.display()))
+                Ok(claimed)
             })
             .await;
         self.forget_promised();
-        done?;
-        Ok(self.to_proto(&meta))
+        let claimed = done?;
+        self.next_project_after(claimed);
+        Ok(self.to_proto(&VolumeMeta {
+            project_id: claimed,
+            ..meta
+        }))
+    }
+
+    /// Starts later claims past a project id just claimed.
+    fn next_project_after(&self, project: Option<u32>) {
+        if let Some(p) = project {
+            self.next_project
+                .fetch_max(p.saturating_add(1), std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Drops the quota limit of a project that no longer has a volume.
@@ -356,7 +372,7 @@ impl LocalPath {
         mode: u32,
         project: Option<u32>,
         (from, src_backing): (std::path::PathBuf, Backing),
-    ) -> Result<()> {
+    ) -> Result<Option<u32>> {
         if src_backing != *backing {
             return Err(Error::InvalidArgument(format!(
                 "the source is {} but the new volume would be {}",
@@ -367,15 +383,20 @@ impl LocalPath {
         let (t, quotas, b) = (tmp.to_path_buf(), self.quotas.clone(), backing.clone());
         if backing.is_image() {
             self.copy_data(&from, tmp, true).await?;
-            return self
-                .fs("growing a copied image", move || grow_file(&t, size))
-                .await;
+            self.fs("growing a copied image", move || grow_file(&t, size))
+                .await?;
+            return Ok(None);
         }
-        self.fs("creating a volume directory", move || {
-            super::make_empty(&t, &b, size, mode, quotas.as_ref().zip(project))
-        })
-        .await?;
-        self.copy_data(&from, tmp, false).await
+        let claimed = self
+            .fs("creating a volume directory", move || {
+                super::make_empty(&t, &b, size, mode, quotas.as_ref().zip(project))
+            })
+            .await?;
+        if let Err(e) = self.copy_data(&from, tmp, false).await {
+            self.release_project(claimed).await;
+            return Err(e);
+        }
+        Ok(claimed)
     }
 }
 
@@ -509,15 +530,17 @@ impl ControllerBackend for LocalPath {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         });
         let created = async {
-            self.populate(
-                &tmp,
-                &backing,
-                size,
-                params.mode,
-                project,
-                (source.0, source.1),
-            )
-            .await?;
+            let project = self
+                .populate(
+                    &tmp,
+                    &backing,
+                    size,
+                    params.mode,
+                    project,
+                    (source.0, source.1),
+                )
+                .await?;
+            self.next_project_after(project);
             let (secs, _) = now();
             let meta = VolumeMeta {
                 id: id.clone(),
@@ -530,7 +553,10 @@ impl ControllerBackend for LocalPath {
                 project_id: project,
                 sharded: true,
             };
-            self.commit(Change::PutVolume(meta.clone())).await?;
+            if let Err(e) = self.commit(Change::PutVolume(meta.clone())).await {
+                self.release_project(project).await;
+                return Err(e);
+            }
             Ok::<_, Error>(meta)
         }
         .await;
@@ -543,7 +569,6 @@ impl ControllerBackend for LocalPath {
             }
             Err(e) => {
                 self.cleanup(&tmp).await;
-                self.release_project(project).await;
                 Err(e)
             }
         }

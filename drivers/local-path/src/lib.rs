@@ -401,7 +401,11 @@ impl LocalPath {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && v.source.is_none() => {
                     warn!(volume = %v.id, path = %p.display(), "recreating an empty volume whose creation had not reached the disk");
                     let mode = controller::mode_of(&v.parameters);
-                    make_empty(&p, &v.backing, v.capacity, mode, quota)?;
+                    make_empty(&p, &v.backing, v.capacity, mode, None)?;
+                    // The record names its project: that one, not a free one.
+                    if let Some((q, project)) = quota {
+                        q.assign(&p, project, v.capacity)?;
+                    }
                 }
                 Err(_) => warn!(volume = %v.id, path = %p.display(), "volume data is missing"),
             }
@@ -476,27 +480,29 @@ impl LocalPath {
     }
 }
 
-/// Creates an empty volume's data at `path`: a directory with `mode` (under
-/// `quota`'s project and limit when given) or a sparse image of `size` bytes.
+/// Creates an empty volume's data at `path`: a directory with `mode` or a
+/// sparse image of `size` bytes. Given `quota` and a first project id, the
+/// directory gets a free project limited to `size`; returns its id.
 fn make_empty(
     path: &Path,
     backing: &Backing,
     size: u64,
     mode: u32,
     quota: Option<(&quota::Quotas, u32)>,
-) -> Result<()> {
+) -> Result<Option<u32>> {
     use std::os::unix::fs::PermissionsExt;
     if backing.is_image() {
         let f = std::fs::File::create(path).ctx(|| format!("creating {}", path.display()))?;
-        return f.set_len(size).ctx(|| format!("sizing {}", path.display()));
+        f.set_len(size)
+            .ctx(|| format!("sizing {}", path.display()))?;
+        return Ok(None);
     }
     std::fs::create_dir(path).ctx(|| format!("creating {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .ctx(|| format!("chmod {}", path.display()))?;
-    match quota {
-        Some((q, project)) => q.assign(path, project, size),
-        None => Ok(()),
-    }
+    quota
+        .map(|(q, first)| q.claim(path, first, size))
+        .transpose()
 }
 
 /// A filesystem frozen for a consistent copy. It is thawed on drop too, so

@@ -17,6 +17,8 @@ const FS_QUOTA_PDQ_ENFD: u16 = 1 << 5;
 const FS_XFLAG_PROJINHERIT: u32 = 0x200;
 const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
 const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+/// Project ids a claim tries before it gives up.
+const CLAIM_TRIES: u32 = 4096;
 /// Quota block size used by the generic quota interface.
 const QUOTA_BLOCK: u64 = 1024;
 
@@ -130,25 +132,57 @@ impl Quotas {
     /// Tags an empty directory with `project` (inherited by everything
     /// created inside) and limits the project to `bytes`.
     pub fn assign(&self, dir: &Path, project: u32, bytes: u64) -> Result<()> {
-        let f = std::fs::File::open(dir).ctx(|| format!("opening {}", dir.display()))?;
-        let mut attr = FsxAttr::default();
-        // SAFETY: FS_IOC_FSGETXATTR fills a struct fsxattr, which `attr` is.
-        if unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, &mut attr) } < 0 {
-            return Err(Error::io(
-                format!("reading project of {}", dir.display()),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        attr.projid = project;
-        attr.xflags |= FS_XFLAG_PROJINHERIT;
-        // SAFETY: FS_IOC_FSSETXATTR reads a struct fsxattr, which `attr` is.
-        if unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSSETXATTR, &attr) } < 0 {
-            return Err(Error::io(
-                format!("setting project {project} on {}", dir.display()),
-                std::io::Error::last_os_error(),
-            ));
-        }
+        tag(dir, project)?;
         self.set_limit(project, bytes)
+    }
+
+    /// Tags an empty directory with the first project id from `first` on
+    /// that nothing else on the filesystem uses, limits it to `bytes`, and
+    /// returns it. Ids are shared by everything on the filesystem (another
+    /// plugin's base path, the kubelet's emptyDir quotas), so an id with
+    /// usage or limits is skipped, and one that another process tagged at
+    /// the same moment (more than this directory's inode) is given up.
+    pub fn claim(&self, dir: &Path, first: u32, bytes: u64) -> Result<u32> {
+        let mut id = first;
+        for _ in 0..CLAIM_TRIES {
+            if !self.in_use(id)? {
+                tag(dir, id)?;
+                if self.usage(id)?.1 == 1 {
+                    self.set_limit(id, bytes)?;
+                    return Ok(id);
+                }
+                // Both taggers back off; a random step keeps them apart.
+                id = id.wrapping_add(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos() % 16),
+                );
+            }
+            id = id.wrapping_add(1).max(first);
+        }
+        Err(Error::ResourceExhausted(format!(
+            "no free project id among {CLAIM_TRIES} tried from {first} on the filesystem of {}",
+            self.base.display()
+        )))
+    }
+
+    /// Whether a project has usage or limits on the filesystem.
+    fn in_use(&self, project: u32) -> Result<bool> {
+        let mut q = IfDqblk::default();
+        match self.quotactl(Q_GETQUOTA, project, &mut q as *mut _ as *mut libc::c_void) {
+            Ok(()) => Ok(q.curspace > 0
+                || q.curinodes > 0
+                || q.bhardlimit > 0
+                || q.bsoftlimit > 0
+                || q.ihardlimit > 0
+                || q.isoftlimit > 0),
+            // xfs has no record of an id never used.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(Error::io(
+                format!("reading the quota of project {project}"),
+                e,
+            )),
+        }
     }
 
     /// Sets the hard byte limit of a project (0 removes it).
@@ -172,6 +206,29 @@ impl Quotas {
             .ctx(|| format!("reading the quota of project {project}"))?;
         Ok((q.curspace, q.curinodes))
     }
+}
+
+/// Sets `dir`'s project id, inherited by everything created inside.
+fn tag(dir: &Path, project: u32) -> Result<()> {
+    let f = std::fs::File::open(dir).ctx(|| format!("opening {}", dir.display()))?;
+    let mut attr = FsxAttr::default();
+    // SAFETY: FS_IOC_FSGETXATTR fills a struct fsxattr, which `attr` is.
+    if unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, &mut attr) } < 0 {
+        return Err(Error::io(
+            format!("reading project of {}", dir.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    attr.projid = project;
+    attr.xflags |= FS_XFLAG_PROJINHERIT;
+    // SAFETY: FS_IOC_FSSETXATTR reads a struct fsxattr, which `attr` is.
+    if unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSSETXATTR, &attr) } < 0 {
+        return Err(Error::io(
+            format!("setting project {project} on {}", dir.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
