@@ -1147,8 +1147,9 @@ fn in_node_vm() -> std::process::ExitCode {
         .into_iter()
         .filter(|c| !c.node_free || rcsi_tests::cases::NEED_DATA.contains(&c.name))
         .collect();
+    // Two at a time, one per vCPU: the cases share nothing but the cluster.
     let mut args = libtest_mimic::Arguments::from_args();
-    args.test_threads = Some(1);
+    args.test_threads = Some(2);
     let plugin = node_plugin(&config.display().to_string(), false, &[]);
     run_suite_with(args, vec![(plugin, profile)], cases, vec![]).exit_code()
 }

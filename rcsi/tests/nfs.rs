@@ -99,7 +99,9 @@ fn node_profile(name: &str, extra: &[(&str, &str)]) -> Profile {
     }
 }
 
-/// Inside the node VM: kernel NFSv4.2 and NFSv3 mounts of the host's ganesha.
+/// Inside the node VM: kernel NFSv4.2 and NFSv3 mounts of the host's ganesha,
+/// one trial at a time (the VM's default): hung-server stops the relays
+/// that every mount uses.
 fn in_node_vm() -> std::process::ExitCode {
     let hung = libtest_mimic::Trial::test("nfs/node-v4.2::hung-server", || {
         tokio::runtime::Runtime::new()

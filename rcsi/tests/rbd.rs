@@ -6,9 +6,7 @@
 
 use anyhow::{Context, Result, ensure};
 use csi_core::csi::{self, controller_client::ControllerClient, volume_capability as vc};
-use rcsi_tests::flows::{
-    cap, create_in, pids_of, stage_publish, unpublish_unstage_delete, write_synced,
-};
+use rcsi_tests::flows::{cap, create_in, stage_publish, unpublish_unstage_delete, write_synced};
 use rcsi_tests::{Backend, CommandDriver, Driver, Profile, run_suite_with};
 use std::collections::HashMap;
 use std::process::Command;
@@ -611,7 +609,31 @@ async fn kill_plugin_and_helper(
     std::fs::create_dir_all(&st)?;
     let path = |p: &std::path::Path| p.display().to_string();
     stage_publish(&mut node, &v, &cap(), &secrets, &st, &tg).await?;
-    let helpers = pids_of(helper);
+    // This volume's helper only: other trials may run theirs meanwhile.
+    let image = v
+        .volume_context
+        .get("imageName")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(!image.is_empty(), "no imageName in {:?}", v.volume_context);
+    let mine = match helper {
+        "rbd-nbd" => format!("rbd-nbd .*/{image}$"),
+        _ => format!("/fuse/{}$", v.volume_id),
+    };
+    let helper_pids = || -> Vec<String> {
+        Command::new("pgrep")
+            .args(["-f", &mine])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let helpers = helper_pids();
+    ensure!(!helpers.is_empty(), "no {helper} serves {image}");
     let stop = Arc::new(AtomicBool::new(false));
     let w = rcsi_tests::writer(tg.join("log"), stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -622,7 +644,7 @@ async fn kill_plugin_and_helper(
     let written = written.map_err(|e| anyhow::anyhow!("the writer saw an error: {e}"))?;
     ensure!(written > 0, "nothing written");
     ensure!(
-        pids_of(helper) == helpers,
+        helper_pids() == helpers,
         "{helper} processes changed across the plugin's SIGKILL"
     );
     eprintln!(
@@ -657,10 +679,10 @@ async fn kill_plugin_and_helper(
         let stop = Arc::new(AtomicBool::new(false));
         let w = rcsi_tests::writer(tg.join("log2"), stop.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let killed = Command::new("pkill").args(["-9", "-x", helper]).status()?;
+        let killed = Command::new("pkill").args(["-9", "-f", &mine]).status()?;
         ensure!(killed.success(), "no {helper} for the volume");
         let t = Instant::now();
-        while pids_of(helper).is_empty() || pids_of(helper) == helpers {
+        while helper_pids().is_empty() || helper_pids() == helpers {
             ensure!(t.elapsed() < Duration::from_secs(20), "no new {helper}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -680,14 +702,8 @@ async fn kill_plugin_and_helper(
     } else {
         let before = b"written before rbd-fuse died\n";
         write_synced(&tg.join("before"), before)?;
-        let pattern = format!("/fuse/{}$", v.volume_id);
-        let old = Command::new("pgrep")
-            .args(["-f", &pattern])
-            .output()?
-            .stdout;
-        let killed = Command::new("pkill")
-            .args(["-9", "-f", &pattern])
-            .status()?;
+        let old = Command::new("pgrep").args(["-f", &mine]).output()?.stdout;
+        let killed = Command::new("pkill").args(["-9", "-f", &mine]).status()?;
         ensure!(killed.success(), "no rbd-fuse for the volume");
         let t = Instant::now();
         let message = loop {
@@ -703,10 +719,7 @@ async fn kill_plugin_and_helper(
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let healed = t.elapsed();
-        let now = Command::new("pgrep")
-            .args(["-f", &pattern])
-            .output()?
-            .stdout;
+        let now = Command::new("pgrep").args(["-f", &mine]).output()?.stdout;
         ensure!(
             !now.is_empty() && now != old,
             "no new rbd-fuse serves the volume"
@@ -1004,8 +1017,10 @@ fn in_node_vm() -> std::process::ExitCode {
             ))
             .map_err(|e| format!("{e:#}").into())
     });
+    // Two at a time, one per vCPU: the pools differ and the kill trial
+    // touches only its own volume's rbd-nbd.
     let mut args = libtest_mimic::Arguments::from_args();
-    args.test_threads = Some(1);
+    args.test_threads = Some(2);
     run_suite_with(
         args,
         // Neither the kernel's mapping nor a healed rbd-nbd stays broken.

@@ -934,6 +934,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// A trial that runs this same test binary inside the node VM
 /// (`tests/vm/node-vm.sh`) with `env` set, for kernel features the host lacks.
+/// The guest runs one trial at a time unless its entry point says otherwise.
 pub fn node_vm_trial(name: &str, env: &[(&str, &str)]) -> libtest_mimic::Trial {
     let env: Vec<(String, String)> = env
         .iter()
