@@ -6,7 +6,9 @@
 
 use anyhow::{Context, Result, ensure};
 use csi_core::csi::{self, controller_client::ControllerClient, volume_capability as vc};
-use rcsi_tests::flows::{cap, create_in, stage_publish, unpublish_unstage_delete, write_synced};
+use rcsi_tests::flows::{
+    cap, create_in, pids_matching, stage_publish, unpublish_unstage_delete, write_synced,
+};
 use rcsi_tests::{Backend, CommandDriver, Driver, Profile, run_suite_with};
 use std::collections::HashMap;
 use std::process::Command;
@@ -613,25 +615,12 @@ async fn kill_plugin_and_helper(
     let image = v
         .volume_context
         .get("imageName")
-        .cloned()
-        .unwrap_or_default();
-    ensure!(!image.is_empty(), "no imageName in {:?}", v.volume_context);
+        .context("no imageName in the volume context")?;
     let mine = match helper {
         "rbd-nbd" => format!("rbd-nbd .*/{image}$"),
         _ => format!("/fuse/{}$", v.volume_id),
     };
-    let helper_pids = || -> Vec<String> {
-        Command::new("pgrep")
-            .args(["-f", &mine])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let helper_pids = || pids_matching(&mine);
     let helpers = helper_pids();
     ensure!(!helpers.is_empty(), "no {helper} serves {image}");
     let stop = Arc::new(AtomicBool::new(false));
@@ -702,7 +691,6 @@ async fn kill_plugin_and_helper(
     } else {
         let before = b"written before rbd-fuse died\n";
         write_synced(&tg.join("before"), before)?;
-        let old = Command::new("pgrep").args(["-f", &mine]).output()?.stdout;
         let killed = Command::new("pkill").args(["-9", "-f", &mine]).status()?;
         ensure!(killed.success(), "no rbd-fuse for the volume");
         let t = Instant::now();
@@ -719,9 +707,9 @@ async fn kill_plugin_and_helper(
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let healed = t.elapsed();
-        let now = Command::new("pgrep").args(["-f", &mine]).output()?.stdout;
+        let now = helper_pids();
         ensure!(
-            !now.is_empty() && now != old,
+            !now.is_empty() && now != helpers,
             "no new rbd-fuse serves the volume"
         );
         ensure!(

@@ -113,7 +113,16 @@ pub async fn unpublish_unstage_delete(
 
 /// The processes named `name`.
 pub fn pids_of(name: &str) -> Vec<String> {
-    let out = Command::new("pgrep").args(["-x", name]).output();
+    pgrep(&["-x", name])
+}
+
+/// The processes whose command line matches the regular expression `pattern`.
+pub fn pids_matching(pattern: &str) -> Vec<String> {
+    pgrep(&["-f", pattern])
+}
+
+fn pgrep(args: &[&str]) -> Vec<String> {
+    let out = Command::new("pgrep").args(args).output();
     out.map(|o| {
         String::from_utf8_lossy(&o.stdout)
             .lines()

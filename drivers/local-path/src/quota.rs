@@ -168,9 +168,8 @@ impl Quotas {
 
     /// Whether a project has usage or limits on the filesystem.
     fn in_use(&self, project: u32) -> Result<bool> {
-        let mut q = IfDqblk::default();
-        match self.quotactl(Q_GETQUOTA, project, &mut q as *mut _ as *mut libc::c_void) {
-            Ok(()) => Ok(q.curspace > 0
+        match self.get(project) {
+            Ok(q) => Ok(q.curspace > 0
                 || q.curinodes > 0
                 || q.bhardlimit > 0
                 || q.bsoftlimit > 0
@@ -201,10 +200,17 @@ impl Quotas {
 
     /// Bytes and inodes used by a project.
     pub fn usage(&self, project: u32) -> Result<(u64, u64)> {
-        let mut q = IfDqblk::default();
-        self.quotactl(Q_GETQUOTA, project, &mut q as *mut _ as *mut libc::c_void)
+        let q = self
+            .get(project)
             .ctx(|| format!("reading the quota of project {project}"))?;
         Ok((q.curspace, q.curinodes))
+    }
+
+    /// A project's usage and limits.
+    fn get(&self, project: u32) -> std::io::Result<IfDqblk> {
+        let mut q = IfDqblk::default();
+        self.quotactl(Q_GETQUOTA, project, &mut q as *mut _ as *mut libc::c_void)?;
+        Ok(q)
     }
 }
 
