@@ -142,6 +142,71 @@ pub fn tree_usage(root: &Path) -> Result<(u64, u64)> {
     Ok((bytes, inodes))
 }
 
+/// How long a plugin starting up waits for the process before it on the
+/// same state directory to exit (a pod being replaced).
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An exclusive lock on a state directory, held for the life of the
+/// process that uses it, so two plugins never share one. The kernel drops
+/// it when the holder exits, however it dies.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl DirLock {
+    /// Locks `dir` (created if missing) through `dir/.lock`, waiting up to
+    /// `wait` for a holder to exit; `what` names the directory's role in
+    /// the error. Blocking.
+    pub fn acquire(dir: &Path, what: &str, wait: std::time::Duration) -> Result<Self> {
+        use nix::fcntl::{Flock, FlockArg};
+        std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(".lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .ctx(|| format!("opening {}", path.display()))?;
+        let deadline = std::time::Instant::now() + wait;
+        let mut warned = false;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(mut held) => {
+                    let host =
+                        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                    let me = format!("pid {} on {}\n", std::process::id(), host.trim());
+                    // Only for the message of a later refusal: best effort.
+                    let _ = held.set_len(0).and_then(|()| held.write_all(me.as_bytes()));
+                    return Ok(Self { _file: held });
+                }
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
+                Err((_, e)) => {
+                    return Err(Error::io(format!("locking {}", path.display()), e.into()));
+                }
+            }
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = match holder.trim() {
+                "" => "another rcsi process".to_string(),
+                h => format!("another rcsi process ({h})"),
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} is in use by {holder}: two plugins must not share a {what}; stop the other one or give each its own",
+                    dir.display()
+                )));
+            }
+            if !warned {
+                warned = true;
+                tracing::warn!(dir = %dir.display(), %holder, ?wait, "waiting for the {what} to be released");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 /// Removes a publish target (a directory, or a file for raw block
 /// volumes); success when it is gone already. Blocking.
 pub fn remove_target(t: &Path) -> Result<()> {
@@ -185,6 +250,50 @@ mod tests {
         .unwrap_err();
         assert!(matches!(slow, Error::DeadlineExceeded(_)), "{slow}");
         assert!(slow.to_string().contains("a hung stat"));
+    }
+
+    #[test]
+    fn a_locked_directory_is_refused_until_released() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("state");
+        let held = DirLock::acquire(&dir, "state directory", std::time::Duration::ZERO).unwrap();
+        let t = std::time::Instant::now();
+        let wait = std::time::Duration::from_millis(300);
+        let e = DirLock::acquire(&dir, "state directory", wait).unwrap_err();
+        assert!(t.elapsed() >= wait, "gave up after {:?}", t.elapsed());
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&dir.display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("share a state directory"), "{msg}");
+        // A waiter gets it once the holder lets go.
+        let waiter = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                DirLock::acquire(&dir, "state directory", std::time::Duration::from_secs(10))
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(held);
+        waiter.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_lock_is_not_inherited_by_programs_started_while_held() {
+        let d = tempfile::tempdir().unwrap();
+        let held = DirLock::acquire(d.path(), "base path", std::time::Duration::ZERO).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        drop(held);
+        let again = DirLock::acquire(d.path(), "base path", std::time::Duration::ZERO);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        again.unwrap();
     }
 
     #[test]

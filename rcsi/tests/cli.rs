@@ -180,3 +180,74 @@ fn only_the_ceph_drivers_need_the_ceph_libraries() {
     plugin.wait().unwrap();
     assert!(served, "local-path did not serve within 20 s");
 }
+
+/// Starts a node plugin of `driver` with `dir_flag` on `dir`, then a second
+/// one on the same directory: the second exits with an error naming it and
+/// the first goes on serving.
+fn second_plugin_refused(driver: &str, dir_flag: &str, role: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let args = |sock: &str| {
+        let endpoint = format!("unix://{}", tmp.path().join(sock).display());
+        [
+            "node",
+            "--driver",
+            driver,
+            "--node-id",
+            "n1",
+            dir_flag,
+            dir.to_str().unwrap(),
+            "--endpoint",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([endpoint])
+        .collect::<Vec<_>>()
+    };
+    let mut first = Command::new(env!("CARGO_BIN_EXE_rcsi"))
+        .args(args("first.sock"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = tmp.path().join("first.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{driver}: no socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = args("second.sock");
+    let (ok, text) = rcsi(&second.iter().map(String::as_str).collect::<Vec<_>>());
+    let alive = first.try_wait().unwrap().is_none();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        !ok,
+        "{driver}: a second plugin started on {}",
+        dir.display()
+    );
+    let want = format!(
+        "{} is in use by another rcsi process (pid {} on ",
+        dir.display(),
+        first.id()
+    );
+    assert!(text.contains(&want), "{driver}: {text}");
+    assert!(text.contains(&format!("must not share a {role}")), "{text}");
+    assert!(alive, "{driver}: the first plugin died");
+    assert!(
+        sock.exists(),
+        "{driver}: the first plugin's socket was removed"
+    );
+    assert!(!tmp.path().join("second.sock").exists());
+}
+
+#[test]
+fn a_second_node_plugin_on_a_directory_in_use_is_refused() {
+    let local =
+        std::thread::spawn(|| second_plugin_refused("local-path", "--base-path", "base path"));
+    second_plugin_refused("juicefs", "--state-dir", "state directory");
+    local.join().unwrap();
+}

@@ -13,6 +13,7 @@ use crate::mounts::{FS_TYPE, FsMounts, Health};
 use crate::{Config, FsSecret, Juicefs, NodeConfig};
 use async_trait::async_trait;
 use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
+use csi_core::fsutil::{DirLock, LOCK_WAIT};
 use csi_core::mount::{MountInfo, Mounter};
 use csi_core::stats::{Heals, StatsCache};
 use csi_core::types::{AccessMode, AccessType, PublishVolume};
@@ -56,6 +57,8 @@ pub(crate) struct Node {
     cfg: NodeConfig,
     mounts: FsMounts,
     mounter: Arc<dyn Mounter>,
+    /// Keeps a second plugin off the state directory while this one runs.
+    _lock: DirLock,
     timeout: Duration,
     file: PathBuf,
     saved: Mutex<Saved>,
@@ -95,6 +98,8 @@ impl Node {
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))?;
+        // Two plugins on one state directory would restore the same mounts.
+        let lock = DirLock::acquire(dir, "state directory", LOCK_WAIT)?;
         let file = dir.join("node-state.json");
         let saved = match std::fs::read(&file) {
             Ok(b) => serde_json::from_slice(&b)
@@ -103,6 +108,7 @@ impl Node {
             Err(e) => return Err(Error::io(format!("reading {}", file.display()), e)),
         };
         Ok(Self {
+            _lock: lock,
             cfg: node,
             mounts,
             mounter,

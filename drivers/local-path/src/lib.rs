@@ -90,6 +90,8 @@ pub struct LocalPath {
     /// Held while tombstones are being settled; holds the count that
     /// starts the next settling (past those whose data is still there).
     settling: tokio::sync::Mutex<usize>,
+    /// Keeps a second plugin off this base path while this one runs.
+    _lock: csi_core::fsutil::DirLock,
 }
 
 /// Bound of copies and removals of a volume's data.
@@ -108,6 +110,13 @@ const FIRST_PROJECT: u32 = 1 << 20;
 impl LocalPath {
     /// Opens (or initializes) the base path and recovers from any crash.
     pub fn open(cfg: Config, host: Host) -> Result<Self> {
+        // Before anything is read or repaired: a second plugin's recovery
+        // would remove the first one's creations in flight.
+        let lock = csi_core::fsutil::DirLock::acquire(
+            &cfg.base_path,
+            "base path",
+            csi_core::fsutil::LOCK_WAIT,
+        )?;
         for d in ["volumes", "snapshots"] {
             let p = cfg.base_path.join(d);
             std::fs::create_dir_all(&p).ctx(|| format!("creating {}", p.display()))?;
@@ -139,6 +148,7 @@ impl LocalPath {
             quotas,
             next_project: std::sync::atomic::AtomicU32::new(next_project),
             settling: tokio::sync::Mutex::new(SETTLE_EVERY),
+            _lock: lock,
         };
         driver.recover()?;
         let volumes = driver.index().state.volumes.len();

@@ -11,6 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn open(base: &Path) -> LocalPath {
+    try_open(base).unwrap()
+}
+
+fn try_open(base: &Path) -> csi_core::Result<LocalPath> {
     let exec = Arc::new(SystemExec);
     let host = Host {
         mounter: Arc::new(csi_core::mount::SystemMounter::new(
@@ -30,7 +34,6 @@ fn open(base: &Path) -> LocalPath {
         },
         host,
     )
-    .unwrap()
 }
 
 async fn create(d: &LocalPath, name: &str) -> String {
@@ -71,6 +74,23 @@ async fn create_with(
         .await
         .unwrap()
         .volume_id
+}
+
+/// The ids ListVolumes returns, sorted.
+async fn listed_ids(d: &LocalPath) -> Vec<String> {
+    sorted(
+        d.list_volumes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(v, _)| v.volume_id),
+    )
+}
+
+fn sorted(ids: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut v: Vec<String> = ids.into_iter().collect();
+    v.sort();
+    v
 }
 
 #[tokio::test]
@@ -118,18 +138,59 @@ async fn crash_windows_are_finished_or_undone() {
         .filter(|e| e.as_ref().unwrap().file_name().len() == 1)
         .count();
     assert_eq!(shards, 16, "recovery keeps the empty shard directories");
-    let mut listed: Vec<String> = d
-        .list_volumes()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(v, _)| v.volume_id)
-        .collect();
-    listed.sort();
-    let mut want = vec![a.clone(), b.clone()];
-    want.sort();
-    assert_eq!(listed, want);
+    assert_eq!(listed_ids(&d).await, sorted([a.clone(), b.clone()]));
     assert_eq!(create(&d, "a").await, a, "names still map to their volumes");
+}
+
+#[tokio::test]
+async fn a_second_plugin_on_the_same_base_path_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let first = open(&base);
+    let a = create(&first, "a").await;
+    std::fs::write(volume_dir(&base, &a).join("data"), b"kept").unwrap();
+    // The first plugin's clone in flight: a second plugin's recovery would
+    // take it for a crash's leftover and remove it.
+    let id = "lv-0123456789abcdef0123456789abcdef";
+    let in_flight = volume_dir(&base, id).with_file_name(format!(".tmp-{id}"));
+    std::fs::create_dir(&in_flight).unwrap();
+    // Through another spelling of the path: the lock is on the directory.
+    let alias = dir.path().join("alias");
+    std::os::unix::fs::symlink(&base, &alias).unwrap();
+    let t = std::time::Instant::now();
+    let e = match try_open(&alias) {
+        Ok(_) => panic!("a second plugin opened a base path in use"),
+        Err(e) => e,
+    };
+    assert!(
+        t.elapsed() >= csi_core::fsutil::LOCK_WAIT,
+        "gave up after {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(e, csi_core::Error::FailedPrecondition(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!(
+            "{} is in use by another rcsi process (pid ",
+            alias.display()
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("must not share a base path"), "{msg}");
+    assert!(
+        in_flight.is_dir(),
+        "the refused plugin removed a creation in flight"
+    );
+    assert_eq!(
+        std::fs::read(volume_dir(&base, &a).join("data")).unwrap(),
+        b"kept"
+    );
+    // The first plugin's journal is untouched: it goes on, and all it
+    // acknowledged is there after a restart.
+    let b = create(&first, "b").await;
+    drop(first);
+    std::fs::remove_dir(&in_flight).unwrap();
+    assert_eq!(listed_ids(&open(&base)).await, sorted([a, b]));
 }
 
 #[tokio::test]

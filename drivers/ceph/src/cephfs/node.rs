@@ -19,6 +19,7 @@ use csi_core::backend::{NodeBackend, NodeInfo, NodeRpc, VolumeStats};
 use csi_core::daemon::Spawner;
 use csi_core::devvol::elsewhere;
 use csi_core::exec::Command;
+use csi_core::fsutil::{DirLock, LOCK_WAIT};
 use csi_core::mount::{MountInfo, Mounter};
 use csi_core::stats::{Heals, StatsCache};
 use csi_core::types::{AccessMode, AccessType, Capability, PublishVolume, StageVolume};
@@ -99,6 +100,8 @@ pub(crate) struct Node {
     cfg: NodeConfig,
     host: NodeHost,
     keys: KeyFiles,
+    /// Keeps a second plugin off the state directory while this one runs.
+    _lock: DirLock,
     states: VolumeStates,
     stats: StatsCache,
     /// Per volume: when and how its mount was last healed.
@@ -332,7 +335,10 @@ impl Node {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 .ctx(|| format!("chmod {}", dir.display()))?;
         }
+        // Two plugins on one state directory would heal the same mounts.
+        let lock = DirLock::acquire(&cfg.state_dir, "state directory", LOCK_WAIT)?;
         Ok(Self {
+            _lock: lock,
             keys: KeyFiles::open(cfg.state_dir.join("keys"), cfg.mount_timeout)?,
             states: VolumeStates::open(cfg.state_dir.join("volumes"), cfg.mount_timeout)?,
             cfg,

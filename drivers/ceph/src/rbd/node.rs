@@ -22,6 +22,7 @@ use csi_core::blockdev::{BlockDevices, DeviceMapper, LoopDevices, Mapping};
 use csi_core::daemon::Spawner;
 use csi_core::devvol::{Format, elsewhere, mount_filesystem, publish_device, same_device};
 use csi_core::exec::Exec;
+use csi_core::fsutil::{DirLock, LOCK_WAIT};
 use csi_core::mount::{MountInfo, Mounter, exposures, vfs_flags};
 use csi_core::stats::{Heals, StatsCache};
 use csi_core::types::{AccessMode, AccessType, Capability, NodeExpand, PublishVolume, StageVolume};
@@ -89,6 +90,8 @@ pub(crate) struct Node {
     cfg: NodeConfig,
     host: NodeHost,
     keys: KeyFiles,
+    /// Keeps a second plugin off the state directory while this one runs.
+    _lock: DirLock,
     states: VolumeStates,
     stats: StatsCache,
     krbd: Krbd,
@@ -223,6 +226,8 @@ impl Node {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 .ctx(|| format!("chmod {}", dir.display()))?;
         }
+        // Two plugins on one state directory would heal the same mounts.
+        let lock = DirLock::acquire(&cfg.state_dir, "state directory", LOCK_WAIT)?;
         let krbd = Krbd {
             exec: host.exec.clone(),
             rbd: cfg.rbd.clone(),
@@ -247,6 +252,7 @@ impl Node {
         let keys = KeyFiles::open(cfg.state_dir.join("keys"), cfg.mount_timeout)?;
         let states = VolumeStates::open(cfg.state_dir.join("volumes"), cfg.mount_timeout)?;
         Ok(Self {
+            _lock: lock,
             keys,
             states,
             cfg,
