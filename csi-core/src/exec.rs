@@ -114,33 +114,68 @@ fn tail(s: &str, max: usize) -> &str {
     &s[start..]
 }
 
-/// Runs real programs with tokio, killing them on timeout.
+/// Runs real programs with tokio. Each runs in its own process group, and
+/// on timeout the whole group is killed: a helper it started (`mount.nfs`
+/// under `mount`) must not go on and finish the job after the call failed.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemExec;
+
+/// Everything `pipe` yields until it closes.
+async fn read_all(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    if let Some(mut p) = pipe {
+        p.read_to_end(&mut buf).await?;
+    }
+    Ok(buf)
+}
 
 #[async_trait]
 impl Exec for SystemExec {
     async fn output(&self, cmd: &Command) -> Result<Output> {
-        let child = tokio::process::Command::new(&cmd.program)
+        use std::process::Stdio;
+        let spawned = tokio::process::Command::new(&cmd.program)
             .args(&cmd.args)
             .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-            .stdin(std::process::Stdio::null())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(cmd.timeout, child).await {
-            Err(_) => Err(Error::DeadlineExceeded(format!(
-                "`{}` did not finish within {:?}",
-                cmd.display(),
-                cmd.timeout
-            ))),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Err(
-                Error::FailedPrecondition(format!("{} is not installed on this node", cmd.program)),
-            ),
+            .spawn();
+        let mut child = match spawned {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} is not installed on this node",
+                    cmd.program
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("running {}", cmd.display()), e)),
+            Ok(c) => c,
+        };
+        let group = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let run = async { tokio::try_join!(read_all(stdout), read_all(stderr), child.wait()) };
+        match tokio::time::timeout(cmd.timeout, run).await {
+            Err(_) => {
+                // The group id stays the group's while any member lives.
+                if let Some(g) = group {
+                    let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+                }
+                // Not awaited: a process in a hung mount may never exit;
+                // tokio reaps it in the background when it does.
+                let _ = child.start_kill();
+                Err(Error::DeadlineExceeded(format!(
+                    "`{}` did not finish within {:?}",
+                    cmd.display(),
+                    cmd.timeout
+                )))
+            }
             Ok(Err(e)) => Err(Error::io(format!("running {}", cmd.display()), e)),
-            Ok(Ok(o)) => Ok(Output {
-                code: o.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            Ok(Ok((stdout, stderr, status))) => Ok(Output {
+                code: status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&stderr).into_owned(),
             }),
         }
     }
@@ -171,6 +206,57 @@ impl Exec for RecordingExec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `pid` has ended (gone, or a zombie not reaped yet).
+    fn ended(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(s) => s
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z')),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_what_the_program_started_too() {
+        let d = tempfile::tempdir().unwrap();
+        for (i, script) in [
+            // The program waits for its helper.
+            "sleep 30 & echo $! > {pid}; wait",
+            // The program is gone, its helper holds the output open.
+            "sleep 30 & echo $! > {pid}",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let pidfile = d.path().join(format!("pid{i}"));
+            let script = script.replace("{pid}", pidfile.to_str().unwrap());
+            let cmd =
+                Command::new("sh", ["-c", script.as_str()]).timeout(Duration::from_millis(300));
+            let t = std::time::Instant::now();
+            let e = SystemExec.output(&cmd).await.unwrap_err();
+            assert!(matches!(e, Error::DeadlineExceeded(_)), "{e}");
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{script}: {:?}",
+                t.elapsed()
+            );
+            let helper: i32 = std::fs::read_to_string(&pidfile)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let gone = std::time::Instant::now();
+            while !ended(helper) {
+                assert!(
+                    gone.elapsed() < Duration::from_secs(5),
+                    "{script}: helper {helper} still runs"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 
     #[tokio::test]
     async fn real_exec_reports_failures_and_timeouts() {

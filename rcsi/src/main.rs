@@ -2,6 +2,7 @@
 
 mod demo;
 mod drivers;
+mod init;
 
 use anyhow::bail;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
@@ -136,8 +137,16 @@ fn options(c: &CommonArgs) -> ServeOptions {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads: it may fork.
+    init::reap_orphans_if_pid1();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     // Only the named driver's flags are added, so help lists what applies.
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let driver = drivers::named_in(&argv);

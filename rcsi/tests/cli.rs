@@ -251,3 +251,90 @@ fn a_second_node_plugin_on_a_directory_in_use_is_refused() {
     second_plugin_refused("juicefs", "--state-dir", "state directory");
     local.join().unwrap();
 }
+
+/// Process ids of `pid`'s children (its single thread's).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn as_pid_1_it_reaps_orphans_and_passes_sigterm_on() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (pid namespace)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("csi.sock");
+    // The first process of a new pid namespace, as in a container.
+    let mut ns = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            env!("CARGO_BIN_EXE_rcsi"),
+        ])
+        .args([
+            "node",
+            "--driver",
+            "local-path",
+            "--node-id",
+            "n1",
+            "--base-path",
+        ])
+        .arg(tmp.path().join("base"))
+        .arg(format!("--endpoint=unix://{}", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let init = children(ns.id())[0];
+    let rcsi = children(init);
+    assert_eq!(rcsi.len(), 1, "pid 1 runs rcsi as its one child");
+    // A shell entering the namespace leaves a helper behind each time,
+    // which pid 1 inherits.
+    for _ in 0..3 {
+        let ok = Command::new("nsenter")
+            .args([
+                "-t",
+                &init.to_string(),
+                "-p",
+                "-m",
+                "sh",
+                "-c",
+                "sleep 0.2 & exit 0",
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    let start = Instant::now();
+    loop {
+        let now = children(init);
+        if now == rcsi && start.elapsed() > Duration::from_millis(300) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "orphans left under pid 1: {now:?} (rcsi is {rcsi:?})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SIGTERM to pid 1 reaches rcsi, which shuts down as it should.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = ns.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "rcsi did not shut down cleanly");
+}
