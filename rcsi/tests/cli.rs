@@ -187,6 +187,10 @@ fn only_the_ceph_drivers_need_the_ceph_libraries() {
 fn second_plugin_refused(driver: &str, dir_flag: &str, role: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("state");
+    // The Ceph plugins need a cluster map; they contact no monitor to start.
+    let map = tmp.path().join("clusters.json");
+    std::fs::write(&map, r#"[{"clusterID":"c1","monitors":["127.0.0.1:1"]}]"#).unwrap();
+    let ceph = ["rbd", "cephfs"].contains(&driver);
     let args = |sock: &str| {
         let endpoint = format!("unix://{}", tmp.path().join(sock).display());
         [
@@ -202,6 +206,7 @@ fn second_plugin_refused(driver: &str, dir_flag: &str, role: &str) {
         .map(String::from)
         .into_iter()
         .chain([endpoint])
+        .chain(ceph.then(|| format!("--ceph-config={}", map.display())))
         .collect::<Vec<_>>()
     };
     let mut first = Command::new(env!("CARGO_BIN_EXE_rcsi"))
@@ -246,10 +251,16 @@ fn second_plugin_refused(driver: &str, dir_flag: &str, role: &str) {
 
 #[test]
 fn a_second_node_plugin_on_a_directory_in_use_is_refused() {
-    let local =
-        std::thread::spawn(|| second_plugin_refused("local-path", "--base-path", "base path"));
-    second_plugin_refused("juicefs", "--state-dir", "state directory");
-    local.join().unwrap();
+    let others: Vec<_> = ["juicefs", "rbd", "cephfs"]
+        .into_iter()
+        .map(|d| {
+            std::thread::spawn(move || second_plugin_refused(d, "--state-dir", "state directory"))
+        })
+        .collect();
+    second_plugin_refused("local-path", "--base-path", "base path");
+    for t in others {
+        t.join().unwrap();
+    }
 }
 
 /// Process ids of `pid`'s children (its single thread's).
