@@ -115,10 +115,25 @@ fn tail(s: &str, max: usize) -> &str {
 }
 
 /// Runs real programs with tokio. Each runs in its own process group, and
-/// on timeout the whole group is killed: a helper it started (`mount.nfs`
-/// under `mount`) must not go on and finish the job after the call failed.
+/// when it times out or its caller goes away the whole group is killed: a
+/// helper it started (`mount.nfs` under `mount`) must not go on and finish
+/// the job after the call failed.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemExec;
+
+/// Kills a process group with SIGKILL when dropped, unless disarmed.
+struct KillGroup(Option<nix::unistd::Pid>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        // The group id stays the group's while any member lives. The
+        // killed are not awaited: a process in a hung mount may never exit
+        // (tokio reaps the program in the background when it does).
+        if let Some(g) = self.0 {
+            let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
 
 /// Everything `pipe` yields until it closes.
 async fn read_all(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> std::io::Result<Vec<u8>> {
@@ -153,30 +168,25 @@ impl Exec for SystemExec {
             Err(e) => return Err(Error::io(format!("running {}", cmd.display()), e)),
             Ok(c) => c,
         };
-        let group = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
+        // Armed until the program has finished and its output is read.
+        let mut group = KillGroup(child.id().map(|id| nix::unistd::Pid::from_raw(id as i32)));
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let run = async { tokio::try_join!(read_all(stdout), read_all(stderr), child.wait()) };
         match tokio::time::timeout(cmd.timeout, run).await {
-            Err(_) => {
-                // The group id stays the group's while any member lives.
-                if let Some(g) = group {
-                    let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
-                }
-                // Not awaited: a process in a hung mount may never exit;
-                // tokio reaps it in the background when it does.
-                let _ = child.start_kill();
-                Err(Error::DeadlineExceeded(format!(
-                    "`{}` did not finish within {:?}",
-                    cmd.display(),
-                    cmd.timeout
-                )))
-            }
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "`{}` did not finish within {:?}",
+                cmd.display(),
+                cmd.timeout
+            ))),
             Ok(Err(e)) => Err(Error::io(format!("running {}", cmd.display()), e)),
-            Ok(Ok((stdout, stderr, status))) => Ok(Output {
-                code: status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&stderr).into_owned(),
-            }),
+            Ok(Ok((stdout, stderr, status))) => {
+                group.0 = None;
+                Ok(Output {
+                    code: status.code().unwrap_or(-1),
+                    stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                })
+            }
         }
     }
 }
@@ -219,24 +229,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_timeout_kills_what_the_program_started_too() {
+    async fn a_timeout_or_a_caller_gone_kills_what_the_program_started_too() {
         let d = tempfile::tempdir().unwrap();
-        for (i, script) in [
+        let scripts = [
             // The program waits for its helper.
             "sleep 30 & echo $! > {pid}; wait",
             // The program is gone, its helper holds the output open.
             "sleep 30 & echo $! > {pid}",
-        ]
-        .into_iter()
-        .enumerate()
+        ];
+        let short = Duration::from_millis(300);
+        for (i, (script, abandoned)) in scripts
+            .iter()
+            .flat_map(|s| [(s, false), (s, true)])
+            .enumerate()
         {
             let pidfile = d.path().join(format!("pid{i}"));
             let script = script.replace("{pid}", pidfile.to_str().unwrap());
-            let cmd =
-                Command::new("sh", ["-c", script.as_str()]).timeout(Duration::from_millis(300));
             let t = std::time::Instant::now();
-            let e = SystemExec.output(&cmd).await.unwrap_err();
-            assert!(matches!(e, Error::DeadlineExceeded(_)), "{e}");
+            if abandoned {
+                // The caller's future is dropped long before the bound.
+                let cmd =
+                    Command::new("sh", ["-c", script.as_str()]).timeout(Duration::from_secs(60));
+                let call = tokio::time::timeout(short, SystemExec.output(&cmd)).await;
+                assert!(call.is_err(), "{script}: finished");
+            } else {
+                let cmd = Command::new("sh", ["-c", script.as_str()]).timeout(short);
+                let e = SystemExec.output(&cmd).await.unwrap_err();
+                assert!(matches!(e, Error::DeadlineExceeded(_)), "{e}");
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(5),
                 "{script}: {:?}",
