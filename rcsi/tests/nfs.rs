@@ -154,6 +154,27 @@ fn relays(resume: bool) {
     let _ = Command::new("pkill").args([sig, "-x", "socat"]).status();
 }
 
+/// The live (not zombie) `mount` and `mount.nfs*` processes, as
+/// "pid (name) state".
+fn mount_helpers() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec!["/proc unreadable".into()];
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            e.file_name().to_str()?.parse::<u32>().ok()?;
+            // "pid (comm) state ..."
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (head, tail) = stat.rsplit_once(") ")?;
+            let comm = head.split_once(" (")?.1;
+            let live = !tail.starts_with('Z');
+            let state = tail.split(' ').next().unwrap_or("?");
+            (live && (comm == "mount" || comm.starts_with("mount.nfs")))
+                .then(|| format!("{head}) {state}"))
+        })
+        .collect()
+}
+
 /// A server that stops answering while volumes are mounted: stats report
 /// an abnormal condition within the stats bound (and a second call does not
 /// wait again), Probe answers, a stage fails within the mount bound,
@@ -284,6 +305,20 @@ async fn hung_server() -> anyhow::Result<()> {
             "stage took {:?}",
             t.elapsed()
         );
+        // The failed call's helpers die with it: no mount.nfs is left to
+        // finish the mount behind its back once the server answers.
+        let t = Instant::now();
+        loop {
+            let left = mount_helpers();
+            if left.is_empty() {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(5),
+                "5 s after the failed stage these still run: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let t = Instant::now();
         node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
             volume_id: vols[1].volume_id.clone(),
