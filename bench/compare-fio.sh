@@ -16,7 +16,11 @@
 # kind over all targets (for cpu_per_gib lower is better, so the worst is
 # the highest).
 #
+# Each line also gives the median of the rounds' own ratios (the two tools
+# run back to back in a round, so this one follows the disk's drift less).
+#
 #   bench/compare-fio.sh [RBENCH]      as root; env SIZE=1g REPEAT=3
+#                                      ONLY=rand_read_qd16,... (some workloads)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rbench=${1:-target/release/rbench}
@@ -88,6 +92,10 @@ workloads = [
     ("rand_read_qd16", "read", "4k", True, 16, True),
     ("rand_write_qd16", "write", "4k", True, 16, True),
 ]
+only = [k for k in os.environ.get("ONLY", "").split(",") if k]
+unknown = set(only) - {w[0] for w in workloads}
+if unknown:
+    sys.exit(f"ONLY: unknown workloads {sorted(unknown)}; known: {[w[0] for w in workloads]}")
 worst = {}
 def keep(kind, value, lower_is_better=False):
     if kind not in worst or (value > worst[kind] if lower_is_better else value < worst[kind]):
@@ -103,7 +111,7 @@ for target in sys.argv[1:]:
     print(f"== {name} ({d}), {size} per run, median of {repeat}"
           f"{'' if buffered else ', direct I/O only'}", flush=True)
     for kind, rw, bs, direct, depth, rand in workloads:
-        if not direct and not buffered:
+        if (not direct and not buffered) or (only and kind not in only):
             continue
         if rw == "read" and not os.path.exists(path):
             subprocess.run([rbench, "-w", "-t", "2", "-s", size, "-b", "1m", "--progress", "never", path],
@@ -125,13 +133,15 @@ for target in sys.argv[1:]:
         col = 1 if rand else 0
         unit = "IOPS" if rand else "MiB/s"
         rs, fs = (spread([x[col] for x in res[t]]) for t in ("rbench", "fio"))
+        rounds = statistics.median(a[col] / b[col] for a, b in zip(res["rbench"], res["fio"]))
         print(f"  {kind:<17} rbench {r[col]:9.0f} {unit} ({rs}) {r[2]:6.3f} CPU s/GiB | "
-              f"fio {f[col]:9.0f} {unit} ({fs}) {f[2]:6.3f} CPU s/GiB | ratio {ratio:.3f} cpu {cpu_ratio:.3f}",
+              f"fio {f[col]:9.0f} {unit} ({fs}) {f[2]:6.3f} CPU s/GiB | ratio {ratio:.3f} "
+              f"(rounds {rounds:.3f}) cpu {cpu_ratio:.3f}",
               flush=True)
     for leftover in ("data", "rbench.json", "fio.json"):
         try: os.remove(os.path.join(d, leftover))
         except FileNotFoundError: pass
 
 keys = ["seq_write", "seq_read", "rand_read_qd1", "rand_write_qd1", "rand_read_qd16", "rand_write_qd16", "cpu_per_gib"]
-print(" ".join(f"{k}={worst[k]:.3f}" for k in keys))
+print(" ".join(f"{k}={worst[k]:.3f}" for k in keys if k in worst))
 PY

@@ -322,10 +322,12 @@ pub fn sync_io(
 
 /// Asynchronous I/O through io_uring with `bufs.len()` operations in flight;
 /// `bufs` must be registered with the ring, in order. Each round fills every
-/// free slot, submits them in one call and reaps every completion there is;
-/// without a rate limit the clock is read once per round on each side (an
-/// operation counts from just before its submission to just after its reap),
-/// not twice per operation.
+/// free slot, submitting each operation as soon as the next one is ready
+/// (the last goes with the wait), and reaps every completion there is: a
+/// disk given a whole batch at once served it slower. Without a rate limit
+/// the clock is read once per round on each side (an operation counts from
+/// the start of its round, before the first of it is prepared, to just
+/// after its reap), not twice per operation.
 pub fn uring_io(
     ring: &mut io_uring::IoUring,
     fd: RawFd,
@@ -344,11 +346,16 @@ pub fn uring_io(
     let mut in_flight = 0usize;
     let mut exhausted = m.expired();
     loop {
+        let round = Instant::now();
         while !exhausted && !free.is_empty() {
             let Some(off) = offsets.next() else {
                 exhausted = true;
                 break;
             };
+            if !ring.submission().is_empty() {
+                ring.submit()
+                    .map_err(|e| BenchError::io(format!("io_uring submit for {}", spec.path), e))?;
+            }
             let slot = free.pop().expect("a free slot");
             let read_instead = m.mixed_read(spec);
             let write = spec.write && !read_instead;
@@ -383,9 +390,8 @@ pub fn uring_io(
             return Ok(());
         }
         if !paced {
-            let now = Instant::now();
             for &s in &batch {
-                slots[s].1 = now;
+                slots[s].1 = round;
             }
         }
         batch.clear();
