@@ -342,7 +342,6 @@ pub fn uring_io(
     let epoch = Instant::now();
     let mut slots: Vec<(u64, Instant, bool)> = vec![(0, epoch, false); depth];
     let mut free: Vec<usize> = (0..depth).rev().collect();
-    let mut batch: Vec<usize> = Vec::with_capacity(depth);
     let mut in_flight = 0usize;
     let mut exhausted = m.expired();
     loop {
@@ -359,7 +358,7 @@ pub fn uring_io(
             let slot = free.pop().expect("a free slot");
             let read_instead = m.mixed_read(spec);
             let write = spec.write && !read_instead;
-            let start = if paced { m.begin() } else { epoch };
+            let start = if paced { m.begin() } else { round };
             let b = &mut bufs[slot].bytes()[..spec.block];
             if write && spec.varpct > 0 {
                 fill::fill(b, spec.file_id, off, spec.varpct);
@@ -381,7 +380,6 @@ pub fn uring_io(
             }
             .user_data(slot as u64);
             slots[slot] = (off, start, read_instead);
-            batch.push(slot);
             // SAFETY: the buffer stays alive and untouched until its completion is reaped.
             unsafe { ring.submission().push(&sqe) }.expect("queue has room for depth entries");
             in_flight += 1;
@@ -389,12 +387,6 @@ pub fn uring_io(
         if in_flight == 0 {
             return Ok(());
         }
-        if !paced {
-            for &s in &batch {
-                slots[s].1 = round;
-            }
-        }
-        batch.clear();
         let (submitter, _, mut cq) = ring.split();
         submitter
             .submit_and_wait(1)
