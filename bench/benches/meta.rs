@@ -1,6 +1,6 @@
 //! rbench's metadata phases against the bare syscall loop (the physical
 //! limit on this machine): `--stat` against statx and `-F` against unlinkat,
-//! each on files of one directory, single thread, medians of 5 alternating runs.
+//! each on files of one directory, single thread, medians of alternating rounds.
 //! Usage: cargo bench -p rbench --bench meta [-- DIR [FILES]] (DIR defaults to /dev/shm).
 
 use clap::Parser;
@@ -79,23 +79,46 @@ fn main() {
         .map(|f| CString::new(format!("f{f}")).unwrap())
         .collect();
     let (mut stat, mut bstat, mut unlink, mut bunlink) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..5 {
-        rbench(&create, base.path());
-        let d = open_dir(&dir);
-        bstat.push(bare_stat(&d, &names));
+    // Who goes first alternates, so neither side always meets the fresher
+    // caches. Stat changes nothing, so its rounds share one tree.
+    rbench(&create, base.path());
+    let d = open_dir(&dir);
+    for round in 0..STAT_ROUNDS {
+        let first = round % 2 == 0;
+        if first {
+            bstat.push(bare_stat(&d, &names));
+        }
         stat.push(rbench(&["--stat", "-N", &n], base.path()));
-        unlink.push(rbench(&["-F", "-N", &n], base.path()));
-        rbench(&create, base.path());
-        bunlink.push(bare_unlink(&d, &names));
+        if !first {
+            bstat.push(bare_stat(&d, &names));
+        }
     }
-    println!("{files} files in one directory under {parent}, 1 thread, medians of 5:");
-    for (what, r, b) in [
-        ("stat", median(stat), median(bstat)),
-        ("unlink", median(unlink), median(bunlink)),
-    ] {
+    for round in 0..UNLINK_ROUNDS {
+        if round % 2 == 0 {
+            unlink.push(rbench(&["-F", "-N", &n], base.path()));
+            rbench(&create, base.path());
+            bunlink.push(bare_unlink(&d, &names));
+        } else {
+            bunlink.push(bare_unlink(&d, &names));
+            rbench(&create, base.path());
+            unlink.push(rbench(&["-F", "-N", &n], base.path()));
+        }
+        rbench(&create, base.path());
+    }
+    println!("{files} files in one directory under {parent}, 1 thread, alternating rounds:");
+    for (what, r, b) in [("stat", stat, bstat), ("unlink", unlink, bunlink)] {
+        let n = r.len();
+        let rounds = median(r.iter().zip(&b).map(|(r, b)| r / b).collect());
+        let (r, b) = (median(r), median(b));
         println!(
-            "  {what:<7} rbench {r:>10.0}/s   bare syscall loop {b:>10.0}/s   rbench/bare {:.3}",
+            "  {what:<7} rbench {r:>10.0}/s   bare syscall loop {b:>10.0}/s   \
+             rbench/bare {:.3} (median of the {n} rounds' own ratios {rounds:.3})",
             r / b
         );
     }
 }
+
+/// Rounds of each side; medians are over these.
+const STAT_ROUNDS: usize = 30;
+/// Unlink rounds each recreate the files twice, so fewer.
+const UNLINK_ROUNDS: usize = 9;

@@ -129,6 +129,8 @@ pub struct Meter<'a> {
     pub counters: &'a Counters,
     /// Latency in ns.
     pub hist: &'a mut Histogram<u64>,
+    /// Latency in [`crate::clock::Clock`] ticks, folded into `hist` when the phase ends.
+    pub tick_hist: Option<Histogram<u64>>,
     /// Stop at this instant (`--timelimit`).
     pub deadline: Option<Instant>,
     /// Set when the deadline stopped the work.

@@ -3,6 +3,7 @@
 //! statistics and printers.
 
 pub mod chart;
+pub mod clock;
 pub mod config;
 pub mod dist;
 pub mod engine;

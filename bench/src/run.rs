@@ -112,6 +112,7 @@ pub fn run_phase(cfg: &Config, phase: Phase, iteration: u64) -> Result<Vec<Phase
                 rng: Rng::new(0x6d69_7800 ^ thread as u64),
             });
             s.spawn(move || {
+                crate::work::private_fd_table();
                 let w = Worker {
                     cfg,
                     thread,

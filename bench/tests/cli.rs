@@ -74,8 +74,23 @@ fn dir_mode_counts_add_up_and_delete_leaves_nothing() {
         3 * 3,
         "3 thread dirs + 6 dirs"
     );
-    assert_eq!(phase(&rs, "STAT")["last"]["entries"], files);
-    assert_eq!(phase(&rs, "RMFILES")["last"]["entries"], files);
+    for p in ["STAT", "RMFILES"] {
+        let r = phase(&rs, p);
+        assert_eq!(r["last"]["entries"], files, "{p}");
+        // Timed in clock ticks, reported in µs: none longer than the phase.
+        assert_eq!(r["latency"]["count"], files, "{p}");
+        let (p50, max) = (
+            r["latency"]["p50_us"].as_f64(),
+            r["latency"]["max_us"].as_f64(),
+        );
+        let elapsed_us = r["last"]["elapsed_ms"].as_f64().unwrap() * 1e3;
+        assert!(p50.unwrap() > 0.0, "{p}: {}", r["latency"]);
+        assert!(
+            max.unwrap() <= elapsed_us,
+            "{p}: {} in {elapsed_us} µs",
+            r["latency"]
+        );
+    }
     assert!(
         tree_is_empty(&target),
         "delete phases must leave the tree empty"
