@@ -78,7 +78,10 @@ impl Clock {
             return 1.0;
         }
         let e = epoch();
-        let (ns, ticks) = (e.at.elapsed().as_nanos() as f64, tsc_now() - e.ticks);
+        let (ns, ticks) = (
+            e.at.elapsed().as_nanos() as f64,
+            tsc_now().saturating_sub(e.ticks),
+        );
         if ticks == 0 { 1.0 } else { ns / ticks as f64 }
     }
 
@@ -112,7 +115,7 @@ mod tests {
             let (t0, i0) = (c.ticks(), Instant::now());
             std::thread::sleep(Duration::from_millis(ms));
             let (t1, i1) = (c.ticks(), Instant::now());
-            ticks.record(t1 - t0).unwrap();
+            ticks.record(t1.saturating_sub(t0)).unwrap();
             wall.push((i1 - i0).as_nanos() as f64);
         }
         let mut ns = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).unwrap();
