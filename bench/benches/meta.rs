@@ -107,12 +107,12 @@ fn main() {
     }
     println!("{files} files in one directory under {parent}, 1 thread, alternating rounds:");
     for (what, r, b) in [("stat", stat, bstat), ("unlink", unlink, bunlink)] {
-        let n = r.len();
+        let count = r.len();
         let rounds = median(r.iter().zip(&b).map(|(r, b)| r / b).collect());
         let (r, b) = (median(r), median(b));
         println!(
             "  {what:<7} rbench {r:>10.0}/s   bare syscall loop {b:>10.0}/s   \
-             rbench/bare {:.3} (median of the {n} rounds' own ratios {rounds:.3})",
+             rbench/bare {:.3} (median of the {count} rounds' own ratios {rounds:.3})",
             r / b
         );
     }

@@ -47,37 +47,30 @@ fn tsc_now() -> u64 {
 
 /// A reader of the cheap clock.
 #[derive(Clone, Copy)]
-pub struct Clock {
-    tsc: bool,
-    at: Instant,
-}
+pub struct Clock(&'static Epoch);
 
 impl Clock {
     /// The process's clock (chosen once).
     pub fn new() -> Self {
-        let e = epoch();
-        Self {
-            tsc: e.tsc,
-            at: e.at,
-        }
+        Self(epoch())
     }
 
     /// Now, in ticks.
     #[inline(always)]
     pub fn ticks(&self) -> u64 {
-        if self.tsc {
+        if self.0.tsc {
             tsc_now()
         } else {
-            self.at.elapsed().as_nanos() as u64
+            self.0.at.elapsed().as_nanos() as u64
         }
     }
 
     /// Nanoseconds per tick, measured over the process's life so far.
     pub fn ns_per_tick(&self) -> f64 {
-        if !self.tsc {
+        let e = self.0;
+        if !e.tsc {
             return 1.0;
         }
-        let e = epoch();
         let (ns, ticks) = (
             e.at.elapsed().as_nanos() as f64,
             tsc_now().saturating_sub(e.ticks),
